@@ -1,0 +1,6 @@
+//! svcplane's controllers and the machinery that runs them only on the elected replica.
+//!
+//! Each controller is split into pure functions that compute desired state and a thin layer that
+//! reads and writes the API; `leader` decides which replica may run the writers at all.
+
+pub mod leader;

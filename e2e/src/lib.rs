@@ -1,0 +1,244 @@
+//! Test harness for svcplane's end-to-end tests: a real etcd and a real kube-apiserver, started
+//! once per test process by `hack/control-plane.sh run`, plus helpers to run svcplane binaries
+//! against them and to write the objects a kubelet would (Pods and their status).
+//!
+//! The control plane outlives no test process: the script supervises it and tears everything
+//! down (processes and temporary directory) as soon as the test process exits, however it exits.
+
+#![allow(clippy::unwrap_used)] // Test support: a failed unwrap is a failed test, with its message.
+
+pub mod http;
+pub mod pods;
+pub mod process;
+pub mod proxy;
+
+use std::{
+    io::{BufRead, BufReader},
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::OnceLock,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use kube::{
+    Api, Client, Config,
+    api::{ObjectMeta, PostParams},
+    config::{KubeConfigOptions, Kubeconfig},
+};
+
+/// The running control plane of this test process.
+#[derive(Debug)]
+pub struct ControlPlane {
+    pub dir: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub kube_bin: PathBuf,
+    pub apiserver_port: u16,
+    pub etcd_port: u16,
+}
+
+static CONTROL_PLANE: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
+
+/// Starts the control plane on first use; every later call returns the same one.
+pub fn control_plane() -> &'static ControlPlane {
+    match CONTROL_PLANE.get_or_init(|| start().map_err(|e| format!("{e:#}"))) {
+        Ok(cp) => cp,
+        Err(e) => panic!("control plane failed to start: {e}"),
+    }
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start() -> anyhow::Result<ControlPlane> {
+    let root = repo_root();
+    let dir = std::env::temp_dir().join(format!("svcplane-e2e-{}", std::process::id()));
+    let (apiserver_port, etcd_port, etcd_peer_port) = (free_port(), free_port(), free_port());
+    let mut child = Command::new("bash")
+        .arg(root.join("hack/control-plane.sh"))
+        .arg("run")
+        .arg(&dir)
+        .env("APISERVER_PORT", apiserver_port.to_string())
+        .env("ETCD_PORT", etcd_port.to_string())
+        .env("ETCD_PEER_PORT", etcd_peer_port.to_string())
+        .env("WATCH_PID", std::process::id().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting hack/control-plane.sh")?;
+    let stdout = child.stdout.take().context("control-plane stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line.trim() == "READY" => break,
+            Some(Ok(_)) => {}
+            Some(Err(e)) => bail!("reading control-plane output: {e}"),
+            None => bail!(
+                "control-plane script exited before the apiserver was ready: {:?}",
+                child.wait()
+            ),
+        }
+    }
+    // The supervisor runs until this process exits; nobody waits for it, and that is the point.
+    std::mem::forget(child);
+    let env = std::fs::read_to_string(dir.join("env")).context("reading control-plane env")?;
+    let kube_bin = env
+        .lines()
+        .find_map(|l| l.strip_prefix("export KUBE_BIN="))
+        .map(PathBuf::from)
+        .context("KUBE_BIN missing from control-plane env")?;
+    Ok(ControlPlane {
+        kubeconfig: dir.join("kubeconfig"),
+        dir,
+        kube_bin,
+        apiserver_port,
+        etcd_port,
+    })
+}
+
+impl ControlPlane {
+    /// An admin client for the calling test's runtime (clients must not cross runtimes).
+    pub async fn client(&self) -> Client {
+        client_from_kubeconfig(&self.kubeconfig).await
+    }
+
+    pub fn kubectl(&self) -> Command {
+        let mut c = Command::new(self.kube_bin.join("kubectl"));
+        c.env("KUBECONFIG", &self.kubeconfig);
+        c
+    }
+
+    pub fn ca_pem(&self) -> String {
+        std::fs::read_to_string(self.dir.join("pki/ca.crt")).unwrap()
+    }
+
+    /// Writes a kubeconfig that authenticates as `namespace/service_account` with a fresh token,
+    /// optionally through another server address (a fault-injecting proxy).
+    pub async fn service_account_kubeconfig(
+        &self,
+        client: &Client,
+        namespace: &str,
+        service_account: &str,
+        server_port: Option<u16>,
+        path: &Path,
+    ) -> PathBuf {
+        let token = service_account_token(client, namespace, service_account).await;
+        let port = server_port.unwrap_or(self.apiserver_port);
+        let ca = base64(self.ca_pem().as_bytes());
+        let yaml = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: https://127.0.0.1:{port}\n    certificate-authority-data: {ca}\nusers:\n- name: sa\n  user:\n    token: {token}\ncontexts:\n- name: local\n  context: {{cluster: local, user: sa}}\ncurrent-context: local\n"
+        );
+        std::fs::write(path, yaml).unwrap();
+        path.to_path_buf()
+    }
+}
+
+pub async fn client_from_kubeconfig(path: &Path) -> Client {
+    let kc = Kubeconfig::read_from(path).unwrap();
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    Client::try_from(config).unwrap()
+}
+
+async fn service_account_token(client: &Client, namespace: &str, name: &str) -> String {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    let api: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+    let req = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let resp: TokenRequest = api
+        .create_subresource("token", name, &PostParams::default(), &req)
+        .await
+        .unwrap();
+    resp.status.unwrap().token.unwrap()
+}
+
+/// Creates a namespace with a random name and its `default` ServiceAccount (which the
+/// ServiceAccount admission plugin wants for Pods, and which no controller creates here).
+pub async fn test_namespace(client: &Client, prefix: &str) -> String {
+    let name = format!("{prefix}-{:08x}", rand::random::<u32>());
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    let sa = ServiceAccount {
+        metadata: ObjectMeta {
+            name: Some("default".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<ServiceAccount>::namespaced(client.clone(), &name)
+        .create(&PostParams::default(), &sa)
+        .await
+        .unwrap();
+    name
+}
+
+/// Path of the svcplane binary built for this workspace (`cargo build -p svcplane`).
+pub fn svcplane_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SVCPLANE_BIN") {
+        return PathBuf::from(p);
+    }
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo_root().join("target"), PathBuf::from);
+    let bin = target.join("debug/svcplane");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build -p svcplane`",
+        bin.display()
+    );
+    bin
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, failing the test after `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn base64(data: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(data)
+}

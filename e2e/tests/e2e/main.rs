@@ -1,0 +1,8 @@
+//! End-to-end tests: one real etcd + kube-apiserver for the whole run (see `svcplane_e2e`), each
+//! test in its own namespace.
+
+#![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed assertion.
+
+mod control_plane;
+mod leader_election;
+mod manifests;

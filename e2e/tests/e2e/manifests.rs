@@ -1,0 +1,40 @@
+//! The shipped manifests are accepted by the real apiserver as they are.
+
+use svcplane_e2e::{control_plane, repo_root};
+
+#[tokio::test]
+async fn controller_manager_manifests_apply_server_side() {
+    let cp = control_plane();
+    let dir = repo_root().join("manifests/controller-manager");
+    let out = cp
+        .kubectl()
+        .args([
+            "apply",
+            "--server-side",
+            "--dry-run=server",
+            "--field-manager=svcplane-e2e",
+            "-f",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "kubectl apply failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for object in [
+        "serviceaccount/svcplane-controller-manager",
+        "role.rbac.authorization.k8s.io/svcplane-controller-manager:leader-election",
+        "rolebinding.rbac.authorization.k8s.io/svcplane-controller-manager:leader-election",
+        "deployment.apps/svcplane-controller-manager",
+        "service/svcplane-controller-manager-metrics",
+        "poddisruptionbudget.policy/svcplane-controller-manager",
+    ] {
+        assert!(
+            stdout.contains(&format!("{object} serverside-applied (server dry run)")),
+            "{object} missing from:\n{stdout}"
+        );
+    }
+}

@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# A local Kubernetes control plane for svcplane: one etcd and one kube-apiserver on loopback,
+# with generated certificates, service-account keys and an admin kubeconfig. No kubelet, no
+# kube-controller-manager: svcplane's controllers are the ones under test.
+#
+# usage:
+#   hack/control-plane.sh up   DIR   start in the background, wait until ready, print DIR/env
+#   hack/control-plane.sh run  DIR   start in the foreground and supervise; stops everything and
+#                                    removes DIR when WATCH_PID (if set) exits, when etcd or the
+#                                    apiserver dies, or on SIGTERM/SIGINT
+#   hack/control-plane.sh down DIR   stop what `up` started and remove DIR
+#
+# environment (all optional):
+#   ETCD_PORT ETCD_PEER_PORT APISERVER_PORT   loopback ports (defaults 2379, 2380, 6443)
+#   SERVICE_CLUSTER_IP_RANGE                  default 10.96.0.0/16,fd00:10:96::/112 (dual-stack)
+#   SERVICE_NODE_PORT_RANGE                   default 30000-32767
+#   WATCH_PID                                 with `run`: tear down when this process exits
+#   KUBE_BIN                                  directory with kube-apiserver (default: hack/build-kube.sh)
+#
+# DIR/env afterwards holds KUBECONFIG, APISERVER_URL, ETCD_ENDPOINT, KUBE_BIN for `source`.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+cmd=${1:-}; DIR=${2:-}
+[ -n "$cmd" ] && [ -n "$DIR" ] || { sed -n '2,20p' "$0" >&2; exit 2; }
+
+ETCD_PORT=${ETCD_PORT:-2379}
+ETCD_PEER_PORT=${ETCD_PEER_PORT:-2380}
+APISERVER_PORT=${APISERVER_PORT:-6443}
+SERVICE_CLUSTER_IP_RANGE=${SERVICE_CLUSTER_IP_RANGE:-10.96.0.0/16,fd00:10:96::/112}
+SERVICE_NODE_PORT_RANGE=${SERVICE_NODE_PORT_RANGE:-30000-32767}
+# The apiserver's own `kubernetes` Service takes the first address of the first range.
+FIRST_SERVICE_IP=${FIRST_SERVICE_IP:-10.96.0.1}
+
+log() { echo "control-plane: $*" >&2; }
+
+gen_certs() {
+  local d=$DIR/pki
+  [ -f "$d/admin.crt" ] && return 0
+  mkdir -p "$d"
+  openssl req -x509 -newkey rsa:2048 -nodes -keyout "$d/ca.key" -out "$d/ca.crt" -days 365 \
+    -subj "/CN=svcplane-local-ca" 2>/dev/null
+  cat > "$d/apiserver.ext" <<EOF
+basicConstraints=CA:FALSE
+keyUsage=digitalSignature,keyEncipherment
+extendedKeyUsage=serverAuth
+subjectAltName=IP:127.0.0.1,IP:$FIRST_SERVICE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
+EOF
+  openssl req -newkey rsa:2048 -nodes -keyout "$d/apiserver.key" -out "$d/apiserver.csr" \
+    -subj "/CN=kube-apiserver" 2>/dev/null
+  openssl x509 -req -in "$d/apiserver.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial \
+    -out "$d/apiserver.crt" -days 365 -extfile "$d/apiserver.ext" 2>/dev/null
+  printf 'basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n' > "$d/client.ext"
+  openssl req -newkey rsa:2048 -nodes -keyout "$d/admin.key" -out "$d/admin.csr" \
+    -subj "/O=system:masters/CN=svcplane-admin" 2>/dev/null
+  openssl x509 -req -in "$d/admin.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial \
+    -out "$d/admin.crt" -days 365 -extfile "$d/client.ext" 2>/dev/null
+  openssl genrsa -out "$d/sa.key" 2048 2>/dev/null
+  openssl rsa -in "$d/sa.key" -pubout -out "$d/sa.pub" 2>/dev/null
+}
+
+write_kubeconfig() {
+  local d=$DIR/pki
+  cat > "$DIR/kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: svcplane-local
+  cluster:
+    server: https://127.0.0.1:$APISERVER_PORT
+    certificate-authority-data: $(base64 -w0 < "$d/ca.crt")
+users:
+- name: admin
+  user:
+    client-certificate-data: $(base64 -w0 < "$d/admin.crt")
+    client-key-data: $(base64 -w0 < "$d/admin.key")
+contexts:
+- name: svcplane-local
+  context: {cluster: svcplane-local, user: admin}
+current-context: svcplane-local
+EOF
+}
+
+start_etcd() {
+  mkdir -p "$DIR/etcd"
+  etcd --name svcplane --data-dir "$DIR/etcd" \
+    --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+    --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-cluster "svcplane=http://127.0.0.1:$ETCD_PEER_PORT" --initial-cluster-state new \
+    --heartbeat-interval 50 --election-timeout 500 --logger zap --log-level warn \
+    > "$DIR/etcd.log" 2>&1 &
+  echo $! > "$DIR/etcd.pid"
+  for _ in $(seq 300); do
+    curl -sf "http://127.0.0.1:$ETCD_PORT/health" 2>/dev/null | grep -q '"health":"true"' && return 0
+    kill -0 "$(cat "$DIR/etcd.pid")" 2>/dev/null || break
+    sleep 0.05
+  done
+  log "etcd did not become healthy; its log:"; tail -20 "$DIR/etcd.log" >&2; return 1
+}
+
+start_apiserver() {
+  local d=$DIR/pki
+  "$KUBE_BIN/kube-apiserver" \
+    --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
+    --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$APISERVER_PORT" \
+    --tls-cert-file="$d/apiserver.crt" --tls-private-key-file="$d/apiserver.key" \
+    --client-ca-file="$d/ca.crt" \
+    --service-account-key-file="$d/sa.pub" --service-account-signing-key-file="$d/sa.key" \
+    --service-account-issuer=https://kubernetes.default.svc.cluster.local \
+    --authorization-mode=RBAC \
+    --service-cluster-ip-range="$SERVICE_CLUSTER_IP_RANGE" \
+    --service-node-port-range="$SERVICE_NODE_PORT_RANGE" \
+    --endpoint-reconciler-type=none \
+    --allow-privileged=true --profiling=false --enable-priority-and-fairness=false \
+    --cert-dir="$DIR/apiserver-certs" \
+    > "$DIR/apiserver.log" 2>&1 &
+  echo $! > "$DIR/apiserver.pid"
+  for _ in $(seq 1200); do
+    curl -sf --cacert "$d/ca.crt" "https://127.0.0.1:$APISERVER_PORT/readyz" >/dev/null 2>&1 && return 0
+    kill -0 "$(cat "$DIR/apiserver.pid")" 2>/dev/null || break
+    sleep 0.1
+  done
+  log "kube-apiserver did not become ready; its log:"; tail -30 "$DIR/apiserver.log" >&2; return 1
+}
+
+stop_all() {
+  for p in apiserver etcd; do
+    [ -f "$DIR/$p.pid" ] || continue
+    local pid; pid=$(cat "$DIR/$p.pid")
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+    kill -9 "$pid" 2>/dev/null || true
+    rm -f "$DIR/$p.pid"
+  done
+}
+
+start() {
+  KUBE_BIN=${KUBE_BIN:-$("$HERE/build-kube.sh")}
+  command -v etcd >/dev/null || { log "etcd is not installed (hack/install-deps.sh)"; return 1; }
+  mkdir -p "$DIR"; DIR=$(cd "$DIR" && pwd)
+  gen_certs; write_kubeconfig
+  start_etcd
+  start_apiserver
+  cat > "$DIR/env" <<EOF
+export KUBECONFIG=$DIR/kubeconfig
+export APISERVER_URL=https://127.0.0.1:$APISERVER_PORT
+export ETCD_ENDPOINT=http://127.0.0.1:$ETCD_PORT
+export KUBE_BIN=$KUBE_BIN
+export PATH=$KUBE_BIN:\$PATH
+EOF
+  log "ready: apiserver https://127.0.0.1:$APISERVER_PORT, etcd http://127.0.0.1:$ETCD_PORT ($DIR)"
+}
+
+case $cmd in
+  up)
+    start
+    cat "$DIR/env"
+    ;;
+  run)
+    # Supervisor for tests: whatever happens to the process that asked for this control plane,
+    # nothing it started outlives it.
+    trap 'stop_all; rm -rf "$DIR"' EXIT
+    trap 'exit 0' TERM INT
+    start
+    echo READY
+    while sleep 0.2; do
+      [ -n "${WATCH_PID:-}" ] && ! kill -0 "$WATCH_PID" 2>/dev/null && { log "owner $WATCH_PID exited"; break; }
+      kill -0 "$(cat "$DIR/etcd.pid")" 2>/dev/null || { log "etcd exited"; tail -20 "$DIR/etcd.log" >&2; break; }
+      kill -0 "$(cat "$DIR/apiserver.pid")" 2>/dev/null || { log "kube-apiserver exited"; tail -20 "$DIR/apiserver.log" >&2; break; }
+    done
+    ;;
+  down)
+    [ -d "$DIR" ] || exit 0
+    DIR=$(cd "$DIR" && pwd)
+    stop_all
+    rm -rf "$DIR"
+    ;;
+  *) sed -n '2,20p' "$0" >&2; exit 2 ;;
+esac

@@ -1,0 +1,160 @@
+//! `svcplane controller-manager`: leader election, the HTTP endpoints, and the controllers that run
+//! on the elected replica only.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use clap::ArgAction;
+use prometheus::Registry;
+use svcplane_controllers::leader::{ElectionConfig, Elector, LeaderMetrics};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    health::{Checks, LeaderElectionWatchdog, spawn_apiserver_probe},
+    http::Server,
+    kubeclient,
+};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Path to a kubeconfig file; without it the in-cluster service account is used.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Address serving /metrics, /healthz and /readyz over plain HTTP.
+    #[arg(long, default_value = "0.0.0.0:10267", env = "SVCPLANE_HTTP_BIND_ADDRESS")]
+    pub http_bind_address: SocketAddr,
+
+    /// How often the apiserver's own /readyz is probed for this replica's readiness.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub apiserver_probe_period: Duration,
+
+    #[command(flatten)]
+    pub leader: LeaderElectionArgs,
+}
+
+/// kube-controller-manager's `--leader-elect-*` flags, same names and defaults.
+#[derive(clap::Args, Debug)]
+pub struct LeaderElectionArgs {
+    /// Run the controllers only on the replica holding the lease. Disable only for a single
+    /// replica: two unelected replicas would both write.
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    pub leader_elect: bool,
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub leader_elect_lease_duration: Duration,
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub leader_elect_renew_deadline: Duration,
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub leader_elect_retry_period: Duration,
+    #[arg(long, default_value = "svcplane-controller-manager")]
+    pub leader_elect_resource_name: String,
+    #[arg(long, default_value = "kube-system")]
+    pub leader_elect_resource_namespace: String,
+    /// Identity written into the lease; the pod name in a cluster (downward API). Defaults to
+    /// the hostname with a random suffix, as upstream does, so that two processes never share one.
+    #[arg(long, env = "POD_NAME")]
+    pub leader_elect_identity: Option<String>,
+}
+
+impl LeaderElectionArgs {
+    fn config(&self) -> ElectionConfig {
+        let identity = self
+            .leader_elect_identity
+            .clone()
+            .unwrap_or_else(default_identity);
+        ElectionConfig {
+            lease_duration: self.leader_elect_lease_duration,
+            renew_deadline: self.leader_elect_renew_deadline,
+            retry_period: self.leader_elect_retry_period,
+            ..ElectionConfig::new(
+                &self.leader_elect_resource_namespace,
+                &self.leader_elect_resource_name,
+                identity,
+            )
+        }
+    }
+}
+
+fn default_identity() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "svcplane".to_owned());
+    format!("{host}_{:016x}", rand::random::<u64>())
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone())?;
+
+    let client = kubeclient::client(args.kubeconfig.as_deref()).await?;
+    let registry = Registry::new();
+    registry
+        .register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .context("registering process metrics")?;
+
+    let readiness = Checks::default().with(spawn_apiserver_probe(
+        client.clone(),
+        args.apiserver_probe_period,
+        shutdown.clone(),
+    ));
+    let mut liveness = Checks::default();
+
+    let elector = if args.leader.leader_elect {
+        let cfg = args.leader.config();
+        info!(identity = %cfg.identity, lease = %format_args!("{}/{}", cfg.namespace, cfg.name), "leader election enabled");
+        let metrics = LeaderMetrics::register(&registry).context("registering leader election metrics")?;
+        let tolerance = cfg.lease_duration;
+        let elector = Elector::new(client.clone(), cfg, metrics)?;
+        liveness = liveness.with(LeaderElectionWatchdog {
+            state: elector.subscribe(),
+            tolerance,
+        });
+        Some(elector)
+    } else {
+        warn!("leader election disabled: this replica runs the controllers unconditionally");
+        None
+    };
+
+    let server = Server::bind(args.http_bind_address, registry, liveness, readiness).await?;
+    let http = tokio::spawn(server.serve(shutdown.clone()));
+
+    match elector {
+        Some(elector) => elector.run(shutdown.clone(), run_controllers).await,
+        None => run_controllers(shutdown.clone()).await,
+    }
+    shutdown.cancel();
+    http.await.context("HTTP server task")??;
+    info!("controller-manager stopped");
+    Ok(())
+}
+
+/// The controllers that run while this replica leads, until `stop` is cancelled. Controllers are
+/// added here as they are implemented; each must stop promptly when `stop` is cancelled.
+async fn run_controllers(stop: CancellationToken) {
+    info!("leader-only controllers running");
+    stop.cancelled().await;
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = int.recv() => info!("SIGINT: shutting down"),
+        }
+        shutdown.cancel();
+    });
+    Ok(())
+}

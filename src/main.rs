@@ -1,0 +1,69 @@
+//! svcplane: Kubernetes Service networking, rebuilt.
+//!
+//! One binary, one subcommand per component; each subcommand's module wires I/O around the pure
+//! logic in the library crates.
+
+mod controller_manager;
+mod health;
+mod http;
+mod kubeclient;
+mod telemetry;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "svcplane",
+    version,
+    about = "Kubernetes Service networking: controllers, allocators and node dataplane"
+)]
+struct Cli {
+    #[command(flatten)]
+    logging: telemetry::LoggingArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Runs the leader-elected controllers (EndpointSlice, Endpoints, mirroring, allocators).
+    ControllerManager(Box<controller_manager::Args>),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // kube, the webhook server and etcd-client all use rustls; one provider, chosen once, keeps
+    // aws-lc out of the build and every TLS stack consistent.
+    if rustls::crypto::ring::default_provider()
+        .install_default()
+        .is_err()
+    {
+        eprintln!("svcplane: a rustls crypto provider was already installed");
+        return ExitCode::FAILURE;
+    }
+    if let Err(e) = telemetry::init(&cli.logging) {
+        eprintln!("svcplane: cannot set up logging: {e:#}");
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("svcplane: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::ControllerManager(args) => controller_manager::run(*args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "exiting");
+            ExitCode::FAILURE
+        }
+    }
+}
