@@ -123,11 +123,13 @@ start_apiserver() {
 }
 
 stop_all() {
+  # The apiserver drains for a while on SIGTERM; nothing here needs a graceful drain, so it gets
+  # two seconds before SIGKILL. etcd stops at once.
   for p in apiserver etcd; do
     [ -f "$DIR/$p.pid" ] || continue
     local pid; pid=$(cat "$DIR/$p.pid")
     kill "$pid" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+    for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
     kill -9 "$pid" 2>/dev/null || true
     rm -f "$DIR/$p.pid"
   done

@@ -1,5 +1,7 @@
 //! Logging set-up: human-readable text or one JSON object per line, filtered by `RUST_LOG`.
 
+use std::io::IsTerminal;
+
 use clap::{Args, ValueEnum};
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
@@ -31,7 +33,11 @@ pub fn init(args: &LoggingArgs) -> anyhow::Result<()> {
     let registry = tracing_subscriber::registry().with(filter);
     match args.format {
         LogFormat::Text => registry
-            .with(fmt::layer().with_writer(std::io::stderr))
+            .with(
+                fmt::layer()
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_writer(std::io::stderr),
+            )
             .try_init()?,
         LogFormat::Json => registry
             .with(

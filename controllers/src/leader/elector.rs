@@ -306,6 +306,12 @@ impl Elector {
 
     fn publish(&self, holder: Option<String>, leading_until: Option<Instant>) {
         self.state.send_if_modified(|state| {
+            if state.holder != holder && leading_until.is_none() {
+                match &holder {
+                    Some(h) if *h != self.cfg.identity => info!(leader = %h, "following"),
+                    _ => {}
+                }
+            }
             // Subscribers care about changes of holder or role, not about every renewal.
             let notable = state.holder != holder || state.leading_until.is_some() != leading_until.is_some();
             *state = Leadership {

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs every test: formatting and lint gates, unit tests, and the e2e suite against a real
+# kube-apiserver and etcd (started and torn down by the suite itself). Sets up what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+hack/install-deps.sh
+KUBE_BIN=$(hack/build-kube.sh)
+echo "test: kube-apiserver $("$KUBE_BIN/kube-apiserver" --version), $(etcd --version | head -1)"
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+# The e2e suite runs the svcplane binary as separate processes.
+cargo build --locked -p svcplane
+log=$(mktemp); trap 'rm -f "$log"' EXIT
+cargo test --workspace --locked 2>&1 | tee "$log"
+
+# The suite's control plane must not outlive it: its supervisor tears it down within seconds of
+# the test process exiting.
+leftovers() { pgrep -af "svcplane-e2e-|svcplane controller-manager" | grep -v pgrep || true; }
+for _ in $(seq 100); do
+  [ -z "$(leftovers)" ] && ! compgen -G "${TMPDIR:-/tmp}/svcplane-e2e-*" >/dev/null && break
+  sleep 0.2
+done
+if [ -n "$(leftovers)" ]; then
+  echo "test: processes left behind by the e2e suite:" >&2; leftovers >&2; exit 1
+fi
+if compgen -G "${TMPDIR:-/tmp}/svcplane-e2e-*" >/dev/null; then
+  echo "test: temporary directories left behind: $(echo "${TMPDIR:-/tmp}"/svcplane-e2e-*)" >&2; exit 1
+fi
+# One closing line for the whole run (cargo prints one per test binary, the last often doc-tests).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "all: %d passed, %d failed\n", p, f }' "$log"
