@@ -3,4 +3,6 @@
 //! Each controller is split into pure functions that compute desired state and a thin layer that
 //! reads and writes the API; `leader` decides which replica may run the writers at all.
 
+pub mod endpointslice;
 pub mod leader;
+pub mod model;
