@@ -6,3 +6,4 @@
 pub mod endpointslice;
 pub mod leader;
 pub mod model;
+pub mod runtime;

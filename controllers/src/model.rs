@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::{
-    api::core::v1::{Container, Pod, Service},
+    api::core::v1::{Container, Node, Pod, Service},
     apimachinery::pkg::util::intstr::IntOrString,
     jiff::Timestamp,
 };
@@ -171,6 +171,30 @@ fn container_named_ports(container: &Container) -> impl Iterator<Item = NamedPor
     })
 }
 
+/// What the endpoint controllers need to know about a Node: its zone.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeView {
+    pub name: String,
+    pub resource_version: String,
+    pub zone: Option<String>,
+}
+
+impl From<&Node> for NodeView {
+    fn from(node: &Node) -> Self {
+        Self {
+            name: node.metadata.name.clone().unwrap_or_default(),
+            resource_version: node.metadata.resource_version.clone().unwrap_or_default(),
+            zone: node
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_TOPOLOGY_ZONE))
+                .filter(|z| !z.is_empty())
+                .cloned(),
+        }
+    }
+}
+
 /// A Service port's target: a number, or the name of a container port.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TargetPort {
@@ -284,6 +308,36 @@ impl From<&Service> for ServiceView {
             creation_timestamp: meta.creation_timestamp.as_ref().map(|t| t.0),
             deleting: meta.deletion_timestamp.is_some(),
         }
+    }
+}
+
+impl crate::runtime::Versioned for PodView {
+    fn resource_version(&self) -> &str {
+        &self.resource_version
+    }
+}
+
+impl crate::runtime::Versioned for ServiceView {
+    fn resource_version(&self) -> &str {
+        &self.resource_version
+    }
+}
+
+impl crate::runtime::Versioned for NodeView {
+    fn resource_version(&self) -> &str {
+        &self.resource_version
+    }
+}
+
+impl crate::runtime::Versioned for k8s_openapi::api::discovery::v1::EndpointSlice {
+    fn resource_version(&self) -> &str {
+        self.metadata.resource_version.as_deref().unwrap_or_default()
+    }
+}
+
+impl crate::runtime::Versioned for k8s_openapi::api::core::v1::Endpoints {
+    fn resource_version(&self) -> &str {
+        self.metadata.resource_version.as_deref().unwrap_or_default()
     }
 }
 

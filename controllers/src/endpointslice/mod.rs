@@ -6,6 +6,8 @@
 
 pub mod endpoint;
 pub mod reconcile;
+pub mod tracker;
+pub mod trigger;
 
 pub use endpoint::AddressType;
 pub use reconcile::{NodeZones, PlanStats, SliceOptions, SlicePlan, plan_slices};

@@ -1,0 +1,204 @@
+//! Keeps a [`Store`] in step with the apiserver through a watch, and tells handlers what changed
+//! with both the old and the new value (which `kube::runtime::reflector` does not), so that a
+//! Pod whose labels changed can be taken out of the Services it left.
+//!
+//! Relists (after a watch expired or the apiserver restarted) are diffed against the store:
+//! handlers see exactly the objects that changed or vanished meanwhile.
+
+use std::{collections::HashSet, fmt::Debug, sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use kube::{
+    Api, Resource,
+    runtime::{WatchStreamExt, watcher},
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::store::Store;
+use crate::model::ObjectKey;
+
+/// A cached value that knows the resourceVersion it was built from, so that unchanged objects
+/// re-delivered by a relist do not trigger handlers.
+pub trait Versioned: Send + Sync + 'static {
+    fn resource_version(&self) -> &str;
+}
+
+/// Called with `(old, new)`: `(None, Some)` added, `(Some, Some)` changed, `(Some, None)` deleted.
+pub type Handler<V> = Box<dyn Fn(Option<&Arc<V>>, Option<&Arc<V>>) + Send + Sync>;
+
+pub struct Informer<K, V> {
+    name: &'static str,
+    api: Api<K>,
+    config: watcher::Config,
+    convert: fn(K) -> V,
+    store: Arc<Store<V>>,
+    handlers: Vec<Handler<V>>,
+    synced: watch::Sender<bool>,
+}
+
+/// Resolves once the informer has listed everything at least once.
+#[derive(Clone)]
+pub struct Synced(watch::Receiver<bool>);
+
+impl Synced {
+    pub async fn wait(&mut self) -> bool {
+        self.0.wait_for(|s| *s).await.is_ok()
+    }
+
+    pub fn is_synced(&self) -> bool {
+        *self.0.borrow()
+    }
+}
+
+impl<K, V> Informer<K, V>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default,
+    V: Versioned,
+{
+    pub fn new(
+        name: &'static str,
+        api: Api<K>,
+        config: watcher::Config,
+        convert: fn(K) -> V,
+        store: Arc<Store<V>>,
+    ) -> Self {
+        let (synced, _) = watch::channel(false);
+        Self {
+            name,
+            api,
+            config,
+            convert,
+            store,
+            handlers: Vec::new(),
+            synced,
+        }
+    }
+
+    pub fn on_change(&mut self, handler: Handler<V>) {
+        self.handlers.push(handler);
+    }
+
+    pub fn synced(&self) -> Synced {
+        Synced(self.synced.subscribe())
+    }
+
+    /// Watches until `stop`. Handlers are not called for the first list (controllers sync every
+    /// object once their caches are complete), only for what changes after it.
+    pub async fn run(self, stop: CancellationToken) {
+        let stream = watcher(self.api.clone(), self.config.clone()).default_backoff();
+        futures::pin_mut!(stream);
+        let mut listed_once = false;
+        let mut relist_seen: Option<HashSet<ObjectKey>> = None;
+        let mut errors: u64 = 0;
+        loop {
+            let event = tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                e = stream.next() => e,
+            };
+            let event = match event {
+                None => break,
+                Some(Ok(e)) => e,
+                Some(Err(e)) => {
+                    errors += 1;
+                    // Backoff is applied by the stream; a flood of identical errors is logged sparsely.
+                    if errors.is_power_of_two() {
+                        warn!(informer = self.name, error = %e, errors, "watch failed; retrying");
+                    }
+                    continue;
+                }
+            };
+            match event {
+                watcher::Event::Apply(obj) => self.apply(obj, listed_once),
+                watcher::Event::Delete(obj) => {
+                    let key = key_of(&obj);
+                    if let Some(old) = self.store.remove(&key) {
+                        self.notify(Some(&old), None);
+                    }
+                }
+                watcher::Event::Init => relist_seen = Some(HashSet::new()),
+                watcher::Event::InitApply(obj) => {
+                    if let Some(seen) = relist_seen.as_mut() {
+                        seen.insert(key_of(&obj));
+                    }
+                    self.apply(obj, listed_once);
+                }
+                watcher::Event::InitDone => {
+                    if let Some(seen) = relist_seen.take() {
+                        for key in self.store.keys().into_iter().filter(|k| !seen.contains(k)) {
+                            if let Some(old) = self.store.remove(&key)
+                                && listed_once
+                            {
+                                self.notify(Some(&old), None);
+                            }
+                        }
+                    }
+                    if !listed_once {
+                        info!(
+                            informer = self.name,
+                            objects = self.store.len(),
+                            "initial list complete"
+                        );
+                    } else {
+                        debug!(
+                            informer = self.name,
+                            objects = self.store.len(),
+                            "relist complete"
+                        );
+                    }
+                    listed_once = true;
+                    errors = 0;
+                    self.synced.send_replace(true);
+                }
+            }
+        }
+    }
+
+    fn apply(&self, obj: K, notify: bool) {
+        let key = key_of(&obj);
+        let new = Arc::new((self.convert)(obj));
+        let old = self.store.insert(key, new.clone());
+        let unchanged = old
+            .as_ref()
+            .is_some_and(|o| o.resource_version() == new.resource_version());
+        if notify && !unchanged {
+            self.notify(old.as_ref(), Some(&new));
+        }
+    }
+
+    fn notify(&self, old: Option<&Arc<V>>, new: Option<&Arc<V>>) {
+        for h in &self.handlers {
+            h(old, new);
+        }
+    }
+}
+
+fn key_of<K: Resource>(obj: &K) -> ObjectKey {
+    let meta = obj.meta();
+    ObjectKey::new(
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// Waits for every informer's first list, or `stop`. Returns `false` if stopped first.
+pub async fn wait_for_sync(synced: &mut [Synced], stop: &CancellationToken, log_every: Duration) -> bool {
+    for s in synced.iter_mut() {
+        loop {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return false,
+                ok = s.wait() => {
+                    if !ok { return false; }
+                    break;
+                }
+                () = tokio::time::sleep(log_every) => info!("waiting for caches to sync"),
+            }
+        }
+    }
+    true
+}

@@ -1,0 +1,10 @@
+//! The machinery the controllers share: watch-fed caches, change notification with old and new
+//! values, and a work queue with per-key backoff and client-go's metrics.
+
+pub mod informer;
+pub mod queue;
+pub mod store;
+
+pub use informer::{Handler, Informer, Synced, Versioned, wait_for_sync};
+pub use queue::{Backoff, WorkQueue, WorkqueueMetrics};
+pub use store::Store;
