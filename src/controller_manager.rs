@@ -6,7 +6,12 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::Context;
 use clap::ArgAction;
 use prometheus::Registry;
-use svcplane_controllers::leader::{ElectionConfig, Elector, LeaderMetrics};
+use svcplane_controllers::{
+    endpointslice::controller::Config as SliceConfig,
+    leader::{ElectionConfig, Elector, LeaderMetrics},
+    manager::{self, ControllerMetrics, ManagerConfig},
+    selection::ServiceSelection,
+};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -33,6 +38,35 @@ pub struct Args {
 
     #[command(flatten)]
     pub leader: LeaderElectionArgs,
+
+    #[command(flatten)]
+    pub endpoints: EndpointControllerArgs,
+}
+
+/// The endpoint controllers' flags, with kube-controller-manager's names and defaults.
+#[derive(clap::Args, Debug)]
+pub struct EndpointControllerArgs {
+    /// Controllers to run: `*` for all that are on by default, `name` to add one, `-name` to
+    /// remove one (e.g. `*,-endpoints-controller`).
+    #[arg(long, value_delimiter = ',', default_value = "*")]
+    pub controllers: Vec<String>,
+    /// Services whose EndpointSlices are synced concurrently.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=50))]
+    pub concurrent_service_endpoint_syncs: u16,
+    /// Maximum endpoints per EndpointSlice.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub max_endpoints_per_slice: u16,
+    /// Delay before Pod changes are synced, so that bursts of changes coalesce into one write.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub endpointslice_updates_batch_period: Duration,
+    /// KEP-4770 coexistence: handle only Services labelled
+    /// `service.kubernetes.io/endpoint-controller-name=<--endpoint-controller-name>` and write
+    /// svcplane's own managed-by values, next to upstream's controllers.
+    #[arg(long, default_value_t = false, action = ArgAction::Set)]
+    pub endpoint_controller_coexistence: bool,
+    /// The name Services use to hand their endpoints to svcplane (KEP-4770 label value).
+    #[arg(long, default_value = svcplane_controllers::selection::DEFAULT_CONTROLLER_NAME)]
+    pub endpoint_controller_name: String,
 }
 
 /// kube-controller-manager's `--leader-elect-*` flags, same names and defaults.
@@ -92,6 +126,7 @@ fn default_identity() -> String {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    let controllers = manager::parse_controllers(&args.endpoints.controllers)?;
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
 
@@ -109,9 +144,38 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     let mut liveness = Checks::default();
+    let controller_metrics =
+        ControllerMetrics::register(&registry).context("registering controller metrics")?;
+
+    let election = args.leader.config();
+    let manager_cfg = ManagerConfig {
+        controllers,
+        endpointslice: SliceConfig {
+            workers: usize::from(args.endpoints.concurrent_service_endpoint_syncs),
+            max_endpoints_per_slice: usize::from(args.endpoints.max_endpoints_per_slice),
+            batch_period: args.endpoints.endpointslice_updates_batch_period,
+            selection: ServiceSelection {
+                coexistence: args.endpoints.endpoint_controller_coexistence,
+                controller_name: args.endpoints.endpoint_controller_name.clone(),
+            },
+        },
+        identity: election.identity.clone(),
+    };
+    info!(controllers = ?manager_cfg.controllers, "controllers enabled");
+    let run_controllers = {
+        let client = client.clone();
+        move |stop: CancellationToken| {
+            manager::run(
+                client.clone(),
+                manager_cfg.clone(),
+                controller_metrics.clone(),
+                stop,
+            )
+        }
+    };
 
     let elector = if args.leader.leader_elect {
-        let cfg = args.leader.config();
+        let cfg = election;
         info!(identity = %cfg.identity, lease = %format_args!("{}/{}", cfg.namespace, cfg.name), "leader election enabled");
         let metrics = LeaderMetrics::register(&registry).context("registering leader election metrics")?;
         let tolerance = cfg.lease_duration;
@@ -137,13 +201,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     http.await.context("HTTP server task")??;
     info!("controller-manager stopped");
     Ok(())
-}
-
-/// The controllers that run while this replica leads, until `stop` is cancelled. Controllers are
-/// added here as they are implemented; each must stop promptly when `stop` is cancelled.
-async fn run_controllers(stop: CancellationToken) {
-    info!("leader-only controllers running");
-    stop.cancelled().await;
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {

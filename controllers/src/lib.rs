@@ -4,6 +4,10 @@
 //! reads and writes the API; `leader` decides which replica may run the writers at all.
 
 pub mod endpointslice;
+pub mod events;
 pub mod leader;
+pub mod manager;
 pub mod model;
+pub mod podchange;
 pub mod runtime;
+pub mod selection;

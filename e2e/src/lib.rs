@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used)] // Test support: a failed unwrap is a failed test, with its message.
 
 pub mod http;
+pub mod objects;
 pub mod pods;
 pub mod process;
 pub mod proxy;
@@ -146,6 +147,52 @@ impl ControlPlane {
         );
         std::fs::write(path, yaml).unwrap();
         path.to_path_buf()
+    }
+}
+
+impl ControlPlane {
+    /// Applies the shipped ServiceAccount and RBAC moved into `ns` (cluster-scoped objects get
+    /// a per-namespace name), so every test has its own copy of exactly the shipped permissions.
+    pub fn apply_controller_manager_rbac(&self, ns: &str) {
+        let dir = repo_root().join("manifests/controller-manager");
+        let mut yaml = String::new();
+        for f in ["serviceaccount.yaml", "rbac.yaml"] {
+            yaml.push_str(&std::fs::read_to_string(dir.join(f)).unwrap());
+            yaml.push_str("\n---\n");
+        }
+        let yaml = yaml
+            .replace("namespace: kube-system", &format!("namespace: {ns}"))
+            .replace(
+                "name: svcplane:controller-manager\n",
+                &format!("name: svcplane:controller-manager:{ns}\n"),
+            );
+        self.kubectl_apply(&yaml);
+    }
+
+    /// `kubectl apply --server-side` of a YAML stream; panics with kubectl's output on failure.
+    pub fn kubectl_apply(&self, yaml: &str) {
+        use std::io::Write;
+        let mut child = self
+            .kubectl()
+            .args([
+                "apply",
+                "--server-side",
+                "--field-manager=svcplane-e2e",
+                "-f",
+                "-",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(yaml.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "kubectl apply: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 

@@ -4,7 +4,9 @@
 //! Service; both are pure. The controller loop that feeds them and writes the plans lives in
 //! `crate::runtime`.
 
+pub mod controller;
 pub mod endpoint;
+pub mod metrics;
 pub mod reconcile;
 pub mod tracker;
 pub mod trigger;

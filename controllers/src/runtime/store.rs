@@ -122,6 +122,17 @@ impl<V> Store<V> {
             .unwrap_or_default()
     }
 
+    /// Every value in every namespace that satisfies `keep`.
+    pub fn list_all(&self, mut keep: impl FnMut(&V) -> bool) -> Vec<Arc<V>> {
+        self.read()
+            .by_namespace
+            .values()
+            .flat_map(|m| m.values())
+            .filter(|v| keep(v))
+            .cloned()
+            .collect()
+    }
+
     /// Every value of the group `group` (namespace and group name).
     pub fn list_group(&self, group: &ObjectKey) -> Vec<Arc<V>> {
         let inner = self.read();

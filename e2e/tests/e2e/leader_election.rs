@@ -1,13 +1,11 @@
 //! Two controller-manager replicas, as separate processes, electing a leader through a real Lease
 //! with the shipped RBAC and the default timings (15 s / 10 s / 2 s).
 
-use std::{net::SocketAddr, path::PathBuf, process::Stdio, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use k8s_openapi::{api::coordination::v1::Lease, jiff::Timestamp};
 use kube::{Api, Client};
-use svcplane_e2e::{
-    ControlPlane, control_plane, eventually, process::Svcplane, proxy::Proxy, repo_root, test_namespace,
-};
+use svcplane_e2e::{control_plane, eventually, process::Svcplane, proxy::Proxy, test_namespace};
 
 const LEASE: &str = "svcplane-controller-manager";
 const LEASE_DURATION: f64 = 15.0;
@@ -29,7 +27,7 @@ impl Setup {
         let cp = control_plane();
         let client = cp.client().await;
         let ns = test_namespace(&client, prefix).await;
-        apply_rbac(cp, &ns);
+        cp.apply_controller_manager_rbac(&ns);
         let dir = cp.dir.join(&ns);
         std::fs::create_dir_all(&dir).unwrap();
         Self { client, ns, dir }
@@ -75,38 +73,6 @@ impl Setup {
     fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
     }
-}
-
-fn apply_rbac(cp: &ControlPlane, ns: &str) {
-    let dir = repo_root().join("manifests/controller-manager");
-    let mut yaml = String::new();
-    for f in ["serviceaccount.yaml", "rbac.yaml"] {
-        yaml.push_str(&std::fs::read_to_string(dir.join(f)).unwrap());
-        yaml.push_str("\n---\n");
-    }
-    let yaml = yaml.replace("namespace: kube-system", &format!("namespace: {ns}"));
-    let mut child = cp
-        .kubectl()
-        .args([
-            "apply",
-            "--server-side",
-            "--field-manager=svcplane-e2e",
-            "-f",
-            "-",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child.stdin.take().unwrap().write_all(yaml.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "applying RBAC: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn spec_times(lease: &Lease) -> (Option<Timestamp>, Option<Timestamp>, i32) {

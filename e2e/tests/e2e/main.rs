@@ -4,5 +4,6 @@
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed assertion.
 
 mod control_plane;
+mod endpointslices;
 mod leader_election;
 mod manifests;

@@ -28,6 +28,8 @@ async fn controller_manager_manifests_apply_server_side() {
         "serviceaccount/svcplane-controller-manager",
         "role.rbac.authorization.k8s.io/svcplane-controller-manager:leader-election",
         "rolebinding.rbac.authorization.k8s.io/svcplane-controller-manager:leader-election",
+        "clusterrole.rbac.authorization.k8s.io/svcplane:controller-manager",
+        "clusterrolebinding.rbac.authorization.k8s.io/svcplane:controller-manager",
         "deployment.apps/svcplane-controller-manager",
         "service/svcplane-controller-manager-metrics",
         "poddisruptionbudget.policy/svcplane-controller-manager",

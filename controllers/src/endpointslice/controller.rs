@@ -1,0 +1,452 @@
+//! The EndpointSlice controller's I/O: turns cache events into queued Service keys, and for each
+//! key reads the caches, asks [`plan_slices`] what to write and writes exactly that.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::{
+    Api, Client,
+    api::{DeleteParams, PostParams, Preconditions},
+};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::{
+    SliceOptions,
+    metrics::{EndpointSliceMetrics, SyncResult},
+    plan_slices,
+    tracker::{SliceTracker, service_of},
+    trigger::TriggerTimes,
+};
+use crate::{
+    events::{EventSink, reference},
+    model::{LABEL_MANAGED_BY, NodeView, ObjectKey, PodView, ServiceView},
+    podchange,
+    runtime::{Backoff, Store, WorkQueue, WorkqueueMetrics},
+    selection::ServiceSelection,
+};
+
+/// Upstream's `maxRetries`: after this many failed syncs in a row a Service waits for its next
+/// change instead of retrying.
+const MAX_RETRIES: u32 = 15;
+/// Slice events are batched for at least this long (upstream's `endpointSliceChangeMinSyncDelay`).
+const SLICE_CHANGE_MIN_DELAY: Duration = Duration::from_secs(1);
+/// A sync that found the cache behind its own writes looks again this soon.
+const STALE_RETRY: Duration = Duration::from_millis(100);
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `--concurrent-service-endpoint-syncs`
+    pub workers: usize,
+    /// `--max-endpoints-per-slice`
+    pub max_endpoints_per_slice: usize,
+    /// `--endpointslice-updates-batch-period`
+    pub batch_period: Duration,
+    pub selection: ServiceSelection,
+}
+
+/// The caches the controller reads.
+#[derive(Clone)]
+pub struct Caches {
+    pub services: Arc<Store<ServiceView>>,
+    pub pods: Arc<Store<PodView>>,
+    pub nodes: Arc<Store<NodeView>>,
+    pub slices: Arc<Store<EndpointSlice>>,
+}
+
+#[derive(Default)]
+struct State {
+    tracker: SliceTracker,
+    triggers: TriggerTimes,
+    /// Services that left Pods out because their Node was not known yet.
+    waiting_for_nodes: HashSet<ObjectKey>,
+}
+
+pub struct EndpointSliceController {
+    api_client: Client,
+    caches: Caches,
+    queue: WorkQueue<ObjectKey>,
+    state: Mutex<State>,
+    cfg: Config,
+    managed_by: String,
+    metrics: Arc<EndpointSliceMetrics>,
+    events: EventSink,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum SyncError {
+    #[error("the EndpointSlice cache has not caught up with this controller's writes yet")]
+    Stale,
+    #[error("{0} Pods wait for their Node to appear in the cache")]
+    NodesMissing(usize),
+    #[error("failed to {op} EndpointSlice {name}: {source}")]
+    Write {
+        op: &'static str,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+impl EndpointSliceController {
+    pub fn new(
+        client: Client,
+        caches: Caches,
+        cfg: Config,
+        metrics: Arc<EndpointSliceMetrics>,
+        queue_metrics: &WorkqueueMetrics,
+        events: EventSink,
+    ) -> Arc<Self> {
+        // Upstream: 1 s doubling to 1000 s per key.
+        let backoff = Backoff {
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(1000),
+        };
+        metrics.reset();
+        Arc::new(Self {
+            api_client: client,
+            managed_by: cfg.selection.slice_manager(),
+            caches,
+            queue: WorkQueue::new(backoff).with_metrics(queue_metrics, "endpoint_slice"),
+            state: Mutex::new(State::default()),
+            cfg,
+            metrics,
+            events,
+        })
+    }
+
+    pub fn managed_by(&self) -> &str {
+        &self.managed_by
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    // === event handlers (called by the informers; cheap, never block) ===
+
+    pub fn on_service(&self, old: Option<&Arc<ServiceView>>, new: Option<&Arc<ServiceView>>) {
+        if let Some(s) = new.or(old) {
+            self.queue.add(s.key());
+        }
+    }
+
+    pub fn on_pod(&self, old: Option<&Arc<PodView>>, new: Option<&Arc<PodView>>) {
+        let Some(ns) = new.or(old).map(|p| p.namespace.clone()) else {
+            return;
+        };
+        let services = self.caches.services.list_namespace(&ns, |s| s.selector.is_some());
+        for key in podchange::services_to_sync(old.map(|p| &**p), new.map(|p| &**p), &services) {
+            self.queue.add_after(key, self.cfg.batch_period);
+        }
+    }
+
+    pub fn on_node(&self, old: Option<&Arc<NodeView>>, new: Option<&Arc<NodeView>>) {
+        match (old, new) {
+            (None, Some(_)) => {
+                let waiting: Vec<ObjectKey> = self.state().waiting_for_nodes.drain().collect();
+                for key in waiting {
+                    self.queue.add(key);
+                }
+            }
+            (Some(o), Some(n)) if o.zone != n.zone => {
+                // Zones are rare to change; find the Services of the Pods on that Node.
+                let on_node = self
+                    .caches
+                    .pods
+                    .list_all(|p| p.node_name.as_deref() == Some(n.name.as_str()));
+                for pod in on_node {
+                    self.on_pod(None, Some(&pod));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    pub fn on_slice(&self, old: Option<&Arc<EndpointSlice>>, new: Option<&Arc<EndpointSlice>>) {
+        let ours = |s: &EndpointSlice| managed_by(s) == Some(self.managed_by.as_str());
+        let delay = self.cfg.batch_period.max(SLICE_CHANGE_MIN_DELAY);
+        match (old, new) {
+            (_, Some(new)) => {
+                let mut keys = Vec::new();
+                let foreign_write = ours(new) && self.state().tracker.should_sync(new);
+                if foreign_write {
+                    keys.extend(service_of(new));
+                }
+                if let Some(old) = old {
+                    // Relabelled away from us or to another Service: both owners resync.
+                    if ours(old) != ours(new) || service_of(old) != service_of(new) {
+                        keys.extend(service_of(old));
+                        keys.extend(service_of(new).filter(|_| ours(new)));
+                    }
+                }
+                for key in keys {
+                    self.queue.add_after(key, delay);
+                }
+            }
+            (Some(old), None) => {
+                if ours(old)
+                    && self.state().tracker.observe_deletion(old)
+                    && let Some(key) = service_of(old)
+                {
+                    self.queue.add_after(key, delay);
+                }
+            }
+            (None, None) => {}
+        }
+    }
+
+    // === workers ===
+
+    /// Syncs every Service once, then every change, until `stop`.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        for key in self.caches.services.keys() {
+            self.queue.add(key);
+        }
+        let workers = self.cfg.workers.max(1);
+        info!(workers, managed_by = %self.managed_by, "EndpointSlice controller started");
+        let mut handles = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            let this = self.clone();
+            handles.push(tokio::spawn(async move { this.work().await }));
+        }
+        stop.cancelled().await;
+        self.queue.shut_down();
+        for h in handles {
+            let _ = h.await;
+        }
+        info!("EndpointSlice controller stopped");
+    }
+
+    /// Keys queued, delayed or in progress; zero when the controller has caught up.
+    pub fn pending(&self) -> usize {
+        self.queue.pending()
+    }
+
+    async fn work(&self) {
+        while let Some(key) = self.queue.get().await {
+            let span = info_span!("sync_endpointslices", service = %key);
+            let start = Instant::now();
+            let result = self.sync(&key).instrument(span.clone()).await;
+            let seconds = start.elapsed().as_secs_f64();
+            let _entered = span.enter();
+            match result {
+                Ok(()) => {
+                    self.metrics.sync(SyncResult::Success, seconds);
+                    self.queue.forget(&key);
+                }
+                Err(SyncError::Stale) => {
+                    self.metrics.sync(SyncResult::Stale, seconds);
+                    debug!("cache behind own writes; retrying shortly");
+                    self.queue.add_after(key.clone(), STALE_RETRY);
+                }
+                Err(e) => {
+                    self.metrics.sync(SyncResult::Error, seconds);
+                    self.sync_failed(&key, &e);
+                }
+            }
+            self.queue.done(&key);
+        }
+    }
+
+    fn sync_failed(&self, key: &ObjectKey, e: &SyncError) {
+        let failures = self.queue.failures(key);
+        if failures >= MAX_RETRIES {
+            warn!(error = %e, failures, "giving up on this Service until it changes again");
+            self.queue.forget(key);
+            return;
+        }
+        warn!(error = %e, failures, "sync failed; retrying with backoff");
+        if !matches!(e, SyncError::NodesMissing(_))
+            && let Some(svc) = self.caches.services.get(key)
+        {
+            self.events.warning(
+                reference("Service", &svc.namespace, &svc.name, &svc.uid),
+                "FailedToUpdateEndpointSlices",
+                "UpdateEndpointSlices",
+                format!("Error updating Endpoint Slices for Service {key}: {e}"),
+            );
+        }
+        self.queue.add_rate_limited(key.clone());
+    }
+
+    async fn sync(&self, key: &ObjectKey) -> Result<(), SyncError> {
+        let Some(svc) = self.caches.services.get(key) else {
+            // Deleted: its slices go with it through their owner references.
+            let mut st = self.state();
+            st.tracker.forget(key);
+            st.triggers.forget(key);
+            st.waiting_for_nodes.remove(key);
+            drop(st);
+            self.metrics.forget(key);
+            return Ok(());
+        };
+        let slices: Vec<Arc<EndpointSlice>> = self
+            .caches
+            .slices
+            .list_group(key)
+            .into_iter()
+            .filter(|s| {
+                managed_by(s) == Some(self.managed_by.as_str()) && s.metadata.deletion_timestamp.is_none()
+            })
+            .collect();
+        if svc.is_external_name() || svc.selector.is_none() {
+            // Upstream leaves these alone: selector-less Services are the users' (or the
+            // mirroring controller's), and ExternalName Services have no endpoints.
+            return Ok(());
+        }
+        if !self.cfg.selection.handles(&svc) {
+            // Handed to another endpoint controller: our slices must not compete with its own.
+            let doomed: Vec<&EndpointSlice> = slices.iter().map(Arc::as_ref).collect();
+            return self.delete_all(&doomed).await;
+        }
+        let slice_refs: Vec<&EndpointSlice> = slices.iter().map(|s| &**s).collect();
+        if self.state().tracker.is_stale(key, &slice_refs) {
+            return Err(SyncError::Stale);
+        }
+        let pods = self
+            .caches
+            .pods
+            .list_namespace(&svc.namespace, |p| svc.selects(&p.labels));
+        let pod_refs: Vec<&PodView> = pods.iter().map(|p| &**p).collect();
+        let nodes: HashMap<String, Option<String>> = pods
+            .iter()
+            .filter_map(|p| p.node_name.as_ref())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .filter_map(|n| {
+                self.caches
+                    .nodes
+                    .get(&ObjectKey::new("", n))
+                    .map(|node| (n.clone(), node.zone.clone()))
+            })
+            .collect();
+        let trigger_time = self.state().triggers.compute(&svc, &pod_refs);
+        let existing: Vec<EndpointSlice> = slices.iter().map(|s| (**s).clone()).collect();
+        let opts = SliceOptions {
+            max_endpoints_per_slice: self.cfg.max_endpoints_per_slice,
+            managed_by: self.managed_by.clone(),
+        };
+        let plan = plan_slices(&svc, &pod_refs, &nodes, &existing, trigger_time, &opts);
+
+        let topology = if matches!(svc.topology_mode.as_deref(), Some("Auto" | "auto")) {
+            "Auto"
+        } else {
+            "Disabled"
+        };
+        let traffic_distribution = svc.traffic_distribution.as_deref().filter(|td| {
+            topology == "Disabled" && matches!(*td, "PreferClose" | "PreferSameZone" | "PreferSameNode")
+        });
+        self.metrics
+            .planned(key, &plan.stats, plan.writes(), topology, traffic_distribution);
+        if plan.writes() > 0 {
+            debug!(
+                create = plan.create.len(),
+                update = plan.update.len(),
+                delete = plan.delete.len(),
+                "writing EndpointSlices"
+            );
+        }
+
+        let api: Api<EndpointSlice> = Api::namespaced(self.api_client.clone(), &svc.namespace);
+        for slice in &plan.create {
+            match api.create(&PostParams::default(), slice).await {
+                Ok(created) => {
+                    self.state().tracker.wrote(&created);
+                    self.metrics.change("create");
+                }
+                // Namespace being deleted: nothing to create any more.
+                Err(kube::Error::Api(s)) if is_namespace_terminating(&s) => return Ok(()),
+                Err(source) => {
+                    return Err(SyncError::Write {
+                        op: "create",
+                        name: format!("{}*", svc.name),
+                        source,
+                    });
+                }
+            }
+        }
+        for slice in &plan.update {
+            let name = slice.metadata.name.clone().unwrap_or_default();
+            match api.replace(&name, &PostParams::default(), slice).await {
+                Ok(updated) => {
+                    self.state().tracker.wrote(&updated);
+                    self.metrics.change("update");
+                }
+                Err(source) => {
+                    return Err(SyncError::Write {
+                        op: "update",
+                        name,
+                        source,
+                    });
+                }
+            }
+        }
+        let doomed: Vec<&EndpointSlice> = plan.delete.iter().collect();
+        self.delete_all(&doomed).await?;
+
+        if plan.pods_without_node.is_empty() {
+            self.state().waiting_for_nodes.remove(key);
+            Ok(())
+        } else {
+            self.state().waiting_for_nodes.insert(key.clone());
+            Err(SyncError::NodesMissing(plan.pods_without_node.len()))
+        }
+    }
+
+    async fn delete_all(&self, slices: &[&EndpointSlice]) -> Result<(), SyncError> {
+        for slice in slices {
+            let Some(ns) = slice.metadata.namespace.as_deref() else {
+                continue;
+            };
+            let name = slice.metadata.name.clone().unwrap_or_default();
+            let api: Api<EndpointSlice> = Api::namespaced(self.api_client.clone(), ns);
+            // Only the slice we planned from: a recreated slice of the same name is not ours to drop.
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: slice.metadata.uid.clone(),
+                    resource_version: None,
+                }),
+                ..Default::default()
+            };
+            match api.delete(&name, &params).await {
+                Ok(_) => {
+                    self.state().tracker.deleted(slice);
+                    self.metrics.change("delete");
+                }
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(source) => {
+                    return Err(SyncError::Write {
+                        op: "delete",
+                        name,
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn managed_by(slice: &EndpointSlice) -> Option<&str> {
+    slice
+        .metadata
+        .labels
+        .as_ref()?
+        .get(LABEL_MANAGED_BY)
+        .map(String::as_str)
+}
+
+fn is_namespace_terminating(status: &kube::core::Status) -> bool {
+    status
+        .details
+        .as_ref()
+        .is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating"))
+}

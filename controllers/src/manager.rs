@@ -1,0 +1,251 @@
+//! Runs the enabled controllers for one leadership term: builds the caches and informers they
+//! need, waits until every cache is complete, then runs the controllers until stopped.
+//!
+//! Caches live only while leading, as in kube-controller-manager: a follower holds no copy of
+//! the cluster, and a new leader starts from a fresh list rather than from state that may have
+//! drifted while it was not acting.
+
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+use k8s_openapi::api::{
+    core::v1::{Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{Api, Client, runtime::watcher};
+use prometheus::Registry;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    endpointslice::{
+        controller::{self as slice_controller, EndpointSliceController},
+        metrics::EndpointSliceMetrics,
+    },
+    events::EventSink,
+    model::{LABEL_MANAGED_BY, LABEL_SERVICE_NAME, NodeView, PodView, ServiceView},
+    runtime::{Informer, Store, Synced, WorkqueueMetrics, wait_for_sync},
+};
+
+pub const ENDPOINTSLICE_CONTROLLER: &str = "endpointslice-controller";
+pub const ENDPOINTS_CONTROLLER: &str = "endpoints-controller";
+pub const MIRRORING_CONTROLLER: &str = "endpointslice-mirroring-controller";
+/// Every controller svcplane's controller-manager knows, in upstream's names.
+pub const KNOWN_CONTROLLERS: [&str; 1] = [ENDPOINTSLICE_CONTROLLER];
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ControllersFlagError {
+    #[error("unknown controller {0:?}; known controllers: {known}", known = KNOWN_CONTROLLERS.join(", "))]
+    Unknown(String),
+}
+
+/// Parses kube-controller-manager's `--controllers` syntax: `*` turns on every controller that is
+/// on by default, `name` turns one on, `-name` turns one off.
+pub fn parse_controllers(items: &[String]) -> Result<BTreeSet<&'static str>, ControllersFlagError> {
+    let mut on = BTreeSet::new();
+    let mut off = BTreeSet::new();
+    let mut star = false;
+    for item in items
+        .iter()
+        .flat_map(|i| i.split(','))
+        .map(str::trim)
+        .filter(|i| !i.is_empty())
+    {
+        if item == "*" {
+            star = true;
+            continue;
+        }
+        let (disable, name) = match item.strip_prefix('-') {
+            Some(n) => (true, n),
+            None => (false, item),
+        };
+        let known = KNOWN_CONTROLLERS
+            .iter()
+            .find(|k| **k == name)
+            .ok_or_else(|| ControllersFlagError::Unknown(name.to_owned()))?;
+        if disable {
+            off.insert(*known);
+        } else {
+            on.insert(*known);
+        }
+    }
+    if star {
+        on.extend(KNOWN_CONTROLLERS);
+    }
+    Ok(on.difference(&off).copied().collect())
+}
+
+/// Metrics registered once per process and shared by every leadership term.
+#[derive(Clone)]
+pub struct ControllerMetrics {
+    pub workqueue: WorkqueueMetrics,
+    pub endpointslice: Arc<EndpointSliceMetrics>,
+}
+
+impl ControllerMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        Ok(Self {
+            workqueue: WorkqueueMetrics::register(registry)?,
+            endpointslice: Arc::new(EndpointSliceMetrics::register(registry)?),
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ManagerConfig {
+    pub controllers: BTreeSet<&'static str>,
+    pub endpointslice: slice_controller::Config,
+    /// Reported as the instance of Events (the pod name).
+    pub identity: String,
+}
+
+/// Runs the enabled controllers until `stop`.
+pub async fn run(client: Client, cfg: ManagerConfig, metrics: ControllerMetrics, stop: CancellationToken) {
+    if cfg.controllers.is_empty() {
+        warn!("no controllers enabled");
+        stop.cancelled().await;
+        return;
+    }
+    let services = Arc::new(Store::<ServiceView>::default());
+    let pods = Arc::new(Store::<PodView>::default());
+    let nodes = Arc::new(Store::<NodeView>::default());
+    let slices = Arc::new(Store::<EndpointSlice>::new(Some(|s: &EndpointSlice| {
+        s.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME).cloned()
+    })));
+
+    let mut service_informer = Informer::new(
+        "services",
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+        |s| ServiceView::from(&s),
+        services.clone(),
+    );
+    let mut pod_informer = Informer::new(
+        "pods",
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default(),
+        |p| PodView::from(&p),
+        pods.clone(),
+    );
+    let mut node_informer = Informer::new(
+        "nodes",
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default(),
+        |n| NodeView::from(&n),
+        nodes.clone(),
+    );
+
+    let mut slice_ctl = None;
+    if cfg.controllers.contains(ENDPOINTSLICE_CONTROLLER) {
+        let caches = slice_controller::Caches {
+            services: services.clone(),
+            pods: pods.clone(),
+            nodes: nodes.clone(),
+            slices: slices.clone(),
+        };
+        let events = EventSink::new(client.clone(), ENDPOINTSLICE_CONTROLLER, &cfg.identity);
+        let c = EndpointSliceController::new(
+            client.clone(),
+            caches,
+            cfg.endpointslice.clone(),
+            metrics.endpointslice.clone(),
+            &metrics.workqueue,
+            events,
+        );
+        let h = c.clone();
+        service_informer.on_change(Box::new(move |o, n| h.on_service(o, n)));
+        let h = c.clone();
+        pod_informer.on_change(Box::new(move |o, n| h.on_pod(o, n)));
+        let h = c.clone();
+        node_informer.on_change(Box::new(move |o, n| h.on_node(o, n)));
+        slice_ctl = Some(c);
+    }
+
+    // Only the slices svcplane manages are cached: the selector keeps others out of memory.
+    let managers = [
+        cfg.endpointslice.selection.slice_manager(),
+        cfg.endpointslice.selection.mirroring_manager(),
+    ];
+    let mut slice_informer = Informer::new(
+        "endpointslices",
+        Api::<EndpointSlice>::all(client.clone()),
+        watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY} in ({})", managers.join(","))),
+        |mut s: EndpointSlice| {
+            s.metadata.managed_fields = None;
+            s
+        },
+        slices.clone(),
+    );
+    if let Some(c) = &slice_ctl {
+        let h = c.clone();
+        slice_informer.on_change(Box::new(move |o, n| h.on_slice(o, n)));
+    }
+
+    let informers_stop = stop.child_token();
+    let mut synced: Vec<Synced> = vec![
+        service_informer.synced(),
+        pod_informer.synced(),
+        node_informer.synced(),
+        slice_informer.synced(),
+    ];
+    let mut tasks = vec![
+        tokio::spawn(service_informer.run(informers_stop.clone())),
+        tokio::spawn(pod_informer.run(informers_stop.clone())),
+        tokio::spawn(node_informer.run(informers_stop.clone())),
+        tokio::spawn(slice_informer.run(informers_stop.clone())),
+    ];
+    if !wait_for_sync(&mut synced, &stop, Duration::from_secs(10)).await {
+        informers_stop.cancel();
+        for t in tasks {
+            let _ = t.await;
+        }
+        return;
+    }
+    info!(
+        services = services.len(),
+        pods = pods.len(),
+        nodes = nodes.len(),
+        slices = slices.len(),
+        "caches synced"
+    );
+
+    if let Some(c) = slice_ctl {
+        tasks.push(tokio::spawn(c.run(stop.clone())));
+    }
+    stop.cancelled().await;
+    informers_stop.cancel();
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(items: &[&str]) -> Result<Vec<&'static str>, ControllersFlagError> {
+        parse_controllers(&items.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
+            .map(|s| s.into_iter().collect())
+    }
+
+    #[test]
+    fn controllers_flag_follows_upstream_syntax() {
+        assert_eq!(parse(&["*"]).unwrap(), KNOWN_CONTROLLERS);
+        assert_eq!(
+            parse(&["*,-endpointslice-controller"]).unwrap(),
+            Vec::<&str>::new()
+        );
+        assert_eq!(
+            parse(&["endpointslice-controller"]).unwrap(),
+            ["endpointslice-controller"]
+        );
+        assert_eq!(parse(&[]).unwrap(), Vec::<&str>::new());
+        assert_eq!(
+            parse(&["*", "bogus"]),
+            Err(ControllersFlagError::Unknown("bogus".into()))
+        );
+        assert_eq!(
+            parse(&["-nope"]),
+            Err(ControllersFlagError::Unknown("nope".into()))
+        );
+    }
+}

@@ -1,0 +1,287 @@
+//! The EndpointSlice controller against the real apiserver: Pods as a kubelet would leave them,
+//! slices as kube-proxy and CoreDNS read them, and every write counted.
+
+use std::{collections::BTreeSet, path::PathBuf, time::Duration};
+
+use k8s_openapi::{
+    api::{core::v1::Pod, discovery::v1::EndpointSlice},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, Patch, PatchParams},
+};
+use svcplane_e2e::{
+    control_plane, eventually,
+    objects::{
+        WriteCounter, create_node, create_pods, create_service, endpoint_pods, exclusive_controller,
+        force_delete_pods, service, slices_of,
+    },
+    pods::{PodFixture, set_status},
+    process::Svcplane,
+    test_namespace,
+};
+
+const UPSTREAM_MANAGER: &str = "endpointslice-controller.k8s.io";
+
+struct Setup {
+    client: Client,
+    ns: String,
+    dir: PathBuf,
+    node: String,
+}
+
+impl Setup {
+    async fn new(prefix: &str) -> Self {
+        let cp = control_plane();
+        let client = cp.client().await;
+        let ns = test_namespace(&client, prefix).await;
+        cp.apply_controller_manager_rbac(&ns);
+        let dir = cp.dir.join(&ns);
+        std::fs::create_dir_all(&dir).unwrap();
+        let node = format!("{ns}-node");
+        create_node(&client, &node, Some("zone-a")).await;
+        Self {
+            client,
+            ns,
+            dir,
+            node,
+        }
+    }
+
+    /// A controller-manager as the shipped ServiceAccount, electing within this namespace.
+    async fn controller_manager(&self, name: &str, extra: &[&str]) -> Svcplane {
+        let kubeconfig = control_plane()
+            .service_account_kubeconfig(
+                &self.client,
+                &self.ns,
+                "svcplane-controller-manager",
+                None,
+                &self.dir.join(format!("{name}.kubeconfig")),
+            )
+            .await;
+        let mut args = vec!["--leader-elect-resource-namespace", &self.ns];
+        args.extend_from_slice(extra);
+        Svcplane::controller_manager(name, &kubeconfig, &self.dir, &args)
+    }
+
+    fn pod(&self, i: usize) -> PodFixture {
+        PodFixture::new(&format!("web-{i}"), &format!("10.20.{}.{}", i / 250, i % 250 + 1))
+            .label("app", "web")
+            .on_node(&self.node)
+    }
+
+    async fn slices(&self, svc: &str) -> Vec<EndpointSlice> {
+        slices_of(&self.client, &self.ns, svc, UPSTREAM_MANAGER).await
+    }
+
+    /// Waits until the slices of `svc` hold exactly `want` (Pod names, each once).
+    async fn converged(&self, svc: &str, want: &BTreeSet<String>) -> Vec<EndpointSlice> {
+        eventually(Duration::from_secs(90), "slices to converge", || async {
+            let slices = self.slices(svc).await;
+            let pods = endpoint_pods(&slices);
+            (pods.len() == want.len() && pods.iter().cloned().collect::<BTreeSet<_>>() == *want)
+                .then_some(slices)
+        })
+        .await
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+}
+
+fn names(fixtures: &[PodFixture]) -> BTreeSet<String> {
+    fixtures.iter().map(|f| f.name.clone()).collect()
+}
+
+fn sizes(slices: &[EndpointSlice]) -> Vec<usize> {
+    let mut v: Vec<usize> = slices
+        .iter()
+        .map(|s| s.endpoints.as_ref().map_or(0, Vec::len))
+        .collect();
+    v.sort_unstable_by(|a, b| b.cmp(a));
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slices_follow_1500_pods_then_900_and_resync_writes_nothing() {
+    let _one_controller = exclusive_controller().await;
+    let s = Setup::new("eps-scale").await;
+    create_service(&s.client, &s.ns, &service("web", "web", IntOrString::Int(8080))).await;
+    let fixtures: Vec<PodFixture> = (0..1500).map(|i| s.pod(i)).collect();
+    create_pods(&s.client, &s.ns, &fixtures).await;
+
+    let cm = s.controller_manager("cm-1", &[]).await;
+    let slices = s.converged("web", &names(&fixtures)).await;
+    assert_eq!(sizes(&slices), vec![100; 15], "15 full slices");
+    for slice in &slices {
+        assert_eq!(slice.address_type, "IPv4");
+        let port = &slice.ports.as_ref().unwrap()[0];
+        assert_eq!(
+            (port.name.as_deref(), port.port, port.protocol.as_deref()),
+            (Some("http"), Some(8080), Some("TCP"))
+        );
+        let ep = &slice.endpoints.as_ref().unwrap()[0];
+        assert_eq!(ep.zone.as_deref(), Some("zone-a"));
+        assert_eq!(ep.node_name.as_deref(), Some(s.node.as_str()));
+        let c = ep.conditions.clone().unwrap();
+        assert_eq!(
+            (c.ready, c.serving, c.terminating),
+            (Some(true), Some(true), Some(false))
+        );
+        let owner = &slice.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+            ("Service", "web", Some(true))
+        );
+        assert!(slice.metadata.name.as_ref().unwrap().starts_with("web-"));
+        assert!(
+            slice
+                .metadata
+                .annotations
+                .as_ref()
+                .unwrap()
+                .contains_key("endpoints.kubernetes.io/last-change-trigger-time")
+        );
+    }
+
+    // Scale down to 900: every remaining Pod exactly once.
+    let gone: Vec<String> = fixtures[900..].iter().map(|f| f.name.clone()).collect();
+    force_delete_pods(&s.client, &s.ns, &gone).await;
+    let slices = s.converged("web", &names(&fixtures[..900])).await;
+    assert_eq!(
+        slices
+            .iter()
+            .map(|s| s.endpoints.as_ref().map_or(0, Vec::len))
+            .sum::<usize>(),
+        900
+    );
+
+    // A new leader syncs every Service from scratch: nothing changed, so nothing is written.
+    drop(cm);
+    let writes = WriteCounter::start(&s.client, &s.ns).await;
+    let cm2 = s.controller_manager("cm-2", &[]).await;
+    eventually(Duration::from_secs(40), "the new controller to sync", || async {
+        cm2.metrics()
+            .await
+            .filter(|m| m.contains("endpoint_slice_controller_syncs{result=\"success\"}"))
+            .map(|_| ())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        writes.count(),
+        0,
+        "a resync of unchanged slices wrote:\n{}",
+        s.log("cm-2")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditions_track_readiness_and_termination_with_one_write_each() {
+    let _one_controller = exclusive_controller().await;
+    let s = Setup::new("eps-cond").await;
+    create_service(&s.client, &s.ns, &service("web", "web", IntOrString::Int(8080))).await;
+    let fixtures: Vec<PodFixture> = (0..3).map(|i| s.pod(i)).collect();
+    create_pods(&s.client, &s.ns, &fixtures).await;
+    let _cm = s.controller_manager("cm", &[]).await;
+    s.converged("web", &names(&fixtures)).await;
+    let conditions = |slices: &[EndpointSlice], pod: &str| {
+        let ep = slices
+            .iter()
+            .flat_map(|s| s.endpoints.iter().flatten())
+            .find(|e| e.target_ref.as_ref().and_then(|t| t.name.as_deref()) == Some(pod))
+            .cloned()
+            .unwrap();
+        let c = ep.conditions.unwrap();
+        (c.ready, c.serving, c.terminating)
+    };
+
+    // Not ready: ready and serving false, one slice write.
+    let writes = WriteCounter::start(&s.client, &s.ns).await;
+    set_status(&s.client, &s.ns, &fixtures[0].clone().not_ready()).await;
+    let slices = eventually(Duration::from_secs(20), "web-0 not ready", || async {
+        let slices = s.slices("web").await;
+        (conditions(&slices, "web-0") == (Some(false), Some(false), Some(false))).then_some(slices)
+    })
+    .await;
+    assert_eq!(
+        conditions(&slices, "web-1"),
+        (Some(true), Some(true), Some(false))
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(writes.count(), 1, "one Pod change, one slice write");
+
+    // Terminating while still ready: serving, not ready, terminating. The Pod stays (there is no
+    // kubelet to finish the graceful deletion).
+    let writes = WriteCounter::start(&s.client, &s.ns).await;
+    Api::<Pod>::namespaced(s.client.clone(), &s.ns)
+        .delete("web-1", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(20), "web-1 terminating", || async {
+        let slices = s.slices("web").await;
+        (conditions(&slices, "web-1") == (Some(false), Some(true), Some(true))).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(writes.count(), 1);
+
+    // publishNotReadyAddresses: every endpoint ready, whatever its Pod says.
+    let patch = serde_json::json!({"spec": {"publishNotReadyAddresses": true}});
+    Api::<k8s_openapi::api::core::v1::Service>::namespaced(s.client.clone(), &s.ns)
+        .patch("web", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "not-ready addresses published",
+        || async {
+            let slices = s.slices("web").await;
+            (conditions(&slices, "web-0") == (Some(true), Some(false), Some(false))
+                && conditions(&slices, "web-1") == (Some(true), Some(true), Some(true)))
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_target_port_maps_each_pod_to_its_own_container_port() {
+    let _one_controller = exclusive_controller().await;
+    let s = Setup::new("eps-named").await;
+    create_service(
+        &s.client,
+        &s.ns,
+        &service("web", "web", IntOrString::String("http".into())),
+    )
+    .await;
+    let fixtures = vec![
+        s.pod(0).port("http", 8080),
+        s.pod(1).port("http", 8080),
+        s.pod(2).port("http", 9090),
+        s.pod(3), // declares no such port
+    ];
+    create_pods(&s.client, &s.ns, &fixtures).await;
+    let _cm = s.controller_manager("cm", &[]).await;
+    let slices = s.converged("web", &names(&fixtures)).await;
+    let mut by_port: Vec<(Vec<i32>, Vec<String>)> = slices
+        .iter()
+        .map(|sl| {
+            let ports = sl.ports.iter().flatten().filter_map(|p| p.port).collect();
+            let mut pods = endpoint_pods(std::slice::from_ref(sl));
+            pods.sort();
+            (ports, pods)
+        })
+        .collect();
+    by_port.sort();
+    assert_eq!(
+        by_port,
+        [
+            (vec![], vec!["web-3".to_owned()]),
+            (vec![8080], vec!["web-0".to_owned(), "web-1".to_owned()]),
+            (vec![9090], vec!["web-2".to_owned()]),
+        ]
+    );
+}
