@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::ArgAction;
 use prometheus::Registry;
 use svcplane_controllers::{
+    endpoints::controller::Config as EndpointsConfig,
     endpointslice::controller::Config as SliceConfig,
     leader::{ElectionConfig, Elector, LeaderMetrics},
     manager::{self, ControllerMetrics, ManagerConfig},
@@ -59,6 +60,12 @@ pub struct EndpointControllerArgs {
     /// Delay before Pod changes are synced, so that bursts of changes coalesce into one write.
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     pub endpointslice_updates_batch_period: Duration,
+    /// Services whose Endpoints are synced concurrently.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=50))]
+    pub concurrent_endpoint_syncs: u16,
+    /// Delay before Pod changes are synced into Endpoints.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub endpoint_updates_batch_period: Duration,
     /// KEP-4770 coexistence: handle only Services labelled
     /// `service.kubernetes.io/endpoint-controller-name=<--endpoint-controller-name>` and write
     /// svcplane's own managed-by values, next to upstream's controllers.
@@ -126,7 +133,10 @@ fn default_identity() -> String {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let controllers = manager::parse_controllers(&args.endpoints.controllers)?;
+    let controllers = manager::parse_controllers(
+        &args.endpoints.controllers,
+        args.endpoints.endpoint_controller_coexistence,
+    )?;
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
 
@@ -154,6 +164,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             workers: usize::from(args.endpoints.concurrent_service_endpoint_syncs),
             max_endpoints_per_slice: usize::from(args.endpoints.max_endpoints_per_slice),
             batch_period: args.endpoints.endpointslice_updates_batch_period,
+            selection: ServiceSelection {
+                coexistence: args.endpoints.endpoint_controller_coexistence,
+                controller_name: args.endpoints.endpoint_controller_name.clone(),
+            },
+        },
+        endpoints: EndpointsConfig {
+            workers: usize::from(args.endpoints.concurrent_endpoint_syncs),
+            batch_period: args.endpoints.endpoint_updates_batch_period,
             selection: ServiceSelection {
                 coexistence: args.endpoints.endpoint_controller_coexistence,
                 controller_name: args.endpoints.endpoint_controller_name.clone(),

@@ -8,7 +8,7 @@
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use k8s_openapi::api::{
-    core::v1::{Node, Pod, Service},
+    core::v1::{Endpoints, Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{Api, Client, runtime::watcher};
@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
+    endpoints::controller::{self as endpoints_controller, EndpointsController, EndpointsMetrics},
     endpointslice::{
         controller::{self as slice_controller, EndpointSliceController},
         metrics::EndpointSliceMetrics,
@@ -30,7 +31,10 @@ pub const ENDPOINTSLICE_CONTROLLER: &str = "endpointslice-controller";
 pub const ENDPOINTS_CONTROLLER: &str = "endpoints-controller";
 pub const MIRRORING_CONTROLLER: &str = "endpointslice-mirroring-controller";
 /// Every controller svcplane's controller-manager knows, in upstream's names.
-pub const KNOWN_CONTROLLERS: [&str; 1] = [ENDPOINTSLICE_CONTROLLER];
+pub const KNOWN_CONTROLLERS: [&str; 2] = [ENDPOINTSLICE_CONTROLLER, ENDPOINTS_CONTROLLER];
+/// In KEP-4770 coexistence mode only the EndpointSlice controller is on by default: upstream's
+/// Endpoints and mirroring controllers keep running and would fight over the same objects.
+pub const COEXISTENCE_DEFAULTS: [&str; 1] = [ENDPOINTSLICE_CONTROLLER];
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ControllersFlagError {
@@ -40,7 +44,10 @@ pub enum ControllersFlagError {
 
 /// Parses kube-controller-manager's `--controllers` syntax: `*` turns on every controller that is
 /// on by default, `name` turns one on, `-name` turns one off.
-pub fn parse_controllers(items: &[String]) -> Result<BTreeSet<&'static str>, ControllersFlagError> {
+pub fn parse_controllers(
+    items: &[String],
+    coexistence: bool,
+) -> Result<BTreeSet<&'static str>, ControllersFlagError> {
     let mut on = BTreeSet::new();
     let mut off = BTreeSet::new();
     let mut star = false;
@@ -69,7 +76,11 @@ pub fn parse_controllers(items: &[String]) -> Result<BTreeSet<&'static str>, Con
         }
     }
     if star {
-        on.extend(KNOWN_CONTROLLERS);
+        on.extend(if coexistence {
+            &COEXISTENCE_DEFAULTS[..]
+        } else {
+            &KNOWN_CONTROLLERS[..]
+        });
     }
     Ok(on.difference(&off).copied().collect())
 }
@@ -79,6 +90,7 @@ pub fn parse_controllers(items: &[String]) -> Result<BTreeSet<&'static str>, Con
 pub struct ControllerMetrics {
     pub workqueue: WorkqueueMetrics,
     pub endpointslice: Arc<EndpointSliceMetrics>,
+    pub endpoints: Arc<EndpointsMetrics>,
 }
 
 impl ControllerMetrics {
@@ -86,6 +98,7 @@ impl ControllerMetrics {
         Ok(Self {
             workqueue: WorkqueueMetrics::register(registry)?,
             endpointslice: Arc::new(EndpointSliceMetrics::register(registry)?),
+            endpoints: Arc::new(EndpointsMetrics::register(registry)?),
         })
     }
 }
@@ -94,6 +107,7 @@ impl ControllerMetrics {
 pub struct ManagerConfig {
     pub controllers: BTreeSet<&'static str>,
     pub endpointslice: slice_controller::Config,
+    pub endpoints: endpoints_controller::Config,
     /// Reported as the instance of Events (the pod name).
     pub identity: String,
 }
@@ -160,6 +174,42 @@ pub async fn run(client: Client, cfg: ManagerConfig, metrics: ControllerMetrics,
         slice_ctl = Some(c);
     }
 
+    let endpoints = Arc::new(Store::<Endpoints>::default());
+    let mut endpoints_informer = Informer::new(
+        "endpoints",
+        Api::<Endpoints>::all(client.clone()),
+        watcher::Config::default(),
+        |mut e: Endpoints| {
+            e.metadata.managed_fields = None;
+            e
+        },
+        endpoints.clone(),
+    );
+    let mut endpoints_ctl = None;
+    if cfg.controllers.contains(ENDPOINTS_CONTROLLER) {
+        let caches = endpoints_controller::Caches {
+            services: services.clone(),
+            pods: pods.clone(),
+            endpoints: endpoints.clone(),
+        };
+        let events = EventSink::new(client.clone(), ENDPOINTS_CONTROLLER, &cfg.identity);
+        let c = EndpointsController::new(
+            client.clone(),
+            caches,
+            cfg.endpoints.clone(),
+            metrics.endpoints.clone(),
+            &metrics.workqueue,
+            events,
+        );
+        let h = c.clone();
+        service_informer.on_change(Box::new(move |o, n| h.on_service(o, n)));
+        let h = c.clone();
+        pod_informer.on_change(Box::new(move |o, n| h.on_pod(o, n)));
+        let h = c.clone();
+        endpoints_informer.on_change(Box::new(move |o, n| h.on_endpoints(o, n)));
+        endpoints_ctl = Some(c);
+    }
+
     // Only the slices svcplane manages are cached: the selector keeps others out of memory.
     let managers = [
         cfg.endpointslice.selection.slice_manager(),
@@ -181,18 +231,21 @@ pub async fn run(client: Client, cfg: ManagerConfig, metrics: ControllerMetrics,
     }
 
     let informers_stop = stop.child_token();
-    let mut synced: Vec<Synced> = vec![
-        service_informer.synced(),
-        pod_informer.synced(),
-        node_informer.synced(),
-        slice_informer.synced(),
-    ];
+    let mut synced: Vec<Synced> = vec![service_informer.synced(), pod_informer.synced()];
     let mut tasks = vec![
         tokio::spawn(service_informer.run(informers_stop.clone())),
         tokio::spawn(pod_informer.run(informers_stop.clone())),
-        tokio::spawn(node_informer.run(informers_stop.clone())),
-        tokio::spawn(slice_informer.run(informers_stop.clone())),
     ];
+    // Nodes and slices matter to the slice controller only; Endpoints to the Endpoints one.
+    if slice_ctl.is_some() {
+        synced.extend([node_informer.synced(), slice_informer.synced()]);
+        tasks.push(tokio::spawn(node_informer.run(informers_stop.clone())));
+        tasks.push(tokio::spawn(slice_informer.run(informers_stop.clone())));
+    }
+    if endpoints_ctl.is_some() {
+        synced.push(endpoints_informer.synced());
+        tasks.push(tokio::spawn(endpoints_informer.run(informers_stop.clone())));
+    }
     if !wait_for_sync(&mut synced, &stop, Duration::from_secs(10)).await {
         informers_stop.cancel();
         for t in tasks {
@@ -205,10 +258,14 @@ pub async fn run(client: Client, cfg: ManagerConfig, metrics: ControllerMetrics,
         pods = pods.len(),
         nodes = nodes.len(),
         slices = slices.len(),
+        endpoints = endpoints.len(),
         "caches synced"
     );
 
     if let Some(c) = slice_ctl {
+        tasks.push(tokio::spawn(c.run(stop.clone())));
+    }
+    if let Some(c) = endpoints_ctl {
         tasks.push(tokio::spawn(c.run(stop.clone())));
     }
     stop.cancelled().await;
@@ -223,15 +280,22 @@ mod tests {
     use super::*;
 
     fn parse(items: &[&str]) -> Result<Vec<&'static str>, ControllersFlagError> {
-        parse_controllers(&items.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
+        parse_controllers(&items.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>(), false)
             .map(|s| s.into_iter().collect())
     }
 
     #[test]
     fn controllers_flag_follows_upstream_syntax() {
-        assert_eq!(parse(&["*"]).unwrap(), KNOWN_CONTROLLERS);
+        assert_eq!(
+            parse(&["*"]).unwrap(),
+            ["endpoints-controller", "endpointslice-controller"]
+        );
         assert_eq!(
             parse(&["*,-endpointslice-controller"]).unwrap(),
+            ["endpoints-controller"]
+        );
+        assert_eq!(
+            parse(&["*", "-endpoints-controller", "-endpointslice-controller"]).unwrap(),
             Vec::<&str>::new()
         );
         assert_eq!(
@@ -246,6 +310,11 @@ mod tests {
         assert_eq!(
             parse(&["-nope"]),
             Err(ControllersFlagError::Unknown("nope".into()))
+        );
+        let coexist = parse_controllers(&["*".to_owned()], true).unwrap();
+        assert_eq!(
+            coexist.into_iter().collect::<Vec<_>>(),
+            ["endpointslice-controller"]
         );
     }
 }

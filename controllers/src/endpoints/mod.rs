@@ -4,5 +4,6 @@
 //!
 //! [`subsets`] and [`desired`] are pure; the controller loop is in [`controller`].
 
+pub mod controller;
 pub mod desired;
 pub mod subsets;

@@ -38,8 +38,14 @@ fn port_from_key(k: &PortKey) -> Option<EndpointPort> {
         })
 }
 
+/// Identity of an address across subsets: IP and target UID.
+type AddressKey = (String, String);
+
+/// The addresses serving one port, with their readiness.
+type AddressSet = Vec<(AddressKey, bool)>;
+
 /// Identity of an address across subsets.
-fn address_key(a: &EndpointAddress) -> (String, String) {
+fn address_key(a: &EndpointAddress) -> AddressKey {
     (
         a.ip.clone(),
         a.target_ref
@@ -88,7 +94,7 @@ pub fn repack(subsets: &[EndpointSubset]) -> Vec<EndpointSubset> {
         }
     }
     // Ports that serve the same addresses with the same readiness share one subset.
-    let mut groups: BTreeMap<Vec<((String, String), bool)>, BTreeSet<PortKey>> = BTreeMap::new();
+    let mut groups: BTreeMap<AddressSet, BTreeSet<PortKey>> = BTreeMap::new();
     for (port, addrs) in by_port {
         groups
             .entry(addrs.into_iter().collect())
@@ -123,7 +129,7 @@ pub fn repack(subsets: &[EndpointSubset]) -> Vec<EndpointSubset> {
     out
 }
 
-fn subset_sort_key(s: &EndpointSubset) -> (Option<(String, String)>, Option<(String, String)>, Vec<PortKey>) {
+fn subset_sort_key(s: &EndpointSubset) -> (Option<AddressKey>, Option<AddressKey>, Vec<PortKey>) {
     (
         s.addresses.as_ref().and_then(|a| a.first()).map(address_key),
         s.not_ready_addresses

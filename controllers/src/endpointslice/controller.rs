@@ -14,7 +14,7 @@ use kube::{
 };
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     SliceOptions,
@@ -27,10 +27,11 @@ use crate::{
     events::{EventSink, reference},
     model::{LABEL_MANAGED_BY, NodeView, ObjectKey, PodView, ServiceView},
     podchange,
-    runtime::{Backoff, Store, WorkQueue, WorkqueueMetrics},
+    runtime::{Backoff, Outcome, Store, WorkQueue, WorkqueueMetrics, run_workers},
     selection::ServiceSelection,
 };
 
+const CONTROLLER: &str = "endpointslice-controller";
 /// Upstream's `maxRetries`: after this many failed syncs in a row a Service waits for its next
 /// change instead of retrying.
 const MAX_RETRIES: u32 = 15;
@@ -70,7 +71,7 @@ struct State {
 pub struct EndpointSliceController {
     api_client: Client,
     caches: Caches,
-    queue: WorkQueue<ObjectKey>,
+    queue: Arc<WorkQueue<ObjectKey>>,
     state: Mutex<State>,
     cfg: Config,
     managed_by: String,
@@ -112,7 +113,7 @@ impl EndpointSliceController {
             api_client: client,
             managed_by: cfg.selection.slice_manager(),
             caches,
-            queue: WorkQueue::new(backoff).with_metrics(queue_metrics, "endpoint_slice"),
+            queue: Arc::new(WorkQueue::new(backoff).with_metrics(queue_metrics, "endpoint_slice")),
             state: Mutex::new(State::default()),
             cfg,
             metrics,
@@ -210,18 +211,20 @@ impl EndpointSliceController {
         for key in self.caches.services.keys() {
             self.queue.add(key);
         }
-        let workers = self.cfg.workers.max(1);
-        info!(workers, managed_by = %self.managed_by, "EndpointSlice controller started");
-        let mut handles = Vec::with_capacity(workers);
-        for _ in 0..workers {
-            let this = self.clone();
-            handles.push(tokio::spawn(async move { this.work().await }));
-        }
-        stop.cancelled().await;
-        self.queue.shut_down();
-        for h in handles {
-            let _ = h.await;
-        }
+        info!(workers = self.cfg.workers, managed_by = %self.managed_by, "EndpointSlice controller started");
+        let this = self.clone();
+        run_workers(
+            CONTROLLER,
+            self.queue.clone(),
+            self.cfg.workers,
+            MAX_RETRIES,
+            stop,
+            move |key| {
+                let this = this.clone();
+                async move { this.sync_and_report(&key).await }
+            },
+        )
+        .await;
         info!("EndpointSlice controller stopped");
     }
 
@@ -230,61 +233,47 @@ impl EndpointSliceController {
         self.queue.pending()
     }
 
-    async fn work(&self) {
-        while let Some(key) = self.queue.get().await {
-            let span = info_span!("sync_endpointslices", service = %key);
-            let start = Instant::now();
-            let result = self.sync(&key).instrument(span.clone()).await;
-            let seconds = start.elapsed().as_secs_f64();
-            let _entered = span.enter();
-            match result {
-                Ok(()) => {
-                    self.metrics.sync(SyncResult::Success, seconds);
-                    self.queue.forget(&key);
-                }
-                Err(SyncError::Stale) => {
-                    self.metrics.sync(SyncResult::Stale, seconds);
-                    debug!("cache behind own writes; retrying shortly");
-                    self.queue.add_after(key.clone(), STALE_RETRY);
-                }
-                Err(e) => {
-                    self.metrics.sync(SyncResult::Error, seconds);
-                    self.sync_failed(&key, &e);
-                }
+    async fn sync_and_report(&self, key: &ObjectKey) -> Outcome {
+        let start = Instant::now();
+        let result = self.sync(key).await;
+        let seconds = start.elapsed().as_secs_f64();
+        match result {
+            Ok(()) => {
+                self.metrics.sync(SyncResult::Success, seconds);
+                Outcome::Done
             }
-            self.queue.done(&key);
+            Err(SyncError::Stale) => {
+                self.metrics.sync(SyncResult::Stale, seconds);
+                debug!("cache behind own writes; retrying shortly");
+                Outcome::RetryAfter(STALE_RETRY)
+            }
+            Err(e) => {
+                self.metrics.sync(SyncResult::Error, seconds);
+                warn!(error = %e, failures = self.queue.failures(key), "sync failed; retrying with backoff");
+                if !matches!(e, SyncError::NodesMissing(_))
+                    && let Some(svc) = self.caches.services.get(key)
+                {
+                    self.events.warning(
+                        reference("Service", &svc.namespace, &svc.name, &svc.uid),
+                        "FailedToUpdateEndpointSlices",
+                        "UpdateEndpointSlices",
+                        format!("Error updating Endpoint Slices for Service {key}: {e}"),
+                    );
+                }
+                Outcome::Failed
+            }
         }
-    }
-
-    fn sync_failed(&self, key: &ObjectKey, e: &SyncError) {
-        let failures = self.queue.failures(key);
-        if failures >= MAX_RETRIES {
-            warn!(error = %e, failures, "giving up on this Service until it changes again");
-            self.queue.forget(key);
-            return;
-        }
-        warn!(error = %e, failures, "sync failed; retrying with backoff");
-        if !matches!(e, SyncError::NodesMissing(_))
-            && let Some(svc) = self.caches.services.get(key)
-        {
-            self.events.warning(
-                reference("Service", &svc.namespace, &svc.name, &svc.uid),
-                "FailedToUpdateEndpointSlices",
-                "UpdateEndpointSlices",
-                format!("Error updating Endpoint Slices for Service {key}: {e}"),
-            );
-        }
-        self.queue.add_rate_limited(key.clone());
     }
 
     async fn sync(&self, key: &ObjectKey) -> Result<(), SyncError> {
         let Some(svc) = self.caches.services.get(key) else {
             // Deleted: its slices go with it through their owner references.
-            let mut st = self.state();
-            st.tracker.forget(key);
-            st.triggers.forget(key);
-            st.waiting_for_nodes.remove(key);
-            drop(st);
+            {
+                let mut st = self.state();
+                st.tracker.forget(key);
+                st.triggers.forget(key);
+                st.waiting_for_nodes.remove(key);
+            }
             self.metrics.forget(key);
             return Ok(());
         };
@@ -363,7 +352,7 @@ impl EndpointSliceController {
                     self.metrics.change("create");
                 }
                 // Namespace being deleted: nothing to create any more.
-                Err(kube::Error::Api(s)) if is_namespace_terminating(&s) => return Ok(()),
+                Err(kube::Error::Api(s)) if namespace_terminating(&s) => return Ok(()),
                 Err(source) => {
                     return Err(SyncError::Write {
                         op: "create",
@@ -444,7 +433,8 @@ fn managed_by(slice: &EndpointSlice) -> Option<&str> {
         .map(String::as_str)
 }
 
-fn is_namespace_terminating(status: &kube::core::Status) -> bool {
+/// A create refused because its namespace is being deleted: nothing to do any more.
+pub(crate) fn namespace_terminating(status: &kube::core::Status) -> bool {
     status
         .details
         .as_ref()

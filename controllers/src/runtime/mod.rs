@@ -4,7 +4,9 @@
 pub mod informer;
 pub mod queue;
 pub mod store;
+pub mod workers;
 
 pub use informer::{Handler, Informer, Synced, Versioned, wait_for_sync};
 pub use queue::{Backoff, WorkQueue, WorkqueueMetrics};
 pub use store::Store;
+pub use workers::{Outcome, run_workers};

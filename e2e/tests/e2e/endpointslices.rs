@@ -4,7 +4,10 @@
 use std::{collections::BTreeSet, path::PathBuf, time::Duration};
 
 use k8s_openapi::{
-    api::{core::v1::Pod, discovery::v1::EndpointSlice},
+    api::{
+        core::v1::{Endpoints, Pod},
+        discovery::v1::EndpointSlice,
+    },
     apimachinery::pkg::util::intstr::IntOrString,
 };
 use kube::{
@@ -86,9 +89,33 @@ impl Setup {
         .await
     }
 
+    async fn endpoints(&self, name: &str) -> Option<Endpoints> {
+        Api::<Endpoints>::namespaced(self.client.clone(), &self.ns)
+            .get_opt(name)
+            .await
+            .unwrap()
+    }
+
     fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
     }
+}
+
+fn address_count(e: &Endpoints) -> (usize, usize) {
+    e.subsets.iter().flatten().fold((0, 0), |(r, n), s| {
+        (
+            r + s.addresses.as_ref().map_or(0, Vec::len),
+            n + s.not_ready_addresses.as_ref().map_or(0, Vec::len),
+        )
+    })
+}
+
+fn over_capacity(e: &Endpoints) -> Option<String> {
+    e.metadata
+        .annotations
+        .as_ref()?
+        .get("endpoints.kubernetes.io/over-capacity")
+        .cloned()
 }
 
 fn names(fixtures: &[PodFixture]) -> BTreeSet<String> {
@@ -105,7 +132,7 @@ fn sizes(slices: &[EndpointSlice]) -> Vec<usize> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slices_follow_1500_pods_then_900_and_resync_writes_nothing() {
+async fn slices_and_endpoints_follow_1500_pods_then_900_and_resync_writes_nothing() {
     let _one_controller = exclusive_controller().await;
     let s = Setup::new("eps-scale").await;
     create_service(&s.client, &s.ns, &service("web", "web", IntOrString::Int(8080))).await;
@@ -146,7 +173,21 @@ async fn slices_follow_1500_pods_then_900_and_resync_writes_nothing() {
         );
     }
 
-    // Scale down to 900: every remaining Pod exactly once.
+    // The legacy Endpoints object stops at 1000 addresses and says so.
+    let endpoints = eventually(Duration::from_secs(30), "Endpoints truncated at 1000", || async {
+        let e = s.endpoints("web").await?;
+        (address_count(&e) == (1000, 0)).then_some(e)
+    })
+    .await;
+    assert_eq!(over_capacity(&endpoints).as_deref(), Some("truncated"));
+    let managed_by = endpoints
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("endpoints.kubernetes.io/managed-by"));
+    assert_eq!(managed_by.map(String::as_str), Some("endpoint-controller"));
+
+    // Scale down to 900: every remaining Pod exactly once, and the annotation goes.
     let gone: Vec<String> = fixtures[900..].iter().map(|f| f.name.clone()).collect();
     force_delete_pods(&s.client, &s.ns, &gone).await;
     let slices = s.converged("web", &names(&fixtures[..900])).await;
@@ -157,10 +198,29 @@ async fn slices_follow_1500_pods_then_900_and_resync_writes_nothing() {
             .sum::<usize>(),
         900
     );
+    let endpoints = eventually(
+        Duration::from_secs(30),
+        "Endpoints back under capacity",
+        || async {
+            let e = s.endpoints("web").await?;
+            (address_count(&e) == (900, 0)).then_some(e)
+        },
+    )
+    .await;
+    assert_eq!(over_capacity(&endpoints), None);
+    let listed: BTreeSet<String> = endpoints
+        .subsets
+        .iter()
+        .flatten()
+        .flat_map(|ss| ss.addresses.iter().flatten())
+        .filter_map(|a| a.target_ref.as_ref()?.name.clone())
+        .collect();
+    assert_eq!(listed, names(&fixtures[..900]));
 
     // A new leader syncs every Service from scratch: nothing changed, so nothing is written.
     drop(cm);
     let writes = WriteCounter::start(&s.client, &s.ns).await;
+    let endpoints_rv = s.endpoints("web").await.unwrap().metadata.resource_version;
     let cm2 = s.controller_manager("cm-2", &[]).await;
     eventually(Duration::from_secs(40), "the new controller to sync", || async {
         cm2.metrics()
@@ -175,6 +235,11 @@ async fn slices_follow_1500_pods_then_900_and_resync_writes_nothing() {
         0,
         "a resync of unchanged slices wrote:\n{}",
         s.log("cm-2")
+    );
+    let endpoints_rv_after = s.endpoints("web").await.unwrap().metadata.resource_version;
+    assert_eq!(
+        endpoints_rv_after, endpoints_rv,
+        "a resync rewrote the unchanged Endpoints"
     );
 }
 
