@@ -11,6 +11,7 @@ use svcplane_controllers::{
     endpointslice::controller::Config as SliceConfig,
     leader::{ElectionConfig, Elector, LeaderMetrics},
     manager::{self, ControllerMetrics, ManagerConfig},
+    mirroring::controller::Config as MirroringConfig,
     selection::ServiceSelection,
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -66,6 +67,15 @@ pub struct EndpointControllerArgs {
     /// Delay before Pod changes are synced into Endpoints.
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     pub endpoint_updates_batch_period: Duration,
+    /// Endpoints objects mirrored concurrently.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=50))]
+    pub mirroring_concurrent_service_endpoint_syncs: u16,
+    /// Maximum addresses mirrored per Endpoints subset.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub mirroring_max_endpoints_per_subset: u16,
+    /// Delay before Endpoints changes are mirrored.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub mirroring_endpointslice_updates_batch_period: Duration,
     /// KEP-4770 coexistence: handle only Services labelled
     /// `service.kubernetes.io/endpoint-controller-name=<--endpoint-controller-name>` and write
     /// svcplane's own managed-by values, next to upstream's controllers.
@@ -158,24 +168,28 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ControllerMetrics::register(&registry).context("registering controller metrics")?;
 
     let election = args.leader.config();
+    let selection = ServiceSelection {
+        coexistence: args.endpoints.endpoint_controller_coexistence,
+        controller_name: args.endpoints.endpoint_controller_name.clone(),
+    };
     let manager_cfg = ManagerConfig {
         controllers,
         endpointslice: SliceConfig {
             workers: usize::from(args.endpoints.concurrent_service_endpoint_syncs),
             max_endpoints_per_slice: usize::from(args.endpoints.max_endpoints_per_slice),
             batch_period: args.endpoints.endpointslice_updates_batch_period,
-            selection: ServiceSelection {
-                coexistence: args.endpoints.endpoint_controller_coexistence,
-                controller_name: args.endpoints.endpoint_controller_name.clone(),
-            },
+            selection: selection.clone(),
         },
         endpoints: EndpointsConfig {
             workers: usize::from(args.endpoints.concurrent_endpoint_syncs),
             batch_period: args.endpoints.endpoint_updates_batch_period,
-            selection: ServiceSelection {
-                coexistence: args.endpoints.endpoint_controller_coexistence,
-                controller_name: args.endpoints.endpoint_controller_name.clone(),
-            },
+            selection: selection.clone(),
+        },
+        mirroring: MirroringConfig {
+            workers: usize::from(args.endpoints.mirroring_concurrent_service_endpoint_syncs),
+            max_endpoints_per_subset: usize::from(args.endpoints.mirroring_max_endpoints_per_subset),
+            batch_period: args.endpoints.mirroring_endpointslice_updates_batch_period,
+            selection: selection.clone(),
         },
         identity: election.identity.clone(),
     };

@@ -8,6 +8,7 @@ pub mod endpointslice;
 pub mod events;
 pub mod leader;
 pub mod manager;
+pub mod mirroring;
 pub mod model;
 pub mod podchange;
 pub mod runtime;

@@ -23,6 +23,7 @@ use crate::{
         metrics::EndpointSliceMetrics,
     },
     events::EventSink,
+    mirroring::controller::{self as mirroring_controller, MirroringController, MirroringMetrics},
     model::{LABEL_MANAGED_BY, LABEL_SERVICE_NAME, NodeView, PodView, ServiceView},
     runtime::{Informer, Store, Synced, WorkqueueMetrics, wait_for_sync},
 };
@@ -31,7 +32,11 @@ pub const ENDPOINTSLICE_CONTROLLER: &str = "endpointslice-controller";
 pub const ENDPOINTS_CONTROLLER: &str = "endpoints-controller";
 pub const MIRRORING_CONTROLLER: &str = "endpointslice-mirroring-controller";
 /// Every controller svcplane's controller-manager knows, in upstream's names.
-pub const KNOWN_CONTROLLERS: [&str; 2] = [ENDPOINTSLICE_CONTROLLER, ENDPOINTS_CONTROLLER];
+pub const KNOWN_CONTROLLERS: [&str; 3] = [
+    ENDPOINTSLICE_CONTROLLER,
+    ENDPOINTS_CONTROLLER,
+    MIRRORING_CONTROLLER,
+];
 /// In KEP-4770 coexistence mode only the EndpointSlice controller is on by default: upstream's
 /// Endpoints and mirroring controllers keep running and would fight over the same objects.
 pub const COEXISTENCE_DEFAULTS: [&str; 1] = [ENDPOINTSLICE_CONTROLLER];
@@ -91,6 +96,7 @@ pub struct ControllerMetrics {
     pub workqueue: WorkqueueMetrics,
     pub endpointslice: Arc<EndpointSliceMetrics>,
     pub endpoints: Arc<EndpointsMetrics>,
+    pub mirroring: Arc<MirroringMetrics>,
 }
 
 impl ControllerMetrics {
@@ -99,6 +105,7 @@ impl ControllerMetrics {
             workqueue: WorkqueueMetrics::register(registry)?,
             endpointslice: Arc::new(EndpointSliceMetrics::register(registry)?),
             endpoints: Arc::new(EndpointsMetrics::register(registry)?),
+            mirroring: Arc::new(MirroringMetrics::register(registry)?),
         })
     }
 }
@@ -108,6 +115,7 @@ pub struct ManagerConfig {
     pub controllers: BTreeSet<&'static str>,
     pub endpointslice: slice_controller::Config,
     pub endpoints: endpoints_controller::Config,
+    pub mirroring: mirroring_controller::Config,
     /// Reported as the instance of Events (the pod name).
     pub identity: String,
 }
@@ -210,6 +218,29 @@ pub async fn run(client: Client, cfg: ManagerConfig, metrics: ControllerMetrics,
         endpoints_ctl = Some(c);
     }
 
+    let mut mirroring_ctl = None;
+    if cfg.controllers.contains(MIRRORING_CONTROLLER) {
+        let caches = mirroring_controller::Caches {
+            services: services.clone(),
+            endpoints: endpoints.clone(),
+            slices: slices.clone(),
+        };
+        let events = EventSink::new(client.clone(), MIRRORING_CONTROLLER, &cfg.identity);
+        let c = MirroringController::new(
+            client.clone(),
+            caches,
+            cfg.mirroring.clone(),
+            metrics.mirroring.clone(),
+            &metrics.workqueue,
+            events,
+        );
+        let h = c.clone();
+        service_informer.on_change(Box::new(move |o, n| h.on_service(o, n)));
+        let h = c.clone();
+        endpoints_informer.on_change(Box::new(move |o, n| h.on_endpoints(o, n)));
+        mirroring_ctl = Some(c);
+    }
+
     // Only the slices svcplane manages are cached: the selector keeps others out of memory.
     let managers = [
         cfg.endpointslice.selection.slice_manager(),
@@ -229,6 +260,10 @@ pub async fn run(client: Client, cfg: ManagerConfig, metrics: ControllerMetrics,
         let h = c.clone();
         slice_informer.on_change(Box::new(move |o, n| h.on_slice(o, n)));
     }
+    if let Some(c) = &mirroring_ctl {
+        let h = c.clone();
+        slice_informer.on_change(Box::new(move |o, n| h.on_slice(o, n)));
+    }
 
     let informers_stop = stop.child_token();
     let mut synced: Vec<Synced> = vec![service_informer.synced(), pod_informer.synced()];
@@ -236,13 +271,16 @@ pub async fn run(client: Client, cfg: ManagerConfig, metrics: ControllerMetrics,
         tokio::spawn(service_informer.run(informers_stop.clone())),
         tokio::spawn(pod_informer.run(informers_stop.clone())),
     ];
-    // Nodes and slices matter to the slice controller only; Endpoints to the Endpoints one.
+    // Watch only what the enabled controllers read.
     if slice_ctl.is_some() {
-        synced.extend([node_informer.synced(), slice_informer.synced()]);
+        synced.push(node_informer.synced());
         tasks.push(tokio::spawn(node_informer.run(informers_stop.clone())));
+    }
+    if slice_ctl.is_some() || mirroring_ctl.is_some() {
+        synced.push(slice_informer.synced());
         tasks.push(tokio::spawn(slice_informer.run(informers_stop.clone())));
     }
-    if endpoints_ctl.is_some() {
+    if endpoints_ctl.is_some() || mirroring_ctl.is_some() {
         synced.push(endpoints_informer.synced());
         tasks.push(tokio::spawn(endpoints_informer.run(informers_stop.clone())));
     }
@@ -268,6 +306,9 @@ pub async fn run(client: Client, cfg: ManagerConfig, metrics: ControllerMetrics,
     if let Some(c) = endpoints_ctl {
         tasks.push(tokio::spawn(c.run(stop.clone())));
     }
+    if let Some(c) = mirroring_ctl {
+        tasks.push(tokio::spawn(c.run(stop.clone())));
+    }
     stop.cancelled().await;
     informers_stop.cancel();
     for t in tasks {
@@ -286,18 +327,17 @@ mod tests {
 
     #[test]
     fn controllers_flag_follows_upstream_syntax() {
+        let all = [
+            "endpoints-controller",
+            "endpointslice-controller",
+            "endpointslice-mirroring-controller",
+        ];
+        assert_eq!(parse(&["*"]).unwrap(), all);
         assert_eq!(
-            parse(&["*"]).unwrap(),
-            ["endpoints-controller", "endpointslice-controller"]
+            parse(&["*,-endpoints-controller,-endpointslice-mirroring-controller"]).unwrap(),
+            ["endpointslice-controller"]
         );
-        assert_eq!(
-            parse(&["*,-endpointslice-controller"]).unwrap(),
-            ["endpoints-controller"]
-        );
-        assert_eq!(
-            parse(&["*", "-endpoints-controller", "-endpointslice-controller"]).unwrap(),
-            Vec::<&str>::new()
-        );
+        assert_eq!(parse(&["*", "-endpoints-controller"]).unwrap(), all[1..]);
         assert_eq!(
             parse(&["endpointslice-controller"]).unwrap(),
             ["endpointslice-controller"]

@@ -224,6 +224,8 @@ pub struct ServiceView {
     pub selector: Option<BTreeMap<String, String>>,
     pub type_: String,
     pub cluster_ip: Option<String>,
+    /// Every assigned cluster IP (one per family), without the `None` of headless Services.
+    pub cluster_ips: Vec<String>,
     pub ip_families: Vec<String>,
     pub publish_not_ready_addresses: bool,
     pub ports: Vec<ServicePortView>,
@@ -300,6 +302,16 @@ impl From<&Service> for ServiceView {
                 .and_then(|s| s.type_.clone())
                 .unwrap_or_else(|| "ClusterIP".to_owned()),
             cluster_ip: spec.and_then(|s| s.cluster_ip.clone()),
+            cluster_ips: spec
+                .and_then(|s| {
+                    s.cluster_ips
+                        .clone()
+                        .or_else(|| s.cluster_ip.clone().map(|ip| vec![ip]))
+                })
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|ip| !ip.is_empty() && ip != "None")
+                .collect(),
             ip_families: spec.and_then(|s| s.ip_families.clone()).unwrap_or_default(),
             publish_not_ready_addresses: spec.and_then(|s| s.publish_not_ready_addresses).unwrap_or(false),
             ports,

@@ -280,7 +280,7 @@ impl EndpointsController {
                     Ok(())
                 }
                 Err(kube::Error::Api(s))
-                    if s.code == 403 && crate::endpointslice::controller::namespace_terminating(&s) =>
+                    if s.code == 403 && crate::endpointslice::writer::namespace_terminating(&s) =>
                 {
                     Ok(())
                 }

@@ -8,10 +8,7 @@ use std::{
 };
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::{
-    Api, Client,
-    api::{DeleteParams, PostParams, Preconditions},
-};
+use kube::Client;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -22,6 +19,7 @@ use super::{
     plan_slices,
     tracker::{SliceTracker, service_of},
     trigger::TriggerTimes,
+    writer::{WriteError, write_slices},
 };
 use crate::{
     events::{EventSink, reference},
@@ -62,7 +60,6 @@ pub struct Caches {
 
 #[derive(Default)]
 struct State {
-    tracker: SliceTracker,
     triggers: TriggerTimes,
     /// Services that left Pods out because their Node was not known yet.
     waiting_for_nodes: HashSet<ObjectKey>,
@@ -73,6 +70,7 @@ pub struct EndpointSliceController {
     caches: Caches,
     queue: Arc<WorkQueue<ObjectKey>>,
     state: Mutex<State>,
+    tracker: Mutex<SliceTracker>,
     cfg: Config,
     managed_by: String,
     metrics: Arc<EndpointSliceMetrics>,
@@ -85,13 +83,8 @@ enum SyncError {
     Stale,
     #[error("{0} Pods wait for their Node to appear in the cache")]
     NodesMissing(usize),
-    #[error("failed to {op} EndpointSlice {name}: {source}")]
-    Write {
-        op: &'static str,
-        name: String,
-        #[source]
-        source: kube::Error,
-    },
+    #[error(transparent)]
+    Write(#[from] WriteError),
 }
 
 impl EndpointSliceController {
@@ -115,6 +108,7 @@ impl EndpointSliceController {
             caches,
             queue: Arc::new(WorkQueue::new(backoff).with_metrics(queue_metrics, "endpoint_slice")),
             state: Mutex::new(State::default()),
+            tracker: Mutex::new(SliceTracker::default()),
             cfg,
             metrics,
             events,
@@ -127,6 +121,12 @@ impl EndpointSliceController {
 
     fn state(&self) -> MutexGuard<'_, State> {
         self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn tracker(&self) -> MutexGuard<'_, SliceTracker> {
+        self.tracker
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -177,7 +177,7 @@ impl EndpointSliceController {
         match (old, new) {
             (_, Some(new)) => {
                 let mut keys = Vec::new();
-                let foreign_write = ours(new) && self.state().tracker.should_sync(new);
+                let foreign_write = ours(new) && self.tracker().should_sync(new);
                 if foreign_write {
                     keys.extend(service_of(new));
                 }
@@ -194,7 +194,7 @@ impl EndpointSliceController {
             }
             (Some(old), None) => {
                 if ours(old)
-                    && self.state().tracker.observe_deletion(old)
+                    && self.tracker().observe_deletion(old)
                     && let Some(key) = service_of(old)
                 {
                     self.queue.add_after(key, delay);
@@ -269,8 +269,8 @@ impl EndpointSliceController {
         let Some(svc) = self.caches.services.get(key) else {
             // Deleted: its slices go with it through their owner references.
             {
+                self.tracker().forget(key);
                 let mut st = self.state();
-                st.tracker.forget(key);
                 st.triggers.forget(key);
                 st.waiting_for_nodes.remove(key);
             }
@@ -294,10 +294,10 @@ impl EndpointSliceController {
         if !self.cfg.selection.handles(&svc) {
             // Handed to another endpoint controller: our slices must not compete with its own.
             let doomed: Vec<&EndpointSlice> = slices.iter().map(Arc::as_ref).collect();
-            return self.delete_all(&doomed).await;
+            return self.write(&svc.namespace, &[], &[], &doomed).await;
         }
         let slice_refs: Vec<&EndpointSlice> = slices.iter().map(|s| &**s).collect();
-        if self.state().tracker.is_stale(key, &slice_refs) {
+        if self.tracker().is_stale(key, &slice_refs) {
             return Err(SyncError::Stale);
         }
         let pods = self
@@ -344,42 +344,9 @@ impl EndpointSliceController {
             );
         }
 
-        let api: Api<EndpointSlice> = Api::namespaced(self.api_client.clone(), &svc.namespace);
-        for slice in &plan.create {
-            match api.create(&PostParams::default(), slice).await {
-                Ok(created) => {
-                    self.state().tracker.wrote(&created);
-                    self.metrics.change("create");
-                }
-                // Namespace being deleted: nothing to create any more.
-                Err(kube::Error::Api(s)) if namespace_terminating(&s) => return Ok(()),
-                Err(source) => {
-                    return Err(SyncError::Write {
-                        op: "create",
-                        name: format!("{}*", svc.name),
-                        source,
-                    });
-                }
-            }
-        }
-        for slice in &plan.update {
-            let name = slice.metadata.name.clone().unwrap_or_default();
-            match api.replace(&name, &PostParams::default(), slice).await {
-                Ok(updated) => {
-                    self.state().tracker.wrote(&updated);
-                    self.metrics.change("update");
-                }
-                Err(source) => {
-                    return Err(SyncError::Write {
-                        op: "update",
-                        name,
-                        source,
-                    });
-                }
-            }
-        }
         let doomed: Vec<&EndpointSlice> = plan.delete.iter().collect();
-        self.delete_all(&doomed).await?;
+        self.write(&svc.namespace, &plan.create, &plan.update, &doomed)
+            .await?;
 
         if plan.pods_without_node.is_empty() {
             self.state().waiting_for_nodes.remove(key);
@@ -390,36 +357,24 @@ impl EndpointSliceController {
         }
     }
 
-    async fn delete_all(&self, slices: &[&EndpointSlice]) -> Result<(), SyncError> {
-        for slice in slices {
-            let Some(ns) = slice.metadata.namespace.as_deref() else {
-                continue;
-            };
-            let name = slice.metadata.name.clone().unwrap_or_default();
-            let api: Api<EndpointSlice> = Api::namespaced(self.api_client.clone(), ns);
-            // Only the slice we planned from: a recreated slice of the same name is not ours to drop.
-            let params = DeleteParams {
-                preconditions: Some(Preconditions {
-                    uid: slice.metadata.uid.clone(),
-                    resource_version: None,
-                }),
-                ..Default::default()
-            };
-            match api.delete(&name, &params).await {
-                Ok(_) => {
-                    self.state().tracker.deleted(slice);
-                    self.metrics.change("delete");
-                }
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(source) => {
-                    return Err(SyncError::Write {
-                        op: "delete",
-                        name,
-                        source,
-                    });
-                }
-            }
-        }
+    async fn write(
+        &self,
+        namespace: &str,
+        create: &[EndpointSlice],
+        update: &[EndpointSlice],
+        delete: &[&EndpointSlice],
+    ) -> Result<(), SyncError> {
+        let changed = |op: &'static str| self.metrics.change(op);
+        write_slices(
+            &self.api_client,
+            namespace,
+            create,
+            update,
+            delete,
+            &self.tracker,
+            &changed,
+        )
+        .await?;
         Ok(())
     }
 }
@@ -431,12 +386,4 @@ fn managed_by(slice: &EndpointSlice) -> Option<&str> {
         .as_ref()?
         .get(LABEL_MANAGED_BY)
         .map(String::as_str)
-}
-
-/// A create refused because its namespace is being deleted: nothing to do any more.
-pub(crate) fn namespace_terminating(status: &kube::core::Status) -> bool {
-    status
-        .details
-        .as_ref()
-        .is_some_and(|d| d.causes.iter().any(|c| c.reason == "NamespaceTerminating"))
 }

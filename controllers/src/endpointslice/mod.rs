@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod reconcile;
 pub mod tracker;
 pub mod trigger;
+pub mod writer;
 
 pub use endpoint::AddressType;
 pub use reconcile::{NodeZones, PlanStats, SliceOptions, SlicePlan, plan_slices};

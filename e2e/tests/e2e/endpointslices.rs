@@ -350,3 +350,179 @@ async fn named_target_port_maps_each_pod_to_its_own_container_port() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_endpoints_of_selectorless_services_are_mirrored_without_forbidden_addresses() {
+    use k8s_openapi::api::{
+        core::v1::{EndpointAddress, EndpointPort as CorePort, EndpointSubset},
+        events::v1::Event,
+    };
+    use kube::api::{ObjectMeta, PostParams};
+
+    let _one_controller = exclusive_controller().await;
+    let s = Setup::new("eps-mirror").await;
+    // A selector-less Service, and another Service whose cluster IP a user lists by mistake.
+    let mut ext = service("ext", "none", IntOrString::Int(80));
+    ext.spec.as_mut().unwrap().selector = None;
+    let ext = create_service(&s.client, &s.ns, &ext).await;
+    let other = create_service(&s.client, &s.ns, &service("other", "other", IntOrString::Int(80))).await;
+    let own_ip = ext.spec.as_ref().unwrap().cluster_ip.clone().unwrap();
+    let other_ip = other.spec.as_ref().unwrap().cluster_ip.clone().unwrap();
+    let addr = |ip: &str| EndpointAddress {
+        ip: ip.into(),
+        ..Default::default()
+    };
+    let user_endpoints = |ips: &[&str]| Endpoints {
+        metadata: ObjectMeta {
+            name: Some("ext".into()),
+            labels: Some([("team".to_owned(), "a".to_owned())].into()),
+            ..Default::default()
+        },
+        subsets: Some(vec![EndpointSubset {
+            addresses: Some(ips.iter().map(|ip| addr(ip)).collect()),
+            ports: Some(vec![CorePort {
+                name: Some("http".into()),
+                port: 8080,
+                protocol: Some("TCP".into()),
+                app_protocol: None,
+            }]),
+            ..Default::default()
+        }]),
+    };
+    let api: Api<Endpoints> = Api::namespaced(s.client.clone(), &s.ns);
+    // The apiserver itself refuses loopback, link-local and multicast addresses in Endpoints.
+    for bad in ["127.0.0.1", "169.254.10.10", "224.0.0.9", "fe80::1"] {
+        let err = api
+            .create(&PostParams::default(), &user_endpoints(&["10.30.0.1", bad]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, kube::Error::Api(st) if st.code == 422),
+            "{bad}: {err}"
+        );
+    }
+    // Cluster IPs pass validation; the mirroring controller has to catch them.
+    let written = api
+        .create(
+            &PostParams::default(),
+            &user_endpoints(&["10.30.0.1", "10.30.0.2", &own_ip, &other_ip]),
+        )
+        .await
+        .unwrap();
+
+    let cm = s.controller_manager("cm", &[]).await;
+    let mirrored = eventually(Duration::from_secs(30), "mirrored slice", || async {
+        let slices = slices_of(
+            &s.client,
+            &s.ns,
+            "ext",
+            "endpointslicemirroring-controller.k8s.io",
+        )
+        .await;
+        (slices.len() == 1).then_some(slices)
+    })
+    .await;
+    let addresses: BTreeSet<String> = mirrored[0]
+        .endpoints
+        .iter()
+        .flatten()
+        .flat_map(|e| e.addresses.clone())
+        .collect();
+    assert_eq!(addresses, ["10.30.0.1".to_owned(), "10.30.0.2".to_owned()].into());
+    assert_eq!(
+        mirrored[0]
+            .metadata
+            .labels
+            .as_ref()
+            .unwrap()
+            .get("team")
+            .map(String::as_str),
+        Some("a")
+    );
+    assert_eq!(
+        mirrored[0].metadata.owner_references.as_ref().unwrap()[0].kind,
+        "Endpoints"
+    );
+    assert!(
+        s.slices("ext").await.is_empty(),
+        "the EndpointSlice controller leaves selector-less Services alone"
+    );
+
+    let events = eventually(Duration::from_secs(20), "a ForbiddenIPAddress event", || async {
+        let list = Api::<Event>::namespaced(s.client.clone(), &s.ns)
+            .list(&Default::default())
+            .await
+            .ok()?;
+        list.items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("ForbiddenIPAddress"))
+    })
+    .await;
+    let note = events.note.unwrap_or_default();
+    assert!(
+        note.contains(&own_ip) && note.contains(&other_ip) && note.contains("cluster-ip"),
+        "{note}"
+    );
+    let metrics = cm.metrics().await.unwrap();
+    assert!(
+        metrics
+            .contains("svcplane_endpoint_slice_mirroring_forbidden_addresses_total{reason=\"cluster-ip\"} 2"),
+        "{metrics}"
+    );
+    // The Endpoints controller never touches user-written Endpoints of selector-less Services.
+    let now = api.get("ext").await.unwrap();
+    assert_eq!(now.metadata.resource_version, written.metadata.resource_version);
+
+    // 5000 addresses: 1000 mirrored, the rest reported, nothing stuck.
+    let many: Vec<String> = (0..5000)
+        .map(|i| format!("10.31.{}.{}", i / 250, i % 250 + 1))
+        .collect();
+    let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+    let mut big = user_endpoints(&refs);
+    big.metadata.resource_version = now.metadata.resource_version.clone();
+    api.replace("ext", &PostParams::default(), &big).await.unwrap();
+    eventually(Duration::from_secs(30), "1000 mirrored addresses", || async {
+        let slices = slices_of(
+            &s.client,
+            &s.ns,
+            "ext",
+            "endpointslicemirroring-controller.k8s.io",
+        )
+        .await;
+        (slices.len() == 1 && slices[0].endpoints.as_ref().map_or(0, Vec::len) == 1000).then_some(())
+    })
+    .await;
+    eventually(
+        Duration::from_secs(20),
+        "a TooManyAddressesToMirror event",
+        || async {
+            let list = Api::<Event>::namespaced(s.client.clone(), &s.ns)
+                .list(&Default::default())
+                .await
+                .ok()?;
+            list.items
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some("TooManyAddressesToMirror"))
+        },
+    )
+    .await;
+
+    // skip-mirror: the mirrored slice goes away.
+    let patch =
+        serde_json::json!({"metadata": {"labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}}});
+    api.patch("ext", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "mirrored slice removed", || async {
+        slices_of(
+            &s.client,
+            &s.ns,
+            "ext",
+            "endpointslicemirroring-controller.k8s.io",
+        )
+        .await
+        .is_empty()
+        .then_some(())
+    })
+    .await;
+}
