@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver and kubectl of one pinned Kubernetes release from the Go module
+# Builds kube-apiserver, kube-controller-manager (for side-by-side comparisons) and kubectl of one
+# pinned Kubernetes release from the Go module
 # k8s.io/kubernetes, through the Go module proxy, and caches them by version under
 # $SVCPLANE_CACHE (default $HOME/.cache/svcplane). A second run with the same version only prints the path.
 #
@@ -7,14 +8,14 @@
 # directories that a module download does not carry, so a throwaway module requires the release
 # and replaces every staging module with its published v0.<minor>.<patch> twin.
 #
-# usage: hack/build-kube.sh            -> prints the directory holding kube-apiserver and kubectl
+# usage: hack/build-kube.sh            -> prints the directory holding the binaries
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=hack/versions.env
 . "$HERE/versions.env"
 CACHE=${SVCPLANE_CACHE:-$HOME/.cache/svcplane}
 OUT="$CACHE/kubernetes-$KUBE_VERSION/bin"
-BINARIES=(kube-apiserver kubectl)
+BINARIES=(kube-apiserver kubectl kube-controller-manager)
 
 have_all() { for b in "${BINARIES[@]}"; do [ -x "$OUT/$b" ] || return 1; done; }
 if have_all; then echo "$OUT"; exit 0; fi
@@ -26,7 +27,8 @@ trap 'rm -rf "$WORK"' EXIT
 cd "$WORK"
 export GOFLAGS=-mod=mod GOTOOLCHAIN=${GOTOOLCHAIN:-local}
 
-echo "build-kube: building kube-apiserver and kubectl $KUBE_VERSION (staging $STAGING_VERSION) in $WORK" >&2
+missing=(); for b in "${BINARIES[@]}"; do [ -x "$OUT/$b" ] || missing+=("$b"); done
+echo "build-kube: building ${missing[*]} $KUBE_VERSION (staging $STAGING_VERSION) in $WORK" >&2
 go mod init svcplane.local/kubebuild >/dev/null 2>&1
 go mod edit -require="k8s.io/kubernetes@$KUBE_VERSION"
 MODFILE=$(go mod download -json "k8s.io/kubernetes@$KUBE_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
@@ -43,18 +45,19 @@ package tools
 
 import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kubectl"
 )
 GO
 go mod tidy >&2
-mkdir -p "$OUT.tmp"
-for b in "${BINARIES[@]}"; do
+mkdir -p "$OUT"
+for b in "${missing[@]}"; do
   echo "build-kube: go build $b" >&2
   CGO_ENABLED=0 go build -trimpath -ldflags "-s -w \
     -X k8s.io/component-base/version.gitVersion=$KUBE_VERSION \
     -X k8s.io/client-go/pkg/version.gitVersion=$KUBE_VERSION" \
-    -o "$OUT.tmp/$b" "k8s.io/kubernetes/cmd/$b" >&2
+    -o "$WORK/$b" "k8s.io/kubernetes/cmd/$b" >&2
+  # Publish atomically: a half-finished build never looks cached.
+  cp "$WORK/$b" "$OUT/.$b.partial" && mv "$OUT/.$b.partial" "$OUT/$b"
 done
-# Publish atomically: a half-finished build never looks cached.
-rm -rf "$OUT"; mv "$OUT.tmp" "$OUT"
 echo "$OUT"

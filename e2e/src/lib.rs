@@ -12,6 +12,7 @@ pub mod objects;
 pub mod pods;
 pub mod process;
 pub mod proxy;
+pub mod upstream;
 
 use std::{
     io::{BufRead, BufReader},

@@ -139,16 +139,30 @@ pub fn endpoint_pods(slices: &[EndpointSlice]) -> Vec<String> {
         .collect()
 }
 
-/// Counts every write (add, change, delete) of EndpointSlices in a namespace from now on, by
-/// watching them: each write the apiserver accepts is exactly one watch event.
+/// Counts every write (add, change, delete) of objects of one kind in a namespace from now on,
+/// by watching them: each write the apiserver accepts is exactly one watch event.
 pub struct WriteCounter {
     count: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
 impl WriteCounter {
+    /// Counts EndpointSlice writes.
     pub async fn start(client: &Client, ns: &str) -> Self {
-        let api: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
+        Self::start_for::<EndpointSlice>(client, ns).await
+    }
+
+    pub async fn start_for<K>(client: &Client, ns: &str) -> Self
+    where
+        K: kube::Resource<Scope = kube::core::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + 'static,
+        K::DynamicType: Default,
+    {
+        let api: Api<K> = Api::namespaced(client.clone(), ns);
         let rv = api
             .list_metadata(&ListParams::default())
             .await

@@ -526,3 +526,91 @@ async fn user_endpoints_of_selectorless_services_are_mirrored_without_forbidden_
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coexistence_mode_touches_only_services_handed_to_svcplane() {
+    let _one_controller = exclusive_controller().await;
+    let s = Setup::new("eps-coexist").await;
+    let mut handed = service("handed", "web", IntOrString::Int(8080));
+    handed
+        .metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert(
+            "service.kubernetes.io/endpoint-controller-name".into(),
+            "svcplane".into(),
+        );
+    create_service(&s.client, &s.ns, &handed).await;
+    create_service(
+        &s.client,
+        &s.ns,
+        &service("upstreams", "web", IntOrString::Int(8080)),
+    )
+    .await;
+    let fixtures: Vec<PodFixture> = (0..3).map(|i| s.pod(i)).collect();
+    create_pods(&s.client, &s.ns, &fixtures).await;
+
+    let _cm = s
+        .controller_manager("cm", &["--endpoint-controller-coexistence=true"])
+        .await;
+    let own = "endpointslice-controller.svcplane.io";
+    let slices = eventually(
+        Duration::from_secs(30),
+        "slices for the handed Service",
+        || async {
+            let slices = slices_of(&s.client, &s.ns, "handed", own).await;
+            (endpoint_pods(&slices).len() == 3).then_some(slices)
+        },
+    )
+    .await;
+    assert_eq!(slices.len(), 1);
+    // Give it time to (wrongly) act on the other Service, then check it did not.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let all: Vec<EndpointSlice> = Api::<EndpointSlice>::namespaced(s.client.clone(), &s.ns)
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items;
+    let untouched: Vec<&EndpointSlice> = all
+        .iter()
+        .filter(|sl| {
+            sl.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("kubernetes.io/service-name"))
+                .map(String::as_str)
+                == Some("upstreams")
+        })
+        .collect();
+    assert!(
+        untouched.is_empty(),
+        "coexistence mode wrote slices for an unlabelled Service: {untouched:?}"
+    );
+    assert!(
+        s.endpoints("handed").await.is_none(),
+        "upstream's Endpoints controller keeps Endpoints in coexistence mode"
+    );
+    assert!(all.iter().all(|sl| {
+        sl.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("endpointslice.kubernetes.io/managed-by"))
+            .map(String::as_str)
+            == Some(own)
+    }));
+
+    // Handing the Service back: svcplane removes its slices so only the other controller's remain.
+    let patch =
+        serde_json::json!({"metadata": {"labels": {"service.kubernetes.io/endpoint-controller-name": null}}});
+    Api::<k8s_openapi::api::core::v1::Service>::namespaced(s.client.clone(), &s.ns)
+        .patch("handed", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "svcplane's slices removed", || async {
+        slices_of(&s.client, &s.ns, "handed", own)
+            .await
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+}

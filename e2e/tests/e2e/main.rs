@@ -7,3 +7,4 @@ mod control_plane;
 mod endpointslices;
 mod leader_election;
 mod manifests;
+mod upstream;
