@@ -2,7 +2,9 @@
 # The main job: a local control plane (etcd + kube-apiserver v1.37) with svcplane on it.
 # Installs and builds whatever is missing, starts the control plane, applies svcplane's
 # ServiceAccount and RBAC, runs two controller-manager replicas as local processes authenticated
-# as that ServiceAccount, and prints who holds the leader Lease.
+# as that ServiceAccount, creates a demo Service with three Pods (there is no kubelet: the script
+# writes the Pods' status itself), shows the EndpointSlices and Endpoints svcplane writes for it,
+# and prints who holds the leader Lease.
 #
 # usage: hack/local-up.sh [up|down|status]     (state in $SVCPLANE_LOCAL_DIR, default /tmp/svcplane-local)
 set -euo pipefail
@@ -22,6 +24,57 @@ stop_replicas() {
     kill "$(cat "$STATE/$r.pid")" 2>/dev/null || true
     rm -f "$STATE/$r.pid"
   done
+}
+
+demo() {
+  say "demo: Service 'web' in namespace 'demo' with three Pods on two Nodes"
+  kubectl apply --server-side --field-manager=svcplane-local-up -f - >/dev/null <<'YAML'
+apiVersion: v1
+kind: Node
+metadata: {name: node-a, labels: {topology.kubernetes.io/zone: zone-a}}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-b, labels: {topology.kubernetes.io/zone: zone-b}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: demo}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: default, namespace: demo}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: demo}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http}]
+YAML
+  local i node ready
+  for i in 0 1 2; do
+    node=node-a; [ "$i" = 2 ] && node=node-b
+    kubectl apply --server-side --field-manager=svcplane-local-up -f - >/dev/null <<YAML
+apiVersion: v1
+kind: Pod
+metadata: {name: web-$i, namespace: demo, labels: {app: web}}
+spec:
+  nodeName: $node
+  containers: [{name: web, image: registry.invalid/web:1, ports: [{name: http, containerPort: 808$i}]}]
+YAML
+    ready=True; [ "$i" = 2 ] && ready=False
+    kubectl -n demo patch pod "web-$i" --subresource=status --type=merge -p "{\"status\":{\"phase\":\"Running\",\"podIP\":\"10.244.0.1$i\",\"podIPs\":[{\"ip\":\"10.244.0.1$i\"}],\"conditions\":[{\"type\":\"Ready\",\"status\":\"$ready\"}]}}" >/dev/null
+  done
+  for _ in $(seq 100); do
+    [ "$(kubectl -n demo get endpointslices -l kubernetes.io/service-name=web -o jsonpath='{range .items[*]}{range .endpoints[*]}x{end}{end}' 2>/dev/null)" = xxx ] && break
+    sleep 0.2
+  done
+  say "EndpointSlices of demo/web (named targetPort 'http' resolved per Pod; web-2 not ready)"
+  kubectl -n demo get endpointslices -l kubernetes.io/service-name=web \
+    -o custom-columns='NAME:.metadata.name,ADDRESSTYPE:.addressType,PORTS:.ports[*].port,ADDRESSES:.endpoints[*].addresses[0],READY:.endpoints[*].conditions.ready,ZONES:.endpoints[*].zone'
+  say "Endpoints of demo/web"
+  kubectl -n demo get endpoints web 2>/dev/null
 }
 
 status() {
@@ -86,6 +139,7 @@ up() {
     sleep 0.2
   done
   sleep 1  # let the follower's first attempt see the holder, so both gauges are settled
+  demo
   status
   cat <<EOF
 

@@ -68,8 +68,37 @@ pub fn free_port() -> u16 {
 }
 
 fn start() -> anyhow::Result<ControlPlane> {
-    let root = repo_root();
     let dir = std::env::temp_dir().join(format!("svcplane-e2e-{}", std::process::id()));
+    let (cp, child) = spawn(dir)?;
+    // The supervisor runs until this process exits; nobody waits for it, and that is the point.
+    std::mem::forget(child);
+    Ok(cp)
+}
+
+/// A control plane of its own (benchmarks compare controllers on identical, fresh clusters).
+/// Dropping it stops etcd and the apiserver and removes its directory.
+pub struct OwnedControlPlane {
+    pub cp: ControlPlane,
+    supervisor: std::process::Child,
+}
+
+impl OwnedControlPlane {
+    pub fn start(name: &str) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("svcplane-e2e-{}-{name}", std::process::id()));
+        let (cp, supervisor) = spawn(dir)?;
+        Ok(Self { cp, supervisor })
+    }
+}
+
+impl Drop for OwnedControlPlane {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.supervisor.id().to_string()).status();
+        let _ = self.supervisor.wait();
+    }
+}
+
+fn spawn(dir: PathBuf) -> anyhow::Result<(ControlPlane, std::process::Child)> {
+    let root = repo_root();
     let (apiserver_port, etcd_port, etcd_peer_port) = (free_port(), free_port(), free_port());
     let mut child = Command::new("bash")
         .arg(root.join("hack/control-plane.sh"))
@@ -91,27 +120,16 @@ fn start() -> anyhow::Result<ControlPlane> {
             Some(Ok(line)) if line.trim() == "READY" => break,
             Some(Ok(_)) => {}
             Some(Err(e)) => bail!("reading control-plane output: {e}"),
-            None => bail!(
-                "control-plane script exited before the apiserver was ready: {:?}",
-                child.wait()
-            ),
+            None => bail!("control-plane script exited before the apiserver was ready: {:?}", child.wait()),
         }
     }
-    // The supervisor runs until this process exits; nobody waits for it, and that is the point.
-    std::mem::forget(child);
     let env = std::fs::read_to_string(dir.join("env")).context("reading control-plane env")?;
     let kube_bin = env
         .lines()
         .find_map(|l| l.strip_prefix("export KUBE_BIN="))
         .map(PathBuf::from)
         .context("KUBE_BIN missing from control-plane env")?;
-    Ok(ControlPlane {
-        kubeconfig: dir.join("kubeconfig"),
-        dir,
-        kube_bin,
-        apiserver_port,
-        etcd_port,
-    })
+    Ok((ControlPlane { kubeconfig: dir.join("kubeconfig"), dir, kube_bin, apiserver_port, etcd_port }, child))
 }
 
 impl ControlPlane {

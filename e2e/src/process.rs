@@ -29,7 +29,7 @@ impl Svcplane {
             .arg("--leader-elect-identity")
             .arg(name)
             .args(extra)
-            .env("RUST_LOG", "info,svcplane_controllers=debug")
+            .env("RUST_LOG", std::env::var("SVCPLANE_LOG").unwrap_or_else(|_| "info,svcplane_controllers=debug".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
