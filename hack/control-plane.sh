@@ -130,7 +130,8 @@ stop_all() {
     local pid; pid=$(cat "$DIR/$p.pid")
     kill "$pid" 2>/dev/null || true
     for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
-    kill -9 "$pid" 2>/dev/null || true
+    # Reap it here, quietly: otherwise the shell reports the SIGKILL on stderr.
+    { kill -9 "$pid"; wait "$pid"; } 2>/dev/null || true
     rm -f "$DIR/$p.pid"
   done
 }

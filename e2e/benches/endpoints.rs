@@ -36,7 +36,10 @@ use svcplane_e2e::{
 const NS_PREFIX: &str = "bench";
 
 fn env(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -66,7 +69,12 @@ impl Running {
     fn start(c: Controller, cp: &ControlPlane) -> Self {
         let logs = cp.dir.clone();
         match c {
-            Controller::Svcplane => Running::Svcplane(Svcplane::controller_manager("bench-svcplane", &cp.kubeconfig, &logs, &[])),
+            Controller::Svcplane => Running::Svcplane(Svcplane::controller_manager(
+                "bench-svcplane",
+                &cp.kubeconfig,
+                &logs,
+                &[],
+            )),
             Controller::Upstream => Running::Upstream(UpstreamControllers::start(cp, &logs.join("kcm.log"))),
             Controller::UpstreamUnthrottled => Running::Upstream(UpstreamControllers::start_with(
                 cp,
@@ -111,20 +119,45 @@ impl Cluster {
         for n in 0..3 {
             create_node(&client, &format!("node-{n}"), Some(&format!("zone-{n}"))).await;
         }
-        Self { owned, client, ns, expected: HashMap::new(), node_count: 3 }
+        Self {
+            owned,
+            client,
+            ns,
+            expected: HashMap::new(),
+            node_count: 3,
+        }
     }
 
     fn pod(&self, svc: &str, i: usize, serial: usize) -> PodFixture {
-        PodFixture::new(&format!("{svc}-{i}"), &format!("10.{}.{}.{}", 64 + serial / 62500, (serial / 250) % 250, serial % 250 + 1))
-            .label("app", svc)
-            .on_node(&format!("node-{}", i % self.node_count))
+        PodFixture::new(
+            &format!("{svc}-{i}"),
+            &format!(
+                "10.{}.{}.{}",
+                64 + serial / 62500,
+                (serial / 250) % 250,
+                serial % 250 + 1
+            ),
+        )
+        .label("app", svc)
+        .on_node(&format!("node-{}", i % self.node_count))
     }
 
     async fn populate(&mut self, services: usize, pods_per_service: usize) {
         let start = Instant::now();
-        let names: Vec<String> = (0..services).map(|i| if services == 1 { "big".to_owned() } else { format!("svc-{i}") }).collect();
+        let names: Vec<String> = (0..services)
+            .map(|i| {
+                if services == 1 {
+                    "big".to_owned()
+                } else {
+                    format!("svc-{i}")
+                }
+            })
+            .collect();
         for chunk in names.chunks(64) {
-            let svcs: Vec<_> = chunk.iter().map(|n| service(n, n, IntOrString::Int(8080))).collect();
+            let svcs: Vec<_> = chunk
+                .iter()
+                .map(|n| service(n, n, IntOrString::Int(8080)))
+                .collect();
             futures::future::join_all(svcs.iter().map(|s| create_service(&self.client, &self.ns, s))).await;
         }
         let mut serial = 0;
@@ -137,37 +170,63 @@ impl Cluster {
             self.expected.insert(n.clone(), pods_per_service);
         }
         create_pods(&self.client, &self.ns, &fixtures).await;
-        eprintln!("  populated {services} Services x {pods_per_service} Pods in {:.1}s", start.elapsed().as_secs_f64());
+        eprintln!(
+            "  populated {services} Services x {pods_per_service} Pods in {:.1}s",
+            start.elapsed().as_secs_f64()
+        );
     }
 
     /// Removes every slice and Endpoints object, so each controller starts from the same state.
     async fn reset(&self) {
         let dp = DeleteParams::default();
         let lp = ListParams::default();
-        Api::<EndpointSlice>::namespaced(self.client.clone(), &self.ns).delete_collection(&dp, &lp).await.unwrap();
-        Api::<Endpoints>::namespaced(self.client.clone(), &self.ns).delete_collection(&dp, &lp).await.unwrap();
+        Api::<EndpointSlice>::namespaced(self.client.clone(), &self.ns)
+            .delete_collection(&dp, &lp)
+            .await
+            .unwrap();
+        Api::<Endpoints>::namespaced(self.client.clone(), &self.ns)
+            .delete_collection(&dp, &lp)
+            .await
+            .unwrap();
     }
 
     /// Whether every Service has exactly its Pods in its slices and (up to 1000) in its Endpoints.
     async fn converged(&self) -> bool {
-        let slices = Api::<EndpointSlice>::namespaced(self.client.clone(), &self.ns).list(&ListParams::default()).await.unwrap();
+        let slices = Api::<EndpointSlice>::namespaced(self.client.clone(), &self.ns)
+            .list(&ListParams::default())
+            .await
+            .unwrap();
         let mut in_slices: HashMap<String, usize> = HashMap::new();
         for s in &slices.items {
-            if let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name")) {
+            if let Some(svc) = s
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("kubernetes.io/service-name"))
+            {
                 *in_slices.entry(svc.clone()).or_default() += s.endpoints.as_ref().map_or(0, Vec::len);
             }
         }
-        let endpoints = Api::<Endpoints>::namespaced(self.client.clone(), &self.ns).list(&ListParams::default()).await.unwrap();
+        let endpoints = Api::<Endpoints>::namespaced(self.client.clone(), &self.ns)
+            .list(&ListParams::default())
+            .await
+            .unwrap();
         let in_endpoints: HashMap<String, usize> = endpoints
             .items
             .iter()
             .map(|e| {
-                let n = e.subsets.iter().flatten().map(|s| s.addresses.as_ref().map_or(0, Vec::len)).sum();
+                let n = e
+                    .subsets
+                    .iter()
+                    .flatten()
+                    .map(|s| s.addresses.as_ref().map_or(0, Vec::len))
+                    .sum();
                 (e.metadata.name.clone().unwrap_or_default(), n)
             })
             .collect();
         self.expected.iter().all(|(svc, &n)| {
-            in_slices.get(svc).copied().unwrap_or(0) == n && in_endpoints.get(svc).copied() == Some(n.min(1000))
+            in_slices.get(svc).copied().unwrap_or(0) == n
+                && in_endpoints.get(svc).copied() == Some(n.min(1000))
         })
     }
 
@@ -199,7 +258,10 @@ async fn converge_from_scratch(cluster: &Cluster, scenario: &'static str, c: Con
     let endpoints = WriteCounter::start_for::<Endpoints>(&cluster.client, &cluster.ns).await;
     let start = Instant::now();
     let running = Running::start(c, &cluster.owned.cp);
-    let took = cluster.wait_converged(Duration::from_secs(900)).await.map(|_| start.elapsed().as_secs_f64());
+    let took = cluster
+        .wait_converged(Duration::from_secs(900))
+        .await
+        .map(|_| start.elapsed().as_secs_f64());
     // Writes that land after convergence (e.g. a trailing rewrite) count too.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let row = Row {
@@ -228,16 +290,29 @@ async fn rolling_update(cluster: &mut Cluster, c: Controller, round: usize) -> R
         let new: Vec<PodFixture> = (0..batch)
             .map(|i| {
                 let idx = (round + 1) * 100_000 + b * batch + i;
-                PodFixture::new(&format!("{svc}-{idx}"), &format!("10.{}.{}.{}", 100 + (serial_base / 62500) % 100, (idx / 250) % 250, idx % 250 + 1))
-                    .label("app", svc)
-                    .on_node(&format!("node-{}", idx % cluster.node_count))
+                PodFixture::new(
+                    &format!("{svc}-{idx}"),
+                    &format!(
+                        "10.{}.{}.{}",
+                        100 + (serial_base / 62500) % 100,
+                        (idx / 250) % 250,
+                        idx % 250 + 1
+                    ),
+                )
+                .label("app", svc)
+                .on_node(&format!("node-{}", idx % cluster.node_count))
             })
             .collect();
         create_pods(&cluster.client, &cluster.ns, &new).await;
-        let old: Vec<String> = (0..batch).map(|i| format!("{svc}-{}", round * 100_000 + b * batch + i)).collect();
+        let old: Vec<String> = (0..batch)
+            .map(|i| format!("{svc}-{}", round * 100_000 + b * batch + i))
+            .collect();
         force_delete_pods(&cluster.client, &cluster.ns, &old).await;
     }
-    let took = cluster.wait_converged(Duration::from_secs(600)).await.map(|_| start.elapsed().as_secs_f64());
+    let took = cluster
+        .wait_converged(Duration::from_secs(600))
+        .await
+        .map(|_| start.elapsed().as_secs_f64());
     tokio::time::sleep(Duration::from_secs(3)).await;
     Row {
         scenario: "rolling",
@@ -251,7 +326,11 @@ async fn rolling_update(cluster: &mut Cluster, c: Controller, round: usize) -> R
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let controllers = [Controller::Svcplane, Controller::Upstream, Controller::UpstreamUnthrottled];
+    let controllers = [
+        Controller::Svcplane,
+        Controller::Upstream,
+        Controller::UpstreamUnthrottled,
+    ];
     let mut rows = Vec::new();
 
     let (services, pods) = (env("BENCH_SERVICES", 2000), env("BENCH_PODS", 10));
@@ -279,21 +358,34 @@ async fn main() {
         let fixtures: Vec<PodFixture> = (0..roll)
             .map(|i| {
                 let idx = round * 100_000 + i;
-                PodFixture::new(&format!("roll-{idx}"), &format!("10.90.{}.{}", (idx / 250) % 250, idx % 250 + 1))
-                    .label("app", "roll")
-                    .on_node(&format!("node-{}", i % 3))
+                PodFixture::new(
+                    &format!("roll-{idx}"),
+                    &format!("10.90.{}.{}", (idx / 250) % 250, idx % 250 + 1),
+                )
+                .label("app", "roll")
+                .on_node(&format!("node-{}", i % 3))
             })
             .collect();
-        create_service(&cluster.client, &cluster.ns, &service("roll", "roll", IntOrString::Int(8080))).await;
+        create_service(
+            &cluster.client,
+            &cluster.ns,
+            &service("roll", "roll", IntOrString::Int(8080)),
+        )
+        .await;
         create_pods(&cluster.client, &cluster.ns, &fixtures).await;
         cluster.expected.insert("roll".into(), roll);
         rows.push(rolling_update(&mut cluster, c, round).await);
     }
 
     println!();
-    println!("{:<9} {:<36} {:>12} {:>13} {:>16} {:>13}", "scenario", "controller", "converge (s)", "slice writes", "Endpoints writes", "peak RSS MiB");
+    println!(
+        "{:<9} {:<36} {:>12} {:>13} {:>16} {:>13}",
+        "scenario", "controller", "converge (s)", "slice writes", "Endpoints writes", "peak RSS MiB"
+    );
     for r in &rows {
-        let secs = r.seconds.map_or_else(|| "timeout".to_owned(), |s| format!("{s:.1}"));
+        let secs = r
+            .seconds
+            .map_or_else(|| "timeout".to_owned(), |s| format!("{s:.1}"));
         println!(
             "{:<9} {:<36} {:>12} {:>13} {:>16} {:>13.1}",
             r.scenario,

@@ -92,7 +92,10 @@ impl OwnedControlPlane {
 
 impl Drop for OwnedControlPlane {
     fn drop(&mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.supervisor.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.supervisor.id().to_string())
+            .status();
         let _ = self.supervisor.wait();
     }
 }
@@ -120,7 +123,10 @@ fn spawn(dir: PathBuf) -> anyhow::Result<(ControlPlane, std::process::Child)> {
             Some(Ok(line)) if line.trim() == "READY" => break,
             Some(Ok(_)) => {}
             Some(Err(e)) => bail!("reading control-plane output: {e}"),
-            None => bail!("control-plane script exited before the apiserver was ready: {:?}", child.wait()),
+            None => bail!(
+                "control-plane script exited before the apiserver was ready: {:?}",
+                child.wait()
+            ),
         }
     }
     let env = std::fs::read_to_string(dir.join("env")).context("reading control-plane env")?;
@@ -129,7 +135,16 @@ fn spawn(dir: PathBuf) -> anyhow::Result<(ControlPlane, std::process::Child)> {
         .find_map(|l| l.strip_prefix("export KUBE_BIN="))
         .map(PathBuf::from)
         .context("KUBE_BIN missing from control-plane env")?;
-    Ok((ControlPlane { kubeconfig: dir.join("kubeconfig"), dir, kube_bin, apiserver_port, etcd_port }, child))
+    Ok((
+        ControlPlane {
+            kubeconfig: dir.join("kubeconfig"),
+            dir,
+            kube_bin,
+            apiserver_port,
+            etcd_port,
+        },
+        child,
+    ))
 }
 
 impl ControlPlane {

@@ -29,7 +29,10 @@ impl Svcplane {
             .arg("--leader-elect-identity")
             .arg(name)
             .args(extra)
-            .env("RUST_LOG", std::env::var("SVCPLANE_LOG").unwrap_or_else(|_| "info,svcplane_controllers=debug".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("SVCPLANE_LOG").unwrap_or_else(|_| "info,svcplane_controllers=debug".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

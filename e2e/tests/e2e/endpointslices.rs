@@ -614,3 +614,128 @@ async fn coexistence_mode_touches_only_services_handed_to_svcplane() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_resync_of_2000_unchanged_services_writes_nothing() {
+    let _one_controller = exclusive_controller().await;
+    let s = Setup::new("eps-resync").await;
+    let names: Vec<String> = (0..2000).map(|i| format!("svc-{i}")).collect();
+    for chunk in names.chunks(64) {
+        let svcs: Vec<_> = chunk
+            .iter()
+            .map(|n| service(n, n, IntOrString::Int(8080)))
+            .collect();
+        futures::future::join_all(svcs.iter().map(|svc| create_service(&s.client, &s.ns, svc))).await;
+    }
+    let fixtures: Vec<PodFixture> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            PodFixture::new(&format!("{n}-0"), &format!("10.50.{}.{}", i / 250, i % 250 + 1))
+                .label("app", n)
+                .on_node(&s.node)
+        })
+        .collect();
+    create_pods(&s.client, &s.ns, &fixtures).await;
+
+    let cm = s.controller_manager("cm-1", &[]).await;
+    let all_slices = || async {
+        Api::<EndpointSlice>::namespaced(s.client.clone(), &s.ns)
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+    };
+    eventually(
+        Duration::from_secs(180),
+        "2000 Services with one endpoint each",
+        || async {
+            let slices = all_slices().await;
+            (slices.len() == 2000
+                && slices
+                    .iter()
+                    .all(|sl| sl.endpoints.as_ref().map_or(0, Vec::len) == 1))
+            .then_some(())
+        },
+    )
+    .await;
+    eventually(Duration::from_secs(120), "2000 Endpoints objects", || async {
+        let list = Api::<Endpoints>::namespaced(s.client.clone(), &s.ns)
+            .list(&Default::default())
+            .await
+            .ok()?;
+        (list.items.len() == 2000).then_some(())
+    })
+    .await;
+    drop(cm);
+
+    // A new leader lists everything and syncs all 2000 Services once: no write at all.
+    let slice_writes = WriteCounter::start(&s.client, &s.ns).await;
+    let endpoint_writes = WriteCounter::start_for::<Endpoints>(&s.client, &s.ns).await;
+    let cm2 = s.controller_manager("cm-2", &[]).await;
+    eventually(
+        Duration::from_secs(120),
+        "the new leader to sync every Service",
+        || async {
+            let m = cm2.metrics().await?;
+            let synced =
+                svcplane_e2e::http::metric_value(&m, "endpoint_slice_controller_syncs{result=\"success\"}")?;
+            let pending = svcplane_e2e::http::metric_value(&m, "workqueue_depth{name=\"endpoint_slice\"}")?;
+            (synced >= 2000.0 && pending == 0.0).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        (slice_writes.count(), endpoint_writes.count()),
+        (0, 0),
+        "resync wrote:\n{}",
+        s.log("cm-2")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_neither_panics_nor_stalls_other_services() {
+    let _one_controller = exclusive_controller().await;
+    let s = Setup::new("eps-bad").await;
+    // A Service whose named port no Pod declares, Pods without IPs, a Pod on a Node that does
+    // not exist, and next to them a healthy Service.
+    create_service(
+        &s.client,
+        &s.ns,
+        &service("odd", "odd", IntOrString::String("nope".into())),
+    )
+    .await;
+    create_service(&s.client, &s.ns, &service("fine", "fine", IntOrString::Int(8080))).await;
+    let mut no_ip = PodFixture::new("odd-0", "10.60.0.1")
+        .label("app", "odd")
+        .on_node(&s.node);
+    no_ip.ips.clear();
+    let lost = PodFixture::new("odd-1", "10.60.0.2")
+        .label("app", "odd")
+        .on_node("no-such-node");
+    let unnamed = PodFixture::new("odd-2", "10.60.0.3")
+        .label("app", "odd")
+        .on_node(&s.node);
+    let fine: Vec<PodFixture> = (0..5)
+        .map(|i| {
+            PodFixture::new(&format!("fine-{i}"), &format!("10.61.0.{}", i + 1))
+                .label("app", "fine")
+                .on_node(&s.node)
+        })
+        .collect();
+    create_pods(&s.client, &s.ns, &[no_ip, lost, unnamed]).await;
+    create_pods(&s.client, &s.ns, &fine).await;
+
+    let mut cm = s.controller_manager("cm", &[]).await;
+    s.converged("fine", &names(&fine)).await;
+    // `odd`: only the Pod with an IP on a known Node, with no ports (its named port is unknown).
+    let odd = s.converged("odd", &["odd-2".to_owned()].into()).await;
+    assert!(odd[0].ports.as_ref().is_none_or(Vec::is_empty));
+    assert!(cm.is_running(), "the controller-manager died:\n{}", s.log("cm"));
+
+    // The missing Node appears: the Pod that waited for it is added.
+    create_node(&s.client, "no-such-node", None).await;
+    s.converged("odd", &["odd-1".to_owned(), "odd-2".to_owned()].into())
+        .await;
+}
