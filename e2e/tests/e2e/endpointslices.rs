@@ -692,6 +692,30 @@ async fn a_full_resync_of_2000_unchanged_services_writes_nothing() {
         "resync wrote:\n{}",
         s.log("cm-2")
     );
+
+    // Leave nothing for the controllers of later tests to chew on (there is no garbage collector).
+    drop(cm2);
+    let (dp, lp) = (DeleteParams::default(), kube::api::ListParams::default());
+    Api::<k8s_openapi::api::core::v1::Service>::namespaced(s.client.clone(), &s.ns)
+        .delete_collection(&dp, &lp)
+        .await
+        .unwrap();
+    Api::<EndpointSlice>::namespaced(s.client.clone(), &s.ns)
+        .delete_collection(&dp, &lp)
+        .await
+        .unwrap();
+    Api::<Endpoints>::namespaced(s.client.clone(), &s.ns)
+        .delete_collection(&dp, &lp)
+        .await
+        .unwrap();
+    let force = DeleteParams {
+        grace_period_seconds: Some(0),
+        ..DeleteParams::default()
+    };
+    Api::<Pod>::namespaced(s.client.clone(), &s.ns)
+        .delete_collection(&force, &lp)
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

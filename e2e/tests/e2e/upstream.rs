@@ -56,7 +56,7 @@ impl Bed {
     /// Waits until slices hold exactly `want` and the Endpoints as many ready addresses as `ready`.
     async fn settled(&self, want: &BTreeSet<String>, ready: usize) {
         eventually(
-            Duration::from_secs(60),
+            Duration::from_secs(180),
             "slices and Endpoints to settle",
             || async {
                 let pods = endpoint_pods(&self.slices().await);
