@@ -8,16 +8,9 @@ use prometheus::{
 };
 
 use super::PlanStats;
-use crate::model::ObjectKey;
+use crate::{model::ObjectKey, runtime::GaugeShares};
 
 const SUBSYSTEM: &str = "endpoint_slice_controller";
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct ServiceFigures {
-    endpoints_desired: i64,
-    slices: i64,
-    slices_desired: i64,
-}
 
 pub struct EndpointSliceMetrics {
     endpoints_added: Histogram,
@@ -30,7 +23,10 @@ pub struct EndpointSliceMetrics {
     syncs: IntCounterVec,
     by_traffic_distribution: IntGaugeVec,
     sync_duration: Histogram,
-    per_service: Mutex<HashMap<ObjectKey, (ServiceFigures, Option<String>)>>,
+    /// Each Service's share of endpoints_desired, num_endpoint_slices, desired_endpoint_slices.
+    shares: GaugeShares<3>,
+    /// Each Service's trafficDistribution, for services_count_by_traffic_distribution.
+    traffic_distribution: Mutex<HashMap<ObjectKey, String>>,
 }
 
 /// How a sync ended, the `result` label of `syncs`.
@@ -56,6 +52,13 @@ impl EndpointSliceMetrics {
         let exp = prometheus::exponential_buckets(2.0, 2.0, 15)?;
         let opts = |name: &str, help: &str| Opts::new(name, help).subsystem(SUBSYSTEM);
         let hopts = |name: &str, help: &str| HistogramOpts::new(name, help).subsystem(SUBSYSTEM);
+        let endpoints_desired =
+            IntGauge::with_opts(opts("endpoints_desired", "Number of endpoints desired"))?;
+        let num_slices = IntGauge::with_opts(opts("num_endpoint_slices", "Number of EndpointSlices"))?;
+        let desired_slices = IntGauge::with_opts(opts(
+            "desired_endpoint_slices",
+            "Number of EndpointSlices that would exist with perfect endpoint allocation",
+        ))?;
         let m = Self {
             endpoints_added: Histogram::with_opts(
                 hopts(
@@ -71,12 +74,9 @@ impl EndpointSliceMetrics {
                 )
                 .buckets(exp),
             )?,
-            endpoints_desired: IntGauge::with_opts(opts("endpoints_desired", "Number of endpoints desired"))?,
-            num_slices: IntGauge::with_opts(opts("num_endpoint_slices", "Number of EndpointSlices"))?,
-            desired_slices: IntGauge::with_opts(opts(
-                "desired_endpoint_slices",
-                "Number of EndpointSlices that would exist with perfect endpoint allocation",
-            ))?,
+            endpoints_desired: endpoints_desired.clone(),
+            num_slices: num_slices.clone(),
+            desired_slices: desired_slices.clone(),
             changes: IntCounterVec::new(opts("changes", "Number of EndpointSlice changes"), &["operation"])?,
             changed_per_sync: HistogramVec::new(
                 hopts(
@@ -100,7 +100,8 @@ impl EndpointSliceMetrics {
                 )
                 .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?),
             )?,
-            per_service: Mutex::new(HashMap::new()),
+            shares: GaugeShares::new([endpoints_desired, num_slices, desired_slices]),
+            traffic_distribution: Mutex::new(HashMap::new()),
         };
         registry.register(Box::new(m.endpoints_added.clone()))?;
         registry.register(Box::new(m.endpoints_removed.clone()))?;
@@ -138,60 +139,47 @@ impl EndpointSliceMetrics {
         self.changed_per_sync
             .with_label_values(&[topology, traffic_distribution.unwrap_or("")])
             .observe(writes as f64);
-        let figures = ServiceFigures {
-            endpoints_desired: to_i64(stats.endpoints_desired),
-            slices: to_i64(stats.slices_after),
-            slices_desired: to_i64(stats.slices_desired),
-        };
-        self.set_service(svc, Some((figures, traffic_distribution.map(str::to_owned))));
+        self.shares.set(
+            svc,
+            Some([stats.endpoints_desired, stats.slices_after, stats.slices_desired]),
+        );
+        self.set_traffic_distribution(svc, traffic_distribution);
     }
 
     /// Starts a leadership term from zero: the figures of the previous term may be stale.
     pub fn reset(&self) {
-        let mut map = self
-            .per_service
+        self.shares.reset();
+        self.traffic_distribution
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.clear();
-        self.endpoints_desired.set(0);
-        self.num_slices.set(0);
-        self.desired_slices.set(0);
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
         self.by_traffic_distribution.reset();
     }
 
     /// Removes a deleted Service's share of the gauges.
     pub fn forget(&self, svc: &ObjectKey) {
-        self.set_service(svc, None);
+        self.shares.set(svc, None);
+        self.set_traffic_distribution(svc, None);
     }
 
-    fn set_service(&self, svc: &ObjectKey, now: Option<(ServiceFigures, Option<String>)>) {
+    fn set_traffic_distribution(&self, svc: &ObjectKey, now: Option<&str>) {
         let mut map = self
-            .per_service
+            .traffic_distribution
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let before = match &now {
-            Some(v) => map.insert(svc.clone(), v.clone()),
+        let before = match now {
+            Some(td) => map.insert(svc.clone(), td.to_owned()),
             None => map.remove(svc),
         };
-        let (old, old_td) = before.unwrap_or_default();
-        let (new, new_td) = now.unwrap_or_default();
-        self.endpoints_desired
-            .add(new.endpoints_desired - old.endpoints_desired);
-        self.num_slices.add(new.slices - old.slices);
-        self.desired_slices.add(new.slices_desired - old.slices_desired);
-        if old_td != new_td {
-            if let Some(td) = old_td {
+        if before.as_deref() != now {
+            if let Some(td) = before {
                 self.by_traffic_distribution.with_label_values(&[&td]).dec();
             }
-            if let Some(td) = new_td {
-                self.by_traffic_distribution.with_label_values(&[&td]).inc();
+            if let Some(td) = now {
+                self.by_traffic_distribution.with_label_values(&[td]).inc();
             }
         }
     }
-}
-
-fn to_i64(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 #[cfg(test)]

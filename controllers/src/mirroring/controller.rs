@@ -2,7 +2,7 @@
 //! [`plan_mirror`] asks for, and reports skipped addresses as Events and metrics.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::HashSet,
     net::IpAddr,
     sync::{
         Arc, Mutex, MutexGuard,
@@ -27,7 +27,7 @@ use crate::{
     },
     events::{EventSink, reference},
     model::{LABEL_MANAGED_BY, ObjectKey, ServiceView},
-    runtime::{Backoff, Outcome, Store, WorkQueue, WorkqueueMetrics, run_workers},
+    runtime::{Backoff, GaugeShares, Outcome, Store, WorkQueue, WorkqueueMetrics, run_workers},
     selection::ServiceSelection,
 };
 
@@ -62,10 +62,11 @@ pub struct MirroringMetrics {
     removed: Histogram,
     skipped: Histogram,
     duration: Histogram,
-    desired: IntGauge,
     changes: IntCounterVec,
     forbidden: IntCounterVec,
-    per_endpoints: Mutex<BTreeMap<ObjectKey, i64>>,
+    /// Each Endpoints object's share of endpoints_desired, num_endpoint_slices and
+    /// desired_endpoint_slices.
+    shares: GaugeShares<3>,
 }
 
 impl MirroringMetrics {
@@ -78,6 +79,13 @@ impl MirroringMetrics {
                     .buckets(buckets),
             )
         };
+        let gauge = |name: &str, help: &str| IntGauge::with_opts(Opts::new(name, help).subsystem(SUBSYSTEM));
+        let desired = gauge("endpoints_desired", "Number of endpoints desired")?;
+        let slices = gauge("num_endpoint_slices", "Number of EndpointSlices")?;
+        let desired_slices = gauge(
+            "desired_endpoint_slices",
+            "Number of EndpointSlices that would exist with perfect endpoint allocation",
+        )?;
         let m = Self {
             added: h(
                 "endpoints_added_per_sync",
@@ -104,9 +112,6 @@ impl MirroringMetrics {
                 "Duration of syncEndpoints() in seconds",
                 prometheus::exponential_buckets(0.001, 2.0, 15)?,
             )?,
-            desired: IntGauge::with_opts(
-                Opts::new("endpoints_desired", "Number of endpoints desired").subsystem(SUBSYSTEM),
-            )?,
             changes: IntCounterVec::new(
                 Opts::new("changes", "Number of EndpointSlice changes").subsystem(SUBSYSTEM),
                 &["operation"],
@@ -118,30 +123,19 @@ impl MirroringMetrics {
                 ),
                 &["reason"],
             )?,
-            per_endpoints: Mutex::new(BTreeMap::new()),
+            shares: GaugeShares::new([desired.clone(), slices.clone(), desired_slices.clone()]),
         };
         registry.register(Box::new(m.added.clone()))?;
         registry.register(Box::new(m.updated.clone()))?;
         registry.register(Box::new(m.removed.clone()))?;
         registry.register(Box::new(m.skipped.clone()))?;
         registry.register(Box::new(m.duration.clone()))?;
-        registry.register(Box::new(m.desired.clone()))?;
+        registry.register(Box::new(desired))?;
+        registry.register(Box::new(slices))?;
+        registry.register(Box::new(desired_slices))?;
         registry.register(Box::new(m.changes.clone()))?;
         registry.register(Box::new(m.forbidden.clone()))?;
         Ok(m)
-    }
-
-    fn set_desired(&self, key: &ObjectKey, n: Option<usize>) {
-        let mut map = self
-            .per_endpoints
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let old = match n {
-            Some(n) => map.insert(key.clone(), i64::try_from(n).unwrap_or(i64::MAX)),
-            None => map.remove(key),
-        };
-        self.desired
-            .add(n.map_or(0, |n| i64::try_from(n).unwrap_or(i64::MAX)) - old.unwrap_or(0));
     }
 }
 
@@ -323,7 +317,7 @@ impl MirroringController {
         let refs: Vec<&EndpointSlice> = mirrored.iter().map(Arc::as_ref).collect();
         let gone = endpoints.is_none() && svc.is_none();
         let (Some(endpoints), true) = (endpoints, mirror) else {
-            self.metrics.set_desired(key, None);
+            self.metrics.shares.set(key, None);
             if gone {
                 self.tracker().forget(key);
             }
@@ -338,20 +332,24 @@ impl MirroringController {
             managed_by: self.managed_by.clone(),
         };
         let plan = plan_mirror(&endpoints, &existing, &self.cluster_ips(), &opts);
-        self.report(key, &endpoints, &plan);
+        self.report(key, &endpoints, existing.len(), &plan);
         let doomed: Vec<&EndpointSlice> = plan.delete.iter().collect();
         self.write(&key.namespace, &plan.create, &plan.update, &doomed)
             .await
     }
 
-    fn report(&self, key: &ObjectKey, endpoints: &Endpoints, plan: &MirrorPlan) {
+    fn report(&self, key: &ObjectKey, endpoints: &Endpoints, existing: usize, plan: &MirrorPlan) {
         let m = &self.metrics;
         m.added.observe(plan.added as f64);
         m.updated.observe(plan.updated as f64);
         m.removed.observe(plan.removed as f64);
         m.skipped
             .observe((plan.invalid + plan.forbidden.len() + plan.over_capacity) as f64);
-        m.set_desired(key, Some(plan.desired_endpoints));
+        let slices_after = (existing + plan.create.len()).saturating_sub(plan.delete.len());
+        m.shares.set(
+            key,
+            Some([plan.desired_endpoints, slices_after, plan.desired_slices]),
+        );
         let uid = endpoints.metadata.uid.clone().unwrap_or_default();
         let regarding = || reference("Endpoints", &key.namespace, &key.name, &uid);
         if plan.invalid > 0 {

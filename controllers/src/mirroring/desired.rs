@@ -97,6 +97,8 @@ pub struct MirrorPlan {
     pub updated: usize,
     pub removed: usize,
     pub desired_endpoints: usize,
+    /// One slice per family and port set with endpoints.
+    pub desired_slices: usize,
 }
 
 impl MirrorPlan {
@@ -193,6 +195,7 @@ pub fn plan_mirror(
     for (key, (ports, mut want)) in desired {
         let slices = existing_by_key.remove(&key).unwrap_or_default();
         plan.desired_endpoints += want.len();
+        plan.desired_slices += usize::from(!want.is_empty());
         if want.is_empty() {
             plan.removed += slices
                 .iter()

@@ -3,10 +3,12 @@
 
 pub mod informer;
 pub mod queue;
+pub mod shares;
 pub mod store;
 pub mod workers;
 
 pub use informer::{Handler, Informer, Synced, Versioned, wait_for_sync};
 pub use queue::{Backoff, WorkQueue, WorkqueueMetrics};
+pub use shares::GaugeShares;
 pub use store::Store;
 pub use workers::{Outcome, run_workers};
