@@ -2,9 +2,12 @@
 //! changes that can alter endpoints count, and a Pod whose labels changed concerns the Services
 //! it joined or left (all of them, if its endpoint changed too).
 
-use std::{collections::BTreeSet, sync::Arc};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
-use crate::model::{ObjectKey, PodView, ServiceView};
+use crate::{
+    model::{ObjectKey, PodView, ServiceView},
+    runtime::{Store, WorkQueue},
+};
 
 /// Whether the Pod's endpoint may differ: deletion mark, readiness, IPs, terminal phase, node.
 pub fn endpoint_changed(old: &PodView, new: &PodView) -> bool {
@@ -48,6 +51,23 @@ pub fn services_to_sync(
                 before.symmetric_difference(&after).cloned().collect()
             }
         }
+    }
+}
+
+/// Queues, after `delay`, the Services of the Pod's namespace that the event `(old, new)` concerns.
+pub fn enqueue_services(
+    queue: &WorkQueue<ObjectKey>,
+    services: &Store<ServiceView>,
+    old: Option<&Arc<PodView>>,
+    new: Option<&Arc<PodView>>,
+    delay: Duration,
+) {
+    let Some(ns) = new.or(old).map(|p| p.namespace.as_str()) else {
+        return;
+    };
+    let candidates = services.list_namespace(ns, |s| s.selector.is_some());
+    for key in services_to_sync(old.map(|p| &**p), new.map(|p| &**p), &candidates) {
+        queue.add_after(key, delay);
     }
 }
 

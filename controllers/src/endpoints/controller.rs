@@ -154,13 +154,13 @@ impl EndpointsController {
     }
 
     pub fn on_pod(&self, old: Option<&Arc<PodView>>, new: Option<&Arc<PodView>>) {
-        let Some(ns) = new.or(old).map(|p| p.namespace.clone()) else {
-            return;
-        };
-        let services = self.caches.services.list_namespace(&ns, |s| s.selector.is_some());
-        for key in podchange::services_to_sync(old.map(|p| &**p), new.map(|p| &**p), &services) {
-            self.queue.add_after(key, self.cfg.batch_period);
-        }
+        podchange::enqueue_services(
+            &self.queue,
+            &self.caches.services,
+            old,
+            new,
+            self.cfg.batch_period,
+        );
     }
 
     /// Deleted Endpoints may need recreating; Endpoints without a Service need deleting.
@@ -198,10 +198,6 @@ impl EndpointsController {
         )
         .await;
         info!("Endpoints controller stopped");
-    }
-
-    pub fn pending(&self) -> usize {
-        self.queue.pending()
     }
 
     async fn sync_and_report(&self, key: &ObjectKey) -> Outcome {

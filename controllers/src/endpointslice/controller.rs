@@ -17,13 +17,13 @@ use super::{
     SliceOptions,
     metrics::{EndpointSliceMetrics, SyncResult},
     plan_slices,
-    tracker::{SliceTracker, service_of},
+    tracker::{SliceTracker, manager_of, service_of},
     trigger::TriggerTimes,
     writer::{WriteError, write_slices},
 };
 use crate::{
     events::{EventSink, reference},
-    model::{LABEL_MANAGED_BY, NodeView, ObjectKey, PodView, ServiceView},
+    model::{NodeView, ObjectKey, PodView, ServiceView},
     podchange,
     runtime::{Backoff, Outcome, Store, WorkQueue, WorkqueueMetrics, run_workers},
     selection::ServiceSelection,
@@ -115,10 +115,6 @@ impl EndpointSliceController {
         })
     }
 
-    pub fn managed_by(&self) -> &str {
-        &self.managed_by
-    }
-
     fn state(&self) -> MutexGuard<'_, State> {
         self.state
             .lock()
@@ -140,13 +136,13 @@ impl EndpointSliceController {
     }
 
     pub fn on_pod(&self, old: Option<&Arc<PodView>>, new: Option<&Arc<PodView>>) {
-        let Some(ns) = new.or(old).map(|p| p.namespace.clone()) else {
-            return;
-        };
-        let services = self.caches.services.list_namespace(&ns, |s| s.selector.is_some());
-        for key in podchange::services_to_sync(old.map(|p| &**p), new.map(|p| &**p), &services) {
-            self.queue.add_after(key, self.cfg.batch_period);
-        }
+        podchange::enqueue_services(
+            &self.queue,
+            &self.caches.services,
+            old,
+            new,
+            self.cfg.batch_period,
+        );
     }
 
     pub fn on_node(&self, old: Option<&Arc<NodeView>>, new: Option<&Arc<NodeView>>) {
@@ -172,7 +168,7 @@ impl EndpointSliceController {
     }
 
     pub fn on_slice(&self, old: Option<&Arc<EndpointSlice>>, new: Option<&Arc<EndpointSlice>>) {
-        let ours = |s: &EndpointSlice| managed_by(s) == Some(self.managed_by.as_str());
+        let ours = |s: &EndpointSlice| manager_of(s) == Some(self.managed_by.as_str());
         let delay = self.cfg.batch_period.max(SLICE_CHANGE_MIN_DELAY);
         match (old, new) {
             (_, Some(new)) => {
@@ -228,11 +224,6 @@ impl EndpointSliceController {
         info!("EndpointSlice controller stopped");
     }
 
-    /// Keys queued, delayed or in progress; zero when the controller has caught up.
-    pub fn pending(&self) -> usize {
-        self.queue.pending()
-    }
-
     async fn sync_and_report(&self, key: &ObjectKey) -> Outcome {
         let start = Instant::now();
         let result = self.sync(key).await;
@@ -283,7 +274,7 @@ impl EndpointSliceController {
             .list_group(key)
             .into_iter()
             .filter(|s| {
-                managed_by(s) == Some(self.managed_by.as_str()) && s.metadata.deletion_timestamp.is_none()
+                manager_of(s) == Some(self.managed_by.as_str()) && s.metadata.deletion_timestamp.is_none()
             })
             .collect();
         if svc.is_external_name() || svc.selector.is_none() {
@@ -377,13 +368,4 @@ impl EndpointSliceController {
         .await?;
         Ok(())
     }
-}
-
-fn managed_by(slice: &EndpointSlice) -> Option<&str> {
-    slice
-        .metadata
-        .labels
-        .as_ref()?
-        .get(LABEL_MANAGED_BY)
-        .map(String::as_str)
 }

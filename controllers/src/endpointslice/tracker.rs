@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use crate::model::{LABEL_SERVICE_NAME, ObjectKey};
+use crate::model::{LABEL_MANAGED_BY, LABEL_SERVICE_NAME, ObjectKey};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Expect {
@@ -30,6 +30,16 @@ pub fn service_of(slice: &EndpointSlice) -> Option<ObjectKey> {
         slice.metadata.namespace.clone().unwrap_or_default(),
         name.clone(),
     ))
+}
+
+/// The controller that manages a slice, by its managed-by label.
+pub fn manager_of(slice: &EndpointSlice) -> Option<&str> {
+    slice
+        .metadata
+        .labels
+        .as_ref()?
+        .get(LABEL_MANAGED_BY)
+        .map(String::as_str)
 }
 
 fn uid(slice: &EndpointSlice) -> Option<&str> {

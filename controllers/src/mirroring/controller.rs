@@ -22,11 +22,11 @@ use super::desired::{LABEL_SKIP_MIRROR, MirrorOptions, MirrorPlan, plan_mirror};
 use crate::{
     endpointslice::{
         endpoint::parse_ip,
-        tracker::{SliceTracker, service_of},
+        tracker::{SliceTracker, manager_of, service_of},
         writer::{WriteError, write_slices},
     },
     events::{EventSink, reference},
-    model::{LABEL_MANAGED_BY, ObjectKey, ServiceView},
+    model::{ObjectKey, ServiceView},
     runtime::{Backoff, GaugeShares, Outcome, Store, WorkQueue, WorkqueueMetrics, run_workers},
     selection::ServiceSelection,
 };
@@ -213,9 +213,7 @@ impl MirroringController {
     }
 
     pub fn on_slice(&self, old: Option<&Arc<EndpointSlice>>, new: Option<&Arc<EndpointSlice>>) {
-        let ours = |s: &EndpointSlice| {
-            s.metadata.labels.as_ref().and_then(|l| l.get(LABEL_MANAGED_BY)) == Some(&self.managed_by)
-        };
+        let ours = |s: &EndpointSlice| manager_of(s) == Some(self.managed_by.as_str());
         let key = match (old, new) {
             (_, Some(n)) if ours(n) && self.tracker().should_sync(n) => service_of(n),
             (Some(o), None) if ours(o) && self.tracker().observe_deletion(o) => service_of(o),
@@ -232,9 +230,11 @@ impl MirroringController {
             self.on_endpoints(None, Some(&ep));
         }
         // Mirrored slices whose Endpoints are gone.
-        for slice in self.caches.slices.list_all(|s| {
-            s.metadata.labels.as_ref().and_then(|l| l.get(LABEL_MANAGED_BY)) == Some(&self.managed_by)
-        }) {
+        for slice in self
+            .caches
+            .slices
+            .list_all(|s| manager_of(s) == Some(self.managed_by.as_str()))
+        {
             if let Some(key) = service_of(&slice) {
                 self.queue.add(key);
             }
@@ -254,10 +254,6 @@ impl MirroringController {
         )
         .await;
         info!("EndpointSlice mirroring controller stopped");
-    }
-
-    pub fn pending(&self) -> usize {
-        self.queue.pending()
     }
 
     async fn sync_and_report(&self, key: &ObjectKey) -> Outcome {
@@ -299,8 +295,7 @@ impl MirroringController {
             .list_group(key)
             .into_iter()
             .filter(|s| {
-                s.metadata.labels.as_ref().and_then(|l| l.get(LABEL_MANAGED_BY)) == Some(&self.managed_by)
-                    && s.metadata.deletion_timestamp.is_none()
+                manager_of(s) == Some(self.managed_by.as_str()) && s.metadata.deletion_timestamp.is_none()
             })
             .collect();
         let endpoints = self.caches.endpoints.get(key);
