@@ -247,3 +247,37 @@ fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
     });
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn controllers(argv: &[&str]) -> Vec<&'static str> {
+        let cli = Cli::try_parse_from(std::iter::once("cm").chain(argv.iter().copied())).unwrap();
+        manager::parse_controllers(
+            &cli.args.endpoints.controllers,
+            cli.args.endpoints.endpoint_controller_coexistence,
+        )
+        .unwrap()
+        .into_iter()
+        .collect()
+    }
+
+    #[test]
+    fn controllers_flag_defaults_to_all_and_can_be_emptied() {
+        assert_eq!(controllers(&[]).len(), 3);
+        assert_eq!(controllers(&["--controllers="]), Vec::<&str>::new());
+        assert_eq!(controllers(&["--controllers=*,-endpoints-controller"]).len(), 2);
+        assert_eq!(
+            controllers(&["--endpoint-controller-coexistence=true"]),
+            ["endpointslice-controller"]
+        );
+    }
+}
