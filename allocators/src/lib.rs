@@ -1,3 +1,11 @@
-//! ClusterIP and NodePort allocation: range arithmetic, bitmaps, and their persistence in etcd.
-//!
-//! Filled by the allocation work (ClusterIP/NodePort bitmaps, KEP-3070/3668 bands, etcd CAS store).
+//! ClusterIP and NodePort allocation: range arithmetic, bitmaps, the allocation policy and the
+//! stored form, all pure; the etcd-backed store builds on these.
+
+pub mod allocation;
+pub mod bitmap;
+pub mod range;
+pub mod stored;
+
+pub use allocation::{AllocError, Allocation};
+pub use bitmap::Bitmap;
+pub use range::{IpRange, NotInRange, PortRange, Range, RangeError};
