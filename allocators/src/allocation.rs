@@ -10,7 +10,7 @@ use crate::{
     range::{NotInRange, Range},
 };
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AllocError {
     #[error("range {range} is full")]
     Full { range: String },

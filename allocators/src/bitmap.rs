@@ -7,7 +7,7 @@
 
 use std::ops::Range;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error("bitmap marks offset {offset}, beyond the range's {size} addresses")]
     BeyondRange { offset: u64, size: u64 },

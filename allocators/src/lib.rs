@@ -3,6 +3,7 @@
 
 pub mod allocation;
 pub mod bitmap;
+pub mod etcd;
 pub mod range;
 pub mod stored;
 

@@ -32,7 +32,7 @@ pub enum RangeError {
 }
 
 /// A value that does not belong to a range.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{value} is not in the range {range}")]
 pub struct NotInRange {
     pub value: String,

@@ -17,7 +17,7 @@ struct Document {
     data: String,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StoredError {
     #[error("stored bitmap is not a valid document: {0}")]
     Malformed(String),

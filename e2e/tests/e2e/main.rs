@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed assertion.
 
+mod allocator_store;
 mod control_plane;
 mod endpointslices;
 mod leader_election;

@@ -3,11 +3,12 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::{
     api::{core::v1::Endpoints, discovery::v1::EndpointSlice},
     apimachinery::pkg::util::intstr::IntOrString,
 };
-use kube::{Api, Client};
+use kube::{Api, Client, api::DeleteParams};
 use svcplane_e2e::{
     control_plane, eventually,
     objects::{
@@ -69,8 +70,8 @@ impl Bed {
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
 
-    /// Slice and Endpoints writes caused by the three Pod changes, one after the other:
-    /// readiness lost, a Pod added, a Pod deleted. `base` picks distinct Pods per round.
+    /// Slice and Endpoints writes caused by four Pod changes, one after the other: readiness
+    /// lost, a Pod added, a Pod terminating, that Pod gone. `base` picks distinct Pods per round.
     async fn pod_changes(
         &self,
         members: &mut BTreeSet<String>,
@@ -78,9 +79,12 @@ impl Bed {
         base: usize,
     ) -> Vec<(usize, usize)> {
         let mut costs = Vec::new();
-        for step in 0..3 {
+        // Each step is one event, so the count does not depend on how events and syncs
+        // interleave (a force delete of a running Pod is two events, an update and a delete).
+        for step in 0..4 {
             let slices = WriteCounter::start(&self.client, &self.ns).await;
             let endpoints = WriteCounter::start_for::<Endpoints>(&self.client, &self.ns).await;
+            let leaving = format!("web-{}", base + 1);
             match step {
                 0 => {
                     set_status(&self.client, &self.ns, &self.pod(base).not_ready()).await;
@@ -91,10 +95,17 @@ impl Bed {
                     members.insert(format!("web-{}", 1000 + base));
                     *ready += 1;
                 }
-                _ => {
-                    force_delete_pods(&self.client, &self.ns, &[format!("web-{}", base + 1)]).await;
-                    members.remove(&format!("web-{}", base + 1));
+                2 => {
+                    // Graceful deletion: the Pod turns terminating (there is no kubelet to finish it).
+                    Api::<Pod>::namespaced(self.client.clone(), &self.ns)
+                        .delete(&leaving, &DeleteParams::default())
+                        .await
+                        .unwrap();
                     *ready -= 1;
+                }
+                _ => {
+                    force_delete_pods(&self.client, &self.ns, std::slice::from_ref(&leaving)).await;
+                    members.remove(&leaving);
                 }
             }
             self.settled(members, *ready).await;

@@ -1,0 +1,363 @@
+//! Range bitmaps persisted in etcd, changed only by compare-and-swap.
+//!
+//! Each range is one key. Every change is a single transaction that writes the new bitmap only if
+//! the key's `mod_revision` is still the one the change was computed from; otherwise the
+//! transaction returns the current value, which is reloaded and the change computed again. No
+//! value can be handed out twice, however many replicas allocate at once, because two
+//! transactions from the same revision cannot both succeed.
+//!
+//! Concurrent requests on one replica are committed together: whoever takes the commit lock
+//! applies every queued operation to one copy and writes it in one transaction (group commit), so
+//! throughput does not collapse into one etcd round trip per allocation.
+//!
+//! A range whose key does not exist yet is *not* initialised here: only the repair controller,
+//! which has compared the bitmap with every existing Service, creates it. Until then allocation
+//! is refused. A stored value that does not decode for this range stops allocation with an error
+//! and is never overwritten by this module.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex as SyncMutex},
+    time::Duration,
+};
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, Identity, TlsOptions, Txn, TxnOp, TxnOpResponse,
+};
+use rand::{SeedableRng, rngs::StdRng};
+use tokio::sync::{Mutex, oneshot};
+use tracing::debug;
+
+use crate::{
+    allocation::{AllocError, Allocation},
+    range::Range,
+    stored::{self, StoredError},
+};
+
+/// How many times a batch is recomputed after losing a compare-and-swap before giving up.
+const MAX_CONFLICTS: usize = 32;
+
+#[derive(Clone, Debug)]
+pub struct EtcdOptions {
+    /// `--etcd-servers`
+    pub endpoints: Vec<String>,
+    /// `--etcd-prefix`: every key svcplane writes lives below it.
+    pub prefix: String,
+    /// `--etcd-cafile`, `--etcd-certfile`, `--etcd-keyfile`
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Bound on every request, so an unreachable etcd is an error, not a hang.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("etcd is unreachable ({0}); cannot allocate until it is back")]
+    Unavailable(String),
+    #[error("reading etcd TLS file {path}: {source}")]
+    TlsFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "range {range} is not initialized in etcd yet: the repair controller has not reconciled it with existing Services"
+    )]
+    NotInitialized { range: String },
+    #[error(
+        "the bitmap of range {range} in etcd is corrupt ({source}); allocation is stopped until an operator repairs or removes key {key}"
+    )]
+    Corrupt {
+        range: String,
+        key: String,
+        #[source]
+        source: StoredError,
+    },
+    #[error(
+        "range {range} is changing too fast ({MAX_CONFLICTS} lost compare-and-swaps in a row); try again"
+    )]
+    Contention { range: String },
+    #[error(transparent)]
+    Alloc(#[from] AllocError),
+}
+
+impl StoreError {
+    /// A copy for every request of a batch that failed as a whole.
+    fn duplicate(&self) -> Self {
+        match self {
+            Self::Unavailable(m) => Self::Unavailable(m.clone()),
+            Self::TlsFile { path, source } => {
+                Self::Unavailable(format!("reading {}: {source}", path.display()))
+            }
+            Self::NotInitialized { range } => Self::NotInitialized { range: range.clone() },
+            Self::Corrupt { range, key, source } => Self::Corrupt {
+                range: range.clone(),
+                key: key.clone(),
+                source: source.clone(),
+            },
+            Self::Contention { range } => Self::Contention { range: range.clone() },
+            Self::Alloc(e) => Self::Alloc(e.clone()),
+        }
+    }
+
+    /// Whether this names a failure of the store rather than of the request (for metrics).
+    pub fn is_store_failure(&self) -> bool {
+        !matches!(self, Self::Alloc(_))
+    }
+}
+
+pub async fn connect(opts: &EtcdOptions) -> Result<Client, StoreError> {
+    let mut co = ConnectOptions::new()
+        .with_connect_timeout(opts.timeout)
+        .with_timeout(opts.timeout);
+    if opts.ca_file.is_some() || opts.cert_file.is_some() {
+        let read = |p: &PathBuf| {
+            std::fs::read(p).map_err(|source| StoreError::TlsFile {
+                path: p.clone(),
+                source,
+            })
+        };
+        let mut tls = TlsOptions::new();
+        if let Some(ca) = &opts.ca_file {
+            tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&opts.cert_file, &opts.key_file) {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        co = co.with_tls(tls);
+    }
+    Client::connect(&opts.endpoints, Some(co))
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))
+}
+
+/// One change to a range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op<V> {
+    /// Any free value, by the allocation policy.
+    AllocateNext,
+    /// This value, chosen by the user.
+    Allocate(V),
+    Release(V),
+}
+
+/// What an operation did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Done<V> {
+    Allocated(V),
+    /// Released; `false` when it was not allocated (nothing written for it).
+    Released(bool),
+}
+
+/// Applies one operation to an allocation (pure; the store commits the result).
+pub fn apply<R: Range>(
+    alloc: &mut Allocation<R>,
+    op: Op<R::Value>,
+    what: &'static str,
+    rng: &mut StdRng,
+) -> Result<Done<R::Value>, AllocError> {
+    match op {
+        Op::AllocateNext => alloc.allocate_next(rng).map(Done::Allocated),
+        Op::Allocate(v) => alloc.allocate(v, what).map(|()| Done::Allocated(v)),
+        Op::Release(v) => Ok(Done::Released(alloc.release(v))),
+    }
+}
+
+type Reply<V> = oneshot::Sender<Result<Done<V>, StoreError>>;
+/// An operation waiting for the next commit, with where its result goes.
+type Pending<V> = (Op<V>, Reply<V>);
+
+/// One range's bitmap in etcd.
+pub struct RangeStore<R: Range> {
+    client: Client,
+    key: String,
+    range: R,
+    /// `"IP"` or `"port"`, for messages.
+    what: &'static str,
+    /// Operations waiting for the next commit.
+    queue: SyncMutex<Vec<Pending<R::Value>>>,
+    /// Held by the replica's one committer; also guards the cached bitmap and its revision.
+    commit: Mutex<Option<(Allocation<R>, i64)>>,
+    rng: SyncMutex<StdRng>,
+}
+
+impl<R> RangeStore<R>
+where
+    R: Range + Clone + Send + Sync + 'static,
+    R::Value: Send + Sync + 'static,
+{
+    pub fn new(client: Client, prefix: &str, name: &str, range: R, what: &'static str) -> Arc<Self> {
+        let key = format!("{}/ranges/{name}", prefix.trim_end_matches('/'));
+        Arc::new(Self {
+            client,
+            key,
+            range,
+            what,
+            queue: SyncMutex::new(Vec::new()),
+            commit: Mutex::new(None),
+            rng: SyncMutex::new(StdRng::from_os_rng()),
+        })
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub fn range(&self) -> &R {
+        &self.range
+    }
+
+    /// Reads the stored bitmap and its revision; `None` when the key does not exist.
+    pub async fn read(&self) -> Result<Option<(Allocation<R>, i64)>, StoreError> {
+        let mut kv = self.client.kv_client();
+        let resp = kv
+            .get(self.key.as_bytes(), None)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        match resp.kvs().first() {
+            None => Ok(None),
+            Some(kv) => Ok(Some((self.decode(kv.value())?, kv.mod_revision()))),
+        }
+    }
+
+    fn decode(&self, bytes: &[u8]) -> Result<Allocation<R>, StoreError> {
+        stored::decode(bytes, &self.range).map_err(|source| StoreError::Corrupt {
+            range: self.range.to_string(),
+            key: self.key.clone(),
+            source,
+        })
+    }
+
+    /// Writes `alloc` if the key is still at `revision` (0: the key must not exist). Used by the
+    /// repair controller, which computed `alloc` from what it read at `revision`. Returns the new
+    /// revision, or `None` when someone else wrote first.
+    pub async fn replace(&self, alloc: &Allocation<R>, revision: i64) -> Result<Option<i64>, StoreError> {
+        let mut guard = self.commit.lock().await;
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                self.key.as_bytes(),
+                CompareOp::Equal,
+                revision,
+            )])
+            .and_then([TxnOp::put(self.key.as_bytes(), stored::encode(alloc), None)]);
+        let resp = self
+            .client
+            .kv_client()
+            .txn(txn)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        if !resp.succeeded() {
+            *guard = None;
+            return Ok(None);
+        }
+        let rev = resp.header().map_or(0, |h| h.revision());
+        *guard = Some((alloc.clone(), rev));
+        Ok(Some(rev))
+    }
+
+    /// Applies `op` and commits it, together with whatever else is queued.
+    pub async fn submit(&self, op: Op<R::Value>) -> Result<Done<R::Value>, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.lock_queue().push((op, tx));
+        {
+            // Whoever holds the commit lock commits everything queued so far, ours included if
+            // it was queued in time; otherwise the next holder (possibly us) does.
+            let mut guard = self.commit.lock().await;
+            let batch = std::mem::take(&mut *self.lock_queue());
+            if !batch.is_empty() {
+                self.commit_batch(&mut guard, batch).await;
+            }
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(StoreError::Unavailable("commit abandoned".into())))
+    }
+
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, Vec<Pending<R::Value>>> {
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn commit_batch(&self, cache: &mut Option<(Allocation<R>, i64)>, batch: Vec<Pending<R::Value>>) {
+        match self
+            .commit_ops(cache, batch.iter().map(|(op, _)| *op).collect())
+            .await
+        {
+            Ok(results) => {
+                for ((_, reply), result) in batch.into_iter().zip(results) {
+                    let _ = reply.send(result.map_err(StoreError::from));
+                }
+            }
+            Err(e) => {
+                for (_, reply) in batch {
+                    let _ = reply.send(Err(e.duplicate()));
+                }
+            }
+        }
+    }
+
+    async fn commit_ops(
+        &self,
+        cache: &mut Option<(Allocation<R>, i64)>,
+        ops: Vec<Op<R::Value>>,
+    ) -> Result<Vec<Result<Done<R::Value>, AllocError>>, StoreError> {
+        for attempt in 0..MAX_CONFLICTS {
+            let (base, rev) = match cache.take() {
+                Some(c) => c,
+                None => self.read().await?.ok_or_else(|| StoreError::NotInitialized {
+                    range: self.range.to_string(),
+                })?,
+            };
+            let mut next = base.clone();
+            let results: Vec<_> = {
+                let mut rng = self.rng.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                ops.iter()
+                    .map(|op| apply(&mut next, *op, self.what, &mut rng))
+                    .collect()
+            };
+            if next.bitmap() == base.bitmap() {
+                // Nothing changed (failures, or releases of free values): nothing to write.
+                *cache = Some((base, rev));
+                return Ok(results);
+            }
+            let txn = Txn::new()
+                .when([Compare::mod_revision(self.key.as_bytes(), CompareOp::Equal, rev)])
+                .and_then([TxnOp::put(self.key.as_bytes(), stored::encode(&next), None)])
+                .or_else([TxnOp::get(self.key.as_bytes(), None)]);
+            let resp = self
+                .client
+                .kv_client()
+                .txn(txn)
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            if resp.succeeded() {
+                let new_rev = resp.header().map_or(0, |h| h.revision());
+                *cache = Some((next, new_rev));
+                return Ok(results);
+            }
+            // Lost the race: recompute from what won.
+            debug!(key = %self.key, attempt, "compare-and-swap lost; reloading");
+            let current = resp.op_responses().into_iter().find_map(|r| match r {
+                TxnOpResponse::Get(g) => g.kvs().first().map(|kv| (kv.value().to_vec(), kv.mod_revision())),
+                _ => None,
+            });
+            *cache = match current {
+                Some((bytes, rev)) => Some((self.decode(&bytes)?, rev)),
+                None => {
+                    return Err(StoreError::NotInitialized {
+                        range: self.range.to_string(),
+                    });
+                }
+            };
+        }
+        Err(StoreError::Contention {
+            range: self.range.to_string(),
+        })
+    }
+
+    /// The bitmap as last committed or read, without a round trip (for metrics and status).
+    pub async fn cached(&self) -> Option<Allocation<R>> {
+        self.commit.lock().await.as_ref().map(|(a, _)| a.clone())
+    }
+}

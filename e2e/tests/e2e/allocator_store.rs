@@ -1,0 +1,113 @@
+//! The etcd-backed range store against the control plane's real etcd: compare-and-swap under
+//! concurrent writers, the range-full message, refusal before initialization, and a corrupt
+//! bitmap that stops allocation instead of being reset.
+
+use std::{collections::HashSet, net::IpAddr, sync::Arc, time::Duration};
+
+use svcplane_allocators::{
+    Allocation, IpRange,
+    etcd::{Done, EtcdOptions, Op, RangeStore, StoreError, connect},
+};
+use svcplane_e2e::control_plane;
+
+async fn client() -> etcd_client::Client {
+    let opts = EtcdOptions {
+        endpoints: vec![format!("http://127.0.0.1:{}", control_plane().etcd_port)],
+        prefix: String::new(),
+        ca_file: None,
+        cert_file: None,
+        key_file: None,
+        timeout: Duration::from_secs(5),
+    };
+    connect(&opts).await.unwrap()
+}
+
+fn unique_prefix() -> String {
+    format!("/svcplane-test-{:08x}", rand::random::<u32>())
+}
+
+async fn initialized(client: etcd_client::Client, prefix: &str, cidr: &str) -> Arc<RangeStore<IpRange>> {
+    let range: IpRange = cidr.parse().unwrap();
+    let store = RangeStore::new(client, prefix, "clusterip", range.clone(), "IP");
+    assert!(store.replace(&Allocation::new(range), 0).await.unwrap().is_some());
+    store
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_allocating_concurrently_never_share_an_ip() {
+    let prefix = unique_prefix();
+    let a = initialized(client().await, &prefix, "10.100.0.0/22").await;
+    // A second replica: its own connection and cache, the same key.
+    let b = RangeStore::new(client().await, &prefix, "clusterip", a.range().clone(), "IP");
+    let mut tasks = Vec::new();
+    for i in 0..500 {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(async move { store.submit(Op::AllocateNext).await }));
+    }
+    let mut got = HashSet::new();
+    for t in tasks {
+        match t.await.unwrap().unwrap() {
+            Done::Allocated(ip) => assert!(got.insert(ip), "{ip} handed out twice"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(got.len(), 500);
+    // What etcd holds is exactly what was handed out.
+    let (stored, _) = a.read().await.unwrap().unwrap();
+    let in_etcd: HashSet<IpAddr> = stored.values().collect();
+    assert_eq!(in_etcd, got);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_before_initialization_and_reports_a_full_range() {
+    let prefix = unique_prefix();
+    let range: IpRange = "10.101.0.0/28".parse().unwrap();
+    let store = RangeStore::new(client().await, &prefix, "clusterip", range.clone(), "IP");
+    let err = store.submit(Op::AllocateNext).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotInitialized { .. }), "{err}");
+    assert!(store.replace(&Allocation::new(range), 0).await.unwrap().is_some());
+    assert!(
+        store
+            .replace(&Allocation::new("10.101.0.0/28".parse().unwrap()), 0)
+            .await
+            .unwrap()
+            .is_none(),
+        "create-only"
+    );
+    for _ in 0..14 {
+        store.submit(Op::AllocateNext).await.unwrap();
+    }
+    let err = store.submit(Op::AllocateNext).await.unwrap_err();
+    assert_eq!(err.to_string(), "range 10.101.0.0/28 is full");
+    let ip: IpAddr = "10.101.0.5".parse().unwrap();
+    assert_eq!(
+        store.submit(Op::Allocate(ip)).await.unwrap_err().to_string(),
+        "provided IP 10.101.0.5 is already allocated"
+    );
+    assert_eq!(store.submit(Op::Release(ip)).await.unwrap(), Done::Released(true));
+    assert_eq!(store.submit(Op::Allocate(ip)).await.unwrap(), Done::Allocated(ip));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_bitmap_stops_allocation_and_is_left_alone() {
+    let prefix = unique_prefix();
+    let mut raw = client().await;
+    let store = initialized(client().await, &prefix, "10.102.0.0/24").await;
+    store.submit(Op::AllocateNext).await.unwrap();
+    raw.put(store.key(), "not a bitmap", None).await.unwrap();
+    // The cached copy is stale now; the next write loses its compare-and-swap and reloads.
+    let err = store.submit(Op::AllocateNext).await.unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains(store.key()), "{err}");
+    let stored = raw.get(store.key(), None).await.unwrap();
+    assert_eq!(stored.kvs()[0].value(), b"not a bitmap", "never reset");
+    // Another range's data under this key is refused too.
+    let other = initialized(client().await, &unique_prefix(), "10.103.0.0/24").await;
+    let bytes = svcplane_allocators::stored::encode(&other.read().await.unwrap().unwrap().0);
+    raw.put(store.key(), bytes, None).await.unwrap();
+    let err = store.submit(Op::AllocateNext).await.unwrap_err();
+    assert!(
+        err.to_string().contains("belongs to range 10.103.0.0/24"),
+        "{err}"
+    );
+}
