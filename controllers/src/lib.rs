@@ -3,6 +3,7 @@
 //! Each controller is split into pure functions that compute desired state and a thin layer that
 //! reads and writes the API; `leader` decides which replica may run the writers at all.
 
+pub mod allocation;
 pub mod endpoints;
 pub mod endpointslice;
 pub mod events;
