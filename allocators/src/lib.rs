@@ -5,6 +5,7 @@ pub mod allocation;
 pub mod bitmap;
 pub mod etcd;
 pub mod range;
+pub mod repair;
 pub mod stored;
 
 pub use allocation::{AllocError, Allocation};

@@ -1,0 +1,239 @@
+//! One pass of the repair controller over one range, as a pure function: the bitmap rebuilt from
+//! the values Services actually hold, and what was found on the way.
+//!
+//! Upstream's rules (kube-apiserver's repair loops): a value in use but not marked is marked
+//! (`repair`); one held by two Services is reported and left alone (`duplicate`: repair cannot
+//! know which Service should give it up); one outside the range is reported (`out-of-range`);
+//! a value marked but used by no Service is a leak, released only after it has been seen leaked
+//! in three consecutive passes, since an allocation whose Service is still being created looks
+//! exactly like a leak for a moment.
+
+use std::{collections::HashMap, hash::Hash};
+
+use crate::{allocation::Allocation, range::Range};
+
+/// Consecutive passes a leak must be seen in before it is released.
+pub const LEAK_SIGHTINGS_BEFORE_RELEASE: u32 = 3;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Finding<S, V> {
+    /// In use by `service` but not marked: marked now.
+    NotAllocated { service: S, value: V },
+    /// Held by both Services; reported, not changed.
+    Duplicate { service: S, other: S, value: V },
+    /// Held by `service` but outside the range.
+    OutOfRange { service: S, value: V },
+    /// Marked but unused; `released` once seen in enough consecutive passes.
+    Leak {
+        value: V,
+        sightings: u32,
+        released: bool,
+    },
+}
+
+impl<S, V> Finding<S, V> {
+    /// The label upstream's repair metrics use for this kind of finding.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::NotAllocated { .. } => "repair",
+            Self::Duplicate { .. } => "duplicate",
+            Self::OutOfRange { .. } => "outOfRange",
+            Self::Leak { .. } => "leak",
+        }
+    }
+}
+
+/// The outcome of one pass.
+#[derive(Debug)]
+pub struct Pass<R: Range, S> {
+    pub rebuilt: Allocation<R>,
+    pub findings: Vec<Finding<S, R::Value>>,
+}
+
+/// Rebuilds `stored` from `in_use` (every value some Service holds, with that Service; values of
+/// other ranges may be included, they are skipped if `belongs` says so). `leaks` carries the
+/// consecutive sightings of each leaked value from pass to pass.
+pub fn repair_pass<R, S>(
+    stored: &Allocation<R>,
+    in_use: &[(S, R::Value)],
+    belongs: impl Fn(&R::Value) -> bool,
+    leaks: &mut HashMap<R::Value, u32>,
+) -> Pass<R, S>
+where
+    R: Range + Clone,
+    R::Value: Hash,
+    S: Clone + PartialEq,
+{
+    let mut rebuilt = Allocation::new(stored.range().clone());
+    let mut holder: HashMap<R::Value, S> = HashMap::new();
+    let mut findings = Vec::new();
+    for (service, value) in in_use {
+        if !belongs(value) {
+            continue;
+        }
+        if rebuilt.range().offset_of(*value).is_err() {
+            findings.push(Finding::OutOfRange {
+                service: service.clone(),
+                value: *value,
+            });
+            continue;
+        }
+        match holder.get(value) {
+            Some(other) if other != service => {
+                findings.push(Finding::Duplicate {
+                    service: service.clone(),
+                    other: other.clone(),
+                    value: *value,
+                });
+                continue;
+            }
+            Some(_) => continue, // the same Service listing a value twice (e.g. TCP and UDP)
+            None => {}
+        }
+        holder.insert(*value, service.clone());
+        let _ = rebuilt.allocate(*value, "value");
+        if !stored.has(*value) {
+            findings.push(Finding::NotAllocated {
+                service: service.clone(),
+                value: *value,
+            });
+        }
+    }
+    // Marked in storage, used by nobody.
+    let mut still_leaking = HashMap::new();
+    for value in stored.values() {
+        if holder.contains_key(&value) {
+            continue;
+        }
+        let sightings = leaks.get(&value).copied().unwrap_or(0) + 1;
+        let released = sightings >= LEAK_SIGHTINGS_BEFORE_RELEASE;
+        if !released {
+            let _ = rebuilt.allocate(value, "value");
+            still_leaking.insert(value, sightings);
+        }
+        findings.push(Finding::Leak {
+            value,
+            sightings,
+            released,
+        });
+    }
+    *leaks = still_leaking;
+    Pass { rebuilt, findings }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::range::PortRange;
+
+    fn range() -> PortRange {
+        "30000-30099".parse().unwrap()
+    }
+
+    fn stored(marked: &[u16]) -> Allocation<PortRange> {
+        let mut a = Allocation::new(range());
+        for p in marked {
+            a.allocate(*p, "port").unwrap();
+        }
+        a
+    }
+
+    #[test]
+    fn marks_missing_reports_duplicates_and_out_of_range() {
+        let mut leaks = HashMap::new();
+        let in_use = [
+            ("a", 30001),
+            ("b", 30002),
+            ("c", 30002),
+            ("d", 40000),
+            ("a", 30001),
+        ];
+        let pass = repair_pass(&stored(&[30001]), &in_use, |_| true, &mut leaks);
+        assert_eq!(pass.rebuilt.values().collect::<Vec<_>>(), [30001, 30002]);
+        assert_eq!(
+            pass.findings,
+            [
+                Finding::NotAllocated {
+                    service: "b",
+                    value: 30002
+                },
+                Finding::Duplicate {
+                    service: "c",
+                    other: "b",
+                    value: 30002
+                },
+                Finding::OutOfRange {
+                    service: "d",
+                    value: 40000
+                },
+            ]
+        );
+        assert_eq!(
+            pass.findings.iter().map(Finding::kind).collect::<Vec<_>>(),
+            ["repair", "duplicate", "outOfRange"]
+        );
+    }
+
+    #[test]
+    fn leaks_are_released_on_the_third_consecutive_sighting() {
+        let mut leaks = HashMap::new();
+        let mut current = stored(&[30005, 30006]);
+        let in_use = [("a", 30006)];
+        for pass_no in 1..=3u32 {
+            let pass = repair_pass(&current, &in_use, |_| true, &mut leaks);
+            let released = pass_no == 3;
+            assert_eq!(
+                pass.findings,
+                [Finding::Leak {
+                    value: 30005,
+                    sightings: pass_no,
+                    released
+                }]
+            );
+            assert_eq!(pass.rebuilt.has(30005), !released, "pass {pass_no}");
+            current = pass.rebuilt;
+        }
+        assert!(leaks.is_empty());
+        assert_eq!(current.values().collect::<Vec<_>>(), [30006]);
+    }
+
+    #[test]
+    fn a_leak_that_turns_out_used_starts_over() {
+        let mut leaks = HashMap::new();
+        let s = stored(&[30005]);
+        repair_pass(&s, &[] as &[(&str, u16)], |_| true, &mut leaks);
+        assert_eq!(leaks.get(&30005), Some(&1));
+        // The Service whose create was in flight is now stored.
+        let pass = repair_pass(&s, &[("late", 30005)], |_| true, &mut leaks);
+        assert!(pass.findings.is_empty());
+        assert!(leaks.is_empty());
+        // Leaked again later: counting restarts from one.
+        let pass = repair_pass(&s, &[] as &[(&str, u16)], |_| true, &mut leaks);
+        assert_eq!(
+            pass.findings,
+            [Finding::Leak {
+                value: 30005,
+                sightings: 1,
+                released: false
+            }]
+        );
+    }
+
+    #[test]
+    fn values_of_other_ranges_are_skipped() {
+        let mut leaks = HashMap::new();
+        let pass = repair_pass(
+            &stored(&[]),
+            &[("a", 12345u16), ("b", 30001)],
+            |p| *p >= 30000,
+            &mut leaks,
+        );
+        assert_eq!(
+            pass.findings,
+            [Finding::NotAllocated {
+                service: "b",
+                value: 30001
+            }]
+        );
+    }
+}
