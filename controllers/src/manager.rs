@@ -127,6 +127,10 @@ pub async fn run(client: Client, cfg: ManagerConfig, metrics: ControllerMetrics,
         stop.cancelled().await;
         return;
     }
+    // Initial lists are served from the apiserver's watch cache (resourceVersion=0), as
+    // client-go's informers do: one response instead of pages read from etcd; the watch that
+    // follows brings anything newer.
+    let watch_config = || watcher::Config::default().any_semantic();
     let services = Arc::new(Store::<ServiceView>::default());
     let pods = Arc::new(Store::<PodView>::default());
     let nodes = Arc::new(Store::<NodeView>::default());
@@ -137,21 +141,21 @@ pub async fn run(client: Client, cfg: ManagerConfig, metrics: ControllerMetrics,
     let mut service_informer = Informer::new(
         "services",
         Api::<Service>::all(client.clone()),
-        watcher::Config::default(),
+        watch_config(),
         |s| ServiceView::from(&s),
         services.clone(),
     );
     let mut pod_informer = Informer::new(
         "pods",
         Api::<Pod>::all(client.clone()),
-        watcher::Config::default(),
+        watch_config(),
         |p| PodView::from(&p),
         pods.clone(),
     );
     let mut node_informer = Informer::new(
         "nodes",
         Api::<Node>::all(client.clone()),
-        watcher::Config::default(),
+        watch_config(),
         |n| NodeView::from(&n),
         nodes.clone(),
     );
@@ -186,7 +190,7 @@ pub async fn run(client: Client, cfg: ManagerConfig, metrics: ControllerMetrics,
     let mut endpoints_informer = Informer::new(
         "endpoints",
         Api::<Endpoints>::all(client.clone()),
-        watcher::Config::default(),
+        watch_config(),
         |mut e: Endpoints| {
             e.metadata.managed_fields = None;
             e
@@ -249,7 +253,7 @@ pub async fn run(client: Client, cfg: ManagerConfig, metrics: ControllerMetrics,
     let mut slice_informer = Informer::new(
         "endpointslices",
         Api::<EndpointSlice>::all(client.clone()),
-        watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY} in ({})", managers.join(","))),
+        watch_config().labels(&format!("{LABEL_MANAGED_BY} in ({})", managers.join(","))),
         |mut s: EndpointSlice| {
             s.metadata.managed_fields = None;
             s
