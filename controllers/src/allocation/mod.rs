@@ -1,4 +1,7 @@
 //! ClusterIP and NodePort allocation for Services: what the admission webhook allocates
-//! ([`admission`], pure).
+//! ([`admission`], pure), carrying it out against the etcd ranges ([`allocators`]), and what
+//! stored Services no longer hold ([`release`], pure).
 
 pub mod admission;
+pub mod allocators;
+pub mod release;

@@ -1,0 +1,126 @@
+//! Carries out an admission [`Plan`] against the etcd-backed ranges, all or nothing: when one
+//! value cannot be had, the values already taken for the same request are released again (what
+//! a crash leaves behind, the repair controller reclaims).
+
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
+
+use svcplane_allocators::{
+    IpRange, PortRange,
+    etcd::{Done, Op, RangeStore, StoreError},
+};
+use tracing::warn;
+
+use super::admission::{Allocated, ClusterFamilies, Family, Plan, Want};
+
+/// The ranges one controller-manager allocates from.
+pub struct Allocators {
+    pub families: ClusterFamilies,
+    pub cluster_ips: BTreeMap<Family, Arc<RangeStore<IpRange>>>,
+    pub node_ports: Arc<RangeStore<PortRange>>,
+}
+
+/// Why a request got nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum AllocationFailure {
+    #[error("failed to allocate a ClusterIP: {0}")]
+    ClusterIp(#[source] StoreError),
+    #[error("failed to allocate a NodePort: {0}")]
+    NodePort(#[source] StoreError),
+    #[error("failed to allocate a health-check NodePort: {0}")]
+    HealthCheckNodePort(#[source] StoreError),
+    #[error("no service range is configured for {0}")]
+    NoRange(&'static str),
+}
+
+impl AllocationFailure {
+    /// The store's error, if the failure came from one.
+    pub fn store_error(&self) -> Option<&StoreError> {
+        match self {
+            Self::ClusterIp(e) | Self::NodePort(e) | Self::HealthCheckNodePort(e) => Some(e),
+            Self::NoRange(_) => None,
+        }
+    }
+}
+
+fn op<V>(want: Want<V>) -> Op<V> {
+    match want {
+        Want::Next => Op::AllocateNext,
+        Want::Exactly(v) => Op::Allocate(v),
+    }
+}
+
+impl Allocators {
+    pub async fn execute(&self, plan: &Plan) -> Result<Allocated, AllocationFailure> {
+        let mut got = Allocated::default();
+        let result = self.execute_into(plan, &mut got).await;
+        if let Err(e) = &result {
+            warn!(error = %e, "allocation failed; releasing what this request already took");
+            self.release(
+                &got.cluster_ips,
+                &got.node_ports
+                    .iter()
+                    .copied()
+                    .chain(got.health_check_node_port)
+                    .collect::<Vec<_>>(),
+            )
+            .await;
+        }
+        result.map(|()| got)
+    }
+
+    async fn execute_into(&self, plan: &Plan, got: &mut Allocated) -> Result<(), AllocationFailure> {
+        for (family, want) in &plan.cluster_ips {
+            let store = self
+                .cluster_ips
+                .get(family)
+                .ok_or(AllocationFailure::NoRange(family.as_str()))?;
+            match store
+                .submit(op(*want))
+                .await
+                .map_err(AllocationFailure::ClusterIp)?
+            {
+                Done::Allocated(ip) => got.cluster_ips.push(ip),
+                Done::Released(_) => {}
+            }
+        }
+        for (_, want) in &plan.node_ports {
+            match self
+                .node_ports
+                .submit(op(*want))
+                .await
+                .map_err(AllocationFailure::NodePort)?
+            {
+                Done::Allocated(p) => got.node_ports.push(p),
+                Done::Released(_) => {}
+            }
+        }
+        if let Some(want) = plan.health_check_node_port
+            && let Done::Allocated(p) = self
+                .node_ports
+                .submit(op(want))
+                .await
+                .map_err(AllocationFailure::HealthCheckNodePort)?
+        {
+            got.health_check_node_port = Some(p);
+        }
+        Ok(())
+    }
+
+    /// Releases values (best effort: what cannot be released now is a leak repair reclaims).
+    pub async fn release(&self, ips: &[IpAddr], ports: &[u16]) {
+        for ip in ips {
+            let family = if ip.is_ipv6() { Family::IPv6 } else { Family::IPv4 };
+            if let Some(store) = self.cluster_ips.get(&family)
+                && store.range().contains(*ip)
+                && let Err(e) = store.submit(Op::Release(*ip)).await
+            {
+                warn!(%ip, error = %e, "could not release a ClusterIP; repair will reclaim it");
+            }
+        }
+        for port in ports {
+            if let Err(e) = self.node_ports.submit(Op::Release(*port)).await {
+                warn!(port, error = %e, "could not release a NodePort; repair will reclaim it");
+            }
+        }
+    }
+}
