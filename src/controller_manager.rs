@@ -6,9 +6,13 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::Context;
 use clap::ArgAction;
 use prometheus::Registry;
+use std::sync::Arc;
+
 use svcplane_controllers::{
+    allocation::repair::{Repair, RepairMetrics},
     endpoints::controller::Config as EndpointsConfig,
     endpointslice::controller::Config as SliceConfig,
+    events::EventSink,
     leader::{ElectionConfig, Elector, LeaderMetrics},
     manager::{self, ControllerMetrics, ManagerConfig},
     mirroring::controller::Config as MirroringConfig,
@@ -43,6 +47,9 @@ pub struct Args {
 
     #[command(flatten)]
     pub endpoints: EndpointControllerArgs,
+
+    #[command(flatten)]
+    pub allocation: crate::allocation::AllocationArgs,
 }
 
 /// The endpoint controllers' flags, with kube-controller-manager's names and defaults.
@@ -168,6 +175,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ControllerMetrics::register(&registry).context("registering controller metrics")?;
 
     let election = args.leader.config();
+    let election_identity = election.identity.clone();
     let selection = ServiceSelection {
         coexistence: args.endpoints.endpoint_controller_coexistence,
         controller_name: args.endpoints.endpoint_controller_name.clone(),
@@ -222,12 +230,46 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         None
     };
 
+    let repair = if args.allocation.enabled() {
+        let allocators =
+            crate::allocation::start(&args.allocation, &client, &registry, shutdown.clone()).await?;
+        let metrics = RepairMetrics::register(&registry).context("registering repair metrics")?;
+        let events = EventSink::new(
+            client.clone(),
+            "ipallocator-repair-controller",
+            &election_identity,
+        );
+        Some(Arc::new(Repair::new(
+            client.clone(),
+            allocators,
+            args.allocation.allocation_repair_interval,
+            metrics,
+            events,
+        )))
+    } else {
+        info!("ClusterIP/NodePort allocation off (no --service-cluster-ip-range)");
+        None
+    };
+    // The leader runs the controllers and, with allocation on, the repair loop.
+    let run_leader_work = move |stop: CancellationToken| {
+        let controllers = run_controllers(stop.clone());
+        let repair = repair.clone();
+        async move {
+            let repair = async {
+                if let Some(r) = repair {
+                    r.run(stop).await;
+                }
+            };
+            tokio::join!(controllers, repair);
+        }
+    };
+
     let server = Server::bind(args.http_bind_address, registry, liveness, readiness).await?;
     let http = tokio::spawn(server.serve(shutdown.clone()));
 
     match elector {
-        Some(elector) => elector.run(shutdown.clone(), run_controllers).await,
-        None => run_controllers(shutdown.clone()).await,
+        Some(elector) => elector.run(shutdown.clone(), run_leader_work).await,
+        None => run_leader_work(shutdown.clone()).await,
     }
     shutdown.cancel();
     http.await.context("HTTP server task")??;

@@ -3,11 +3,13 @@
 //! One binary, one subcommand per component; each subcommand's module wires I/O around the pure
 //! logic in the library crates.
 
+mod allocation;
 mod controller_manager;
 mod health;
 mod http;
 mod kubeclient;
 mod telemetry;
+mod webhook;
 
 use std::process::ExitCode;
 

@@ -5,3 +5,4 @@
 pub mod admission;
 pub mod allocators;
 pub mod release;
+pub mod repair;

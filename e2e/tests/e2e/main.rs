@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed assertion.
 
+mod allocation;
 mod allocator_store;
 mod control_plane;
 mod endpointslices;

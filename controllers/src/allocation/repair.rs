@@ -1,0 +1,279 @@
+//! The repair controller's I/O (leader only): on start and every interval, every range's bitmap is
+//! rebuilt from the Services that exist ([`repair_pass`]) and written back through the same
+//! compare-and-swap as allocations. The first pass is what initializes a range: until it has
+//! run, the ranges do not exist in etcd and the webhook refuses to allocate.
+
+use std::{
+    collections::HashMap,
+    hash::Hash,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use k8s_openapi::api::core::v1::Service;
+use kube::{Api, Client, api::ListParams};
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use svcplane_allocators::{
+    Allocation, Range,
+    etcd::{RangeStore, StoreError},
+    repair::{Finding, repair_pass},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use super::{admission::held_values, allocators::Allocators};
+use crate::{
+    events::{EventSink, reference},
+    model::ObjectKey,
+};
+
+/// How often a lost compare-and-swap is retried within one pass.
+const MAX_ATTEMPTS: usize = 5;
+
+/// kube-apiserver's repair metrics, same names and labels.
+#[derive(Clone)]
+pub struct RepairMetrics {
+    ip_errors: IntCounterVec,
+    ip_reconcile_errors: IntCounter,
+    port_errors: IntCounterVec,
+    port_reconcile_errors: IntCounter,
+}
+
+impl RepairMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let m = Self {
+            ip_errors: IntCounterVec::new(
+                Opts::new(
+                    "apiserver_clusterip_repair_ip_errors_total",
+                    "Number of errors detected on clusterips by the repair loop broken down by type of error: leak, repair, full, outOfRange, duplicate, unknown, invalid",
+                ),
+                &["type"],
+            )?,
+            ip_reconcile_errors: IntCounter::with_opts(Opts::new(
+                "apiserver_clusterip_repair_reconcile_errors_total",
+                "Number of reconciliation failures on the clusterip repair reconcile loop",
+            ))?,
+            port_errors: IntCounterVec::new(
+                Opts::new(
+                    "apiserver_nodeport_repair_port_errors_total",
+                    "Number of errors detected on ports by the repair loop broken down by type of error: leak, repair, full, outOfRange, duplicate, unknown",
+                ),
+                &["type"],
+            )?,
+            port_reconcile_errors: IntCounter::with_opts(Opts::new(
+                "apiserver_nodeport_repair_reconcile_errors_total",
+                "Number of reconciliation failures on the nodeport repair reconcile loop",
+            ))?,
+        };
+        registry.register(Box::new(m.ip_errors.clone()))?;
+        registry.register(Box::new(m.ip_reconcile_errors.clone()))?;
+        registry.register(Box::new(m.port_errors.clone()))?;
+        registry.register(Box::new(m.port_reconcile_errors.clone()))?;
+        Ok(m)
+    }
+}
+
+pub struct Repair {
+    client: Client,
+    allocators: Arc<Allocators>,
+    interval: Duration,
+    metrics: RepairMetrics,
+    events: EventSink,
+    ip_leaks: Mutex<HashMap<IpAddr, u32>>,
+    port_leaks: Mutex<HashMap<u16, u32>>,
+}
+
+/// What kind of range a pass repairs, for messages, events and metrics.
+#[derive(Clone, Copy)]
+enum Kind {
+    ClusterIp,
+    NodePort,
+}
+
+impl Repair {
+    pub fn new(
+        client: Client,
+        allocators: Arc<Allocators>,
+        interval: Duration,
+        metrics: RepairMetrics,
+        events: EventSink,
+    ) -> Self {
+        Self {
+            client,
+            allocators,
+            interval,
+            metrics,
+            events,
+            ip_leaks: Mutex::new(HashMap::new()),
+            port_leaks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Repairs now, then every interval, until `stop`.
+    pub async fn run(&self, stop: CancellationToken) {
+        loop {
+            if let Err(e) = self.run_once().instrument(info_span!("repair")).await {
+                warn!(error = %e, "repair pass failed; retrying at the next interval");
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(self.interval) => {}
+            }
+        }
+    }
+
+    /// One pass over every range.
+    pub async fn run_once(&self) -> Result<(), kube::Error> {
+        let services = Api::<Service>::all(self.client.clone())
+            .list(&ListParams::default())
+            .await?;
+        let mut ips: Vec<(ObjectKey, IpAddr, String)> = Vec::new();
+        let mut ports: Vec<(ObjectKey, u16, String)> = Vec::new();
+        for svc in &services.items {
+            let key = ObjectKey::new(
+                svc.metadata.namespace.clone().unwrap_or_default(),
+                svc.metadata.name.clone().unwrap_or_default(),
+            );
+            let uid = svc.metadata.uid.clone().unwrap_or_default();
+            let (held_ips, held_ports) = held_values(svc);
+            ips.extend(held_ips.into_iter().map(|ip| (key.clone(), ip, uid.clone())));
+            ports.extend(held_ports.into_iter().map(|p| (key.clone(), p, uid.clone())));
+        }
+        for (family, store) in &self.allocators.cluster_ips {
+            let v6 = family.as_str() == "IPv6";
+            let in_use: Vec<_> = ips
+                .iter()
+                .filter(|(_, ip, _)| ip.is_ipv6() == v6)
+                .cloned()
+                .collect();
+            if let Err(e) = self
+                .repair_range(store, &in_use, &self.ip_leaks, Kind::ClusterIp)
+                .await
+            {
+                self.metrics.ip_reconcile_errors.inc();
+                warn!(range = %store.range(), error = %e, "ClusterIP repair failed");
+            }
+        }
+        if let Err(e) = self
+            .repair_range(
+                &self.allocators.node_ports,
+                &ports,
+                &self.port_leaks,
+                Kind::NodePort,
+            )
+            .await
+        {
+            self.metrics.port_reconcile_errors.inc();
+            warn!(range = %self.allocators.node_ports.range(), error = %e, "NodePort repair failed");
+        }
+        Ok(())
+    }
+
+    async fn repair_range<R>(
+        &self,
+        store: &RangeStore<R>,
+        in_use: &[(ObjectKey, R::Value, String)],
+        leaks: &Mutex<HashMap<R::Value, u32>>,
+        kind: Kind,
+    ) -> Result<(), StoreError>
+    where
+        R: Range + Clone + Send + Sync + 'static,
+        R::Value: Hash + Send + Sync + 'static,
+    {
+        let pairs: Vec<(ObjectKey, R::Value)> = in_use.iter().map(|(k, v, _)| (k.clone(), *v)).collect();
+        for _ in 0..MAX_ATTEMPTS {
+            let (stored, revision) = match store.read().await? {
+                Some(s) => s,
+                // First pass for this range: start from nothing; everything in use gets marked.
+                None => (Allocation::new(store.range().clone()), 0),
+            };
+            let mut next_leaks = leaks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            let pass = repair_pass(&stored, &pairs, |_| true, &mut next_leaks);
+            let unchanged = revision != 0 && pass.rebuilt.bitmap() == stored.bitmap();
+            if !unchanged && store.replace(&pass.rebuilt, revision).await?.is_none() {
+                continue; // someone allocated meanwhile: look again
+            }
+            if revision == 0 {
+                info!(range = %store.range(), used = pass.rebuilt.used(), "range initialized from existing Services");
+            }
+            *leaks.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = next_leaks;
+            for finding in &pass.findings {
+                self.report(finding, in_use, kind);
+            }
+            return Ok(());
+        }
+        Err(StoreError::Contention {
+            range: store.range().to_string(),
+        })
+    }
+
+    fn report<V: std::fmt::Display + PartialEq>(
+        &self,
+        finding: &Finding<ObjectKey, V>,
+        in_use: &[(ObjectKey, V, String)],
+        kind: Kind,
+    ) {
+        let counter = match kind {
+            Kind::ClusterIp => &self.metrics.ip_errors,
+            Kind::NodePort => &self.metrics.port_errors,
+        };
+        let leak_released = matches!(finding, Finding::Leak { released: true, .. });
+        if !matches!(finding, Finding::Leak { .. }) || leak_released {
+            counter.with_label_values(&[finding.kind()]).inc();
+        }
+        let uid_of = |svc: &ObjectKey| {
+            in_use
+                .iter()
+                .find(|(k, _, _)| k == svc)
+                .map(|(_, _, u)| u.clone())
+                .unwrap_or_default()
+        };
+        let (what, prefix) = match kind {
+            Kind::ClusterIp => ("Cluster IP", "ClusterIP"),
+            Kind::NodePort => ("Port", "Port"),
+        };
+        let (service, reason, note) = match finding {
+            Finding::NotAllocated { service, value } => (
+                service,
+                format!("{prefix}NotAllocated"),
+                format!("{what} {value} is not allocated; repairing"),
+            ),
+            Finding::Duplicate { service, value, .. } => (
+                service,
+                format!("{prefix}AlreadyAllocated"),
+                format!("{what} {value} was assigned to multiple services; please recreate service"),
+            ),
+            Finding::OutOfRange { service, value } => (
+                service,
+                format!("{prefix}OutOfRange"),
+                format!("{what} {value} is not within the configured range; please recreate service"),
+            ),
+            Finding::Leak {
+                value,
+                sightings,
+                released,
+            } => {
+                if *released {
+                    info!(%value, "leaked value released after {sightings} sightings");
+                } else {
+                    info!(%value, sightings, "value may have leaked: flagging for later clean up");
+                }
+                return;
+            }
+        };
+        let action = match kind {
+            Kind::ClusterIp => "ClusterIPAllocation",
+            Kind::NodePort => "PortAllocation",
+        };
+        self.events.warning(
+            reference("Service", &service.namespace, &service.name, &uid_of(service)),
+            &reason,
+            action,
+            note,
+        );
+    }
+}

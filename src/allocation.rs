@@ -1,0 +1,217 @@
+//! Wiring of ClusterIP/NodePort allocation into the controller-manager: flags, the etcd ranges,
+//! the webhook server and the caBundle of its configuration.
+
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{Context, bail};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams},
+};
+use prometheus::Registry;
+use svcplane_allocators::{
+    IpRange, PortRange,
+    etcd::{EtcdOptions, RangeStore, connect},
+};
+use svcplane_controllers::allocation::{
+    admission::{ClusterFamilies, Family},
+    allocators::Allocators,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::webhook::{
+    certs::{self, Source},
+    handler::{WebhookMetrics, WebhookState, router},
+    server,
+};
+
+#[derive(clap::Args, Debug)]
+pub struct AllocationArgs {
+    /// Service CIDRs (one per family, the first is the default family), as given to
+    /// kube-apiserver. Allocation is off without it.
+    #[arg(long, value_delimiter = ',')]
+    pub service_cluster_ip_range: Vec<String>,
+    /// NodePort range, as given to kube-apiserver.
+    #[arg(long, default_value = "30000-32767")]
+    pub service_node_port_range: String,
+    /// etcd endpoints holding the allocation bitmaps.
+    #[arg(long, value_delimiter = ',')]
+    pub etcd_servers: Vec<String>,
+    /// Key prefix of the bitmaps in etcd.
+    #[arg(long, default_value = "/svcplane")]
+    pub etcd_prefix: String,
+    #[arg(long)]
+    pub etcd_cafile: Option<PathBuf>,
+    #[arg(long)]
+    pub etcd_certfile: Option<PathBuf>,
+    #[arg(long)]
+    pub etcd_keyfile: Option<PathBuf>,
+    /// HTTPS address of the admission webhook.
+    #[arg(long, default_value = "0.0.0.0:9443")]
+    pub webhook_bind_address: SocketAddr,
+    /// Serving certificate files; without them one is generated and shared through
+    /// `--webhook-cert-secret`.
+    #[arg(long, requires_all = ["webhook_tls_key_file", "webhook_ca_file"])]
+    pub webhook_tls_cert_file: Option<PathBuf>,
+    #[arg(long)]
+    pub webhook_tls_key_file: Option<PathBuf>,
+    #[arg(long)]
+    pub webhook_ca_file: Option<PathBuf>,
+    /// namespace/name of the Secret holding the generated serving certificate.
+    #[arg(long, default_value = "kube-system/svcplane-webhook-tls")]
+    pub webhook_cert_secret: String,
+    /// Names (DNS or IP) the generated serving certificate is valid for.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "svcplane-webhook.kube-system.svc,svcplane-webhook.kube-system.svc.cluster.local"
+    )]
+    pub webhook_cert_names: Vec<String>,
+    /// MutatingWebhookConfiguration whose caBundle this replica keeps current.
+    #[arg(long, default_value = "svcplane")]
+    pub webhook_configuration_name: String,
+    /// How often the leader reconciles the bitmaps with every Service (leaks are released on
+    /// their third consecutive sighting).
+    #[arg(long, default_value = "3m", value_parser = humantime::parse_duration)]
+    pub allocation_repair_interval: Duration,
+}
+
+impl AllocationArgs {
+    pub fn enabled(&self) -> bool {
+        !self.service_cluster_ip_range.is_empty()
+    }
+}
+
+/// Starts the webhook (every replica). Returns the allocators for the leader-only repair.
+pub async fn start(
+    args: &AllocationArgs,
+    client: &Client,
+    registry: &Registry,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Arc<Allocators>> {
+    if args.etcd_servers.is_empty() {
+        bail!("--service-cluster-ip-range needs --etcd-servers: the allocation bitmaps live in etcd");
+    }
+    if args.service_cluster_ip_range.len() > 2 {
+        bail!("--service-cluster-ip-range takes at most two CIDRs, one per family");
+    }
+    let etcd = connect(&EtcdOptions {
+        endpoints: args.etcd_servers.clone(),
+        prefix: args.etcd_prefix.clone(),
+        ca_file: args.etcd_cafile.clone(),
+        cert_file: args.etcd_certfile.clone(),
+        key_file: args.etcd_keyfile.clone(),
+        timeout: Duration::from_secs(5),
+    })
+    .await?;
+    let mut families = Vec::new();
+    let mut cluster_ips = BTreeMap::new();
+    for cidr in &args.service_cluster_ip_range {
+        let range: IpRange = cidr
+            .parse()
+            .with_context(|| format!("--service-cluster-ip-range {cidr}"))?;
+        let family = if range.is_ipv6() {
+            Family::IPv6
+        } else {
+            Family::IPv4
+        };
+        if cluster_ips.contains_key(&family) {
+            bail!("--service-cluster-ip-range has two {} CIDRs", family.as_str());
+        }
+        let name = format!("clusterip/{}", range.to_string().replace('/', "-"));
+        cluster_ips.insert(
+            family,
+            RangeStore::new(etcd.clone(), &args.etcd_prefix, &name, range, "IP"),
+        );
+        families.push(family);
+    }
+    let ports: PortRange = args
+        .service_node_port_range
+        .parse()
+        .context("--service-node-port-range")?;
+    let node_ports = RangeStore::new(etcd, &args.etcd_prefix, "nodeport", ports, "port");
+    let families = ClusterFamilies(families);
+    let allocators = Arc::new(Allocators {
+        families: families.clone(),
+        cluster_ips,
+        node_ports,
+    });
+
+    let source = match (
+        &args.webhook_tls_cert_file,
+        &args.webhook_tls_key_file,
+        &args.webhook_ca_file,
+    ) {
+        (Some(cert), Some(key), Some(ca)) => Source::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: ca.clone(),
+        },
+        _ => {
+            let (namespace, name) = args
+                .webhook_cert_secret
+                .split_once('/')
+                .context("--webhook-cert-secret must be namespace/name")?;
+            Source::Secret {
+                namespace: namespace.into(),
+                name: name.into(),
+                names: args.webhook_cert_names.clone(),
+            }
+        }
+    };
+    let cert = certs::load(client, &source).await?;
+    patch_ca_bundle(client, &args.webhook_configuration_name, &cert.ca_pem).await;
+    let tls = server::tls_config(&cert)?;
+    let state = Arc::new(WebhookState {
+        allocators: allocators.clone(),
+        families,
+        metrics: WebhookMetrics::register(registry).context("registering webhook metrics")?,
+    });
+    let addr = args.webhook_bind_address;
+    tokio::spawn(async move {
+        if let Err(e) = server::serve(addr, tls, router(state), shutdown).await {
+            warn!(error = format!("{e:#}"), "admission webhook server stopped");
+        }
+    });
+    Ok(allocators)
+}
+
+/// Writes the CA into every webhook of the configuration (when it exists), so the apiserver
+/// trusts the serving certificate. Idempotent: every replica writes the same bundle.
+async fn patch_ca_bundle(client: &Client, name: &str, ca_pem: &str) {
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let current = match api.get_opt(name).await {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            info!(name, "no MutatingWebhookConfiguration to put the CA into yet");
+            return;
+        }
+        Err(e) => {
+            warn!(name, error = %e, "cannot read the MutatingWebhookConfiguration");
+            return;
+        }
+    };
+    let bundle = k8s_openapi::ByteString(ca_pem.as_bytes().to_vec());
+    let mut ops = Vec::new();
+    for (i, w) in current.webhooks.iter().flatten().enumerate() {
+        if w.client_config.ca_bundle.as_ref() != Some(&bundle) {
+            ops.push(serde_json::json!({"op": "add", "path": format!("/webhooks/{i}/clientConfig/caBundle"), "value": bundle}));
+        }
+    }
+    if ops.is_empty() {
+        return;
+    }
+    let patch: Result<json_patch::Patch, _> = serde_json::from_value(serde_json::Value::Array(ops));
+    match patch {
+        Ok(p) => match api
+            .patch(name, &PatchParams::default(), &Patch::Json::<()>(p))
+            .await
+        {
+            Ok(_) => info!(name, "wrote the webhook CA into the MutatingWebhookConfiguration"),
+            Err(e) => warn!(name, error = %e, "cannot write the webhook CA"),
+        },
+        Err(e) => warn!(error = %e, "building the caBundle patch"),
+    }
+}

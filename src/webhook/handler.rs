@@ -1,0 +1,122 @@
+//! The mutating admission handler for Services: plan, allocate through etcd, answer with a JSON
+//! Patch, or refuse with a message that says why (range full, etcd unreachable, not yet
+//! reconciled, invalid request).
+
+use std::sync::Arc;
+
+use axum::{Json, Router, extract::State, routing::post};
+use k8s_openapi::api::core::v1::Service;
+use kube::core::{
+    DynamicObject,
+    admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation},
+};
+use prometheus::{IntCounterVec, Opts, Registry};
+use svcplane_controllers::allocation::{
+    admission::{ClusterFamilies, patch, plan_create, plan_update},
+    allocators::Allocators,
+};
+use tracing::{debug, info, warn};
+
+pub struct WebhookState {
+    pub allocators: Arc<Allocators>,
+    pub families: ClusterFamilies,
+    pub metrics: WebhookMetrics,
+}
+
+#[derive(Clone)]
+pub struct WebhookMetrics {
+    requests: IntCounterVec,
+}
+
+impl WebhookMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "svcplane_allocation_webhook_requests_total",
+                "Admission requests for Services by operation and outcome",
+            ),
+            &["operation", "outcome"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        Ok(Self { requests })
+    }
+}
+
+pub fn router(state: Arc<WebhookState>) -> Router {
+    Router::new()
+        .route("/mutate-services", post(mutate))
+        .with_state(state)
+}
+
+async fn mutate(
+    State(state): State<Arc<WebhookState>>,
+    Json(review): Json<AdmissionReview<Service>>,
+) -> Json<AdmissionReview<DynamicObject>> {
+    let req: AdmissionRequest<Service> = match review.try_into() {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "malformed admission review");
+            return Json(AdmissionResponse::invalid(e.to_string()).into_review());
+        }
+    };
+    let (op, outcome, resp) = answer(&state, &req).await;
+    state.metrics.requests.with_label_values(&[op, outcome]).inc();
+    Json(resp.into_review())
+}
+
+async fn answer(
+    state: &WebhookState,
+    req: &AdmissionRequest<Service>,
+) -> (&'static str, &'static str, AdmissionResponse) {
+    let resp = AdmissionResponse::from(req);
+    let (op, plan) = match (&req.operation, &req.object, &req.old_object) {
+        (Operation::Create, Some(new), _) => ("create", plan_create(new, &state.families)),
+        (Operation::Update, Some(new), Some(old)) => ("update", plan_update(old, new, &state.families)),
+        _ => return ("other", "allowed", resp),
+    };
+    let plan = match plan {
+        Ok(p) => p,
+        Err(refusal) => return (op, "refused", resp.deny(refusal.to_string())),
+    };
+    if plan.is_empty() {
+        return (op, "allowed", resp);
+    }
+    if req.dry_run {
+        // sideEffects: NoneOnDryRun. The apiserver's own dry-run allocation fills the fields
+        // without reserving anything.
+        return (op, "dry-run", resp);
+    }
+    let Some(object) = &req.object else {
+        return (op, "allowed", resp);
+    };
+    let got = match state.allocators.execute(&plan).await {
+        Ok(g) => g,
+        Err(e) => {
+            warn!(service = %format_args!("{}/{}", req.namespace.as_deref().unwrap_or_default(), req.name), error = %e, "refusing Service");
+            return (op, "failed", resp.deny(e.to_string()));
+        }
+    };
+    let ops = patch(object, &plan, &got);
+    debug!(name = %req.name, ?ops, "allocated");
+    let patch: json_patch::Patch = match serde_json::from_value(serde_json::Value::Array(ops)) {
+        Ok(p) => p,
+        Err(e) => {
+            return (
+                op,
+                "failed",
+                resp.deny(format!("internal error building the patch: {e}")),
+            );
+        }
+    };
+    match resp.clone().with_patch(patch) {
+        Ok(r) => {
+            info!(name = %req.name, cluster_ips = ?got.cluster_ips, node_ports = ?got.node_ports, "allocated for Service");
+            (op, "allocated", r)
+        }
+        Err(e) => (
+            op,
+            "failed",
+            resp.deny(format!("internal error serializing the patch: {e}")),
+        ),
+    }
+}

@@ -1,0 +1,7 @@
+//! The mutating admission webhook that allocates ClusterIPs and NodePorts for Services. Every
+//! replica serves it; allocation is safe from any of them because every bitmap change is an etcd
+//! compare-and-swap.
+
+pub mod certs;
+pub mod handler;
+pub mod server;
