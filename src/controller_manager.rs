@@ -9,7 +9,10 @@ use prometheus::Registry;
 use std::sync::Arc;
 
 use svcplane_controllers::{
-    allocation::repair::{Repair, RepairMetrics},
+    allocation::{
+        releaser,
+        repair::{Repair, RepairMetrics},
+    },
     endpoints::controller::Config as EndpointsConfig,
     endpointslice::controller::Config as SliceConfig,
     events::EventSink,
@@ -230,7 +233,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         None
     };
 
-    let repair = if args.allocation.enabled() {
+    let allocation = if args.allocation.enabled() {
         let allocators =
             crate::allocation::start(&args.allocation, &client, &registry, shutdown.clone()).await?;
         let metrics = RepairMetrics::register(&registry).context("registering repair metrics")?;
@@ -239,28 +242,32 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             "ipallocator-repair-controller",
             &election_identity,
         );
-        Some(Arc::new(Repair::new(
+        let interval = args.allocation.allocation_repair_interval;
+        let repair = Arc::new(Repair::new(
             client.clone(),
-            allocators,
-            args.allocation.allocation_repair_interval,
+            allocators.clone(),
+            interval,
             metrics,
             events,
-        )))
+        ));
+        Some((repair, allocators))
     } else {
         info!("ClusterIP/NodePort allocation off (no --service-cluster-ip-range)");
         None
     };
-    // The leader runs the controllers and, with allocation on, the repair loop.
+    // The leader runs the controllers and, with allocation on, the repair loop and the releases.
+    let leader_client = client.clone();
     let run_leader_work = move |stop: CancellationToken| {
         let controllers = run_controllers(stop.clone());
-        let repair = repair.clone();
+        let allocation = allocation.clone();
+        let client = leader_client.clone();
         async move {
-            let repair = async {
-                if let Some(r) = repair {
-                    r.run(stop).await;
+            let allocation = async {
+                if let Some((repair, allocators)) = allocation {
+                    tokio::join!(repair.run(stop.clone()), releaser::run(client, allocators, stop));
                 }
             };
-            tokio::join!(controllers, repair);
+            tokio::join!(controllers, allocation);
         }
     };
 

@@ -5,4 +5,5 @@
 pub mod admission;
 pub mod allocators;
 pub mod release;
+pub mod releaser;
 pub mod repair;

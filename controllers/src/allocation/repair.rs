@@ -4,7 +4,7 @@
 //! run, the ranges do not exist in etcd and the webhook refuses to allocate.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     hash::Hash,
     net::IpAddr,
     sync::{Arc, Mutex},
@@ -22,7 +22,10 @@ use svcplane_allocators::{
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
-use super::{admission::held_values, allocators::Allocators};
+use super::{
+    admission::{Family, held_values},
+    allocators::Allocators,
+};
 use crate::{
     events::{EventSink, reference},
     model::ObjectKey,
@@ -80,7 +83,8 @@ pub struct Repair {
     interval: Duration,
     metrics: RepairMetrics,
     events: EventSink,
-    ip_leaks: Mutex<HashMap<IpAddr, u32>>,
+    /// Consecutive leak sightings, per range (one map per IP family).
+    ip_leaks: BTreeMap<Family, Mutex<HashMap<IpAddr, u32>>>,
     port_leaks: Mutex<HashMap<u16, u32>>,
 }
 
@@ -99,13 +103,18 @@ impl Repair {
         metrics: RepairMetrics,
         events: EventSink,
     ) -> Self {
+        let ip_leaks = allocators
+            .cluster_ips
+            .keys()
+            .map(|f| (*f, Mutex::new(HashMap::new())))
+            .collect();
         Self {
             client,
             allocators,
             interval,
             metrics,
             events,
-            ip_leaks: Mutex::new(HashMap::new()),
+            ip_leaks,
             port_leaks: Mutex::new(HashMap::new()),
         }
     }
@@ -147,10 +156,10 @@ impl Repair {
                 .filter(|(_, ip, _)| ip.is_ipv6() == v6)
                 .cloned()
                 .collect();
-            if let Err(e) = self
-                .repair_range(store, &in_use, &self.ip_leaks, Kind::ClusterIp)
-                .await
-            {
+            let Some(leaks) = self.ip_leaks.get(family) else {
+                continue;
+            };
+            if let Err(e) = self.repair_range(store, &in_use, leaks, Kind::ClusterIp).await {
                 self.metrics.ip_reconcile_errors.inc();
                 warn!(range = %store.range(), error = %e, "ClusterIP repair failed");
             }

@@ -31,14 +31,19 @@ struct Ranges {
 }
 
 const A: Ranges = Ranges {
-    v4: "10.96.0.0/25",
-    v6: "fd00:10:96::/121",
-    ports: "30000-30040",
+    v4: "10.96.0.0/26",
+    v6: "fd00:10:96::/122",
+    ports: "30000-30020",
 };
 const B: Ranges = Ranges {
     v4: "10.96.0.128/25",
     v6: "fd00:10:96::80/121",
     ports: "30041-30085",
+};
+const C: Ranges = Ranges {
+    v4: "10.96.0.64/26",
+    v6: "fd00:10:96::40/122",
+    ports: "30021-30040",
 };
 
 struct Bed {
@@ -51,6 +56,10 @@ struct Bed {
 
 impl Bed {
     async fn new(ranges: &Ranges) -> Self {
+        Self::with_args(ranges, &[]).await
+    }
+
+    async fn with_args(ranges: &Ranges, extra: &[&str]) -> Self {
         let cp = control_plane();
         let client = cp.client().await;
         let ns = test_namespace(&client, "alloc").await;
@@ -109,7 +118,8 @@ impl Bed {
             "--webhook-cert-names=127.0.0.1".to_owned(),
             format!("--webhook-configuration-name=svcplane-{ns}"),
         ];
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+        args.extend_from_slice(extra);
         let cm = Svcplane::controller_manager("alloc", &cp.kubeconfig, &dir, &args);
         let bed = Self {
             client,
@@ -126,6 +136,10 @@ impl Bed {
         })
         .await;
         bed
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(control_plane().dir.join(&self.ns).join("alloc.log")).unwrap_or_default()
     }
 
     fn services(&self) -> Api<Service> {
@@ -190,8 +204,8 @@ async fn the_webhook_allocates_distinct_ips_and_ports_from_etcd() {
     let v4: IpRange = A.v4.parse().unwrap();
     let v6: IpRange = A.v6.parse().unwrap();
 
-    // 50 Services at once: distinct IPs, all from svcplane's range, all in the bitmap in etcd.
-    let svcs: Vec<Service> = (0..50).map(|i| bed.service(&format!("s{i}"), |_| {})).collect();
+    // 40 Services at once: distinct IPs, all from svcplane's range, all in the bitmap in etcd.
+    let svcs: Vec<Service> = (0..40).map(|i| bed.service(&format!("s{i}"), |_| {})).collect();
     let created = futures::future::join_all(svcs.iter().map(|s| bed.create(s))).await;
     let mut ips = HashSet::new();
     for c in created {
@@ -268,7 +282,7 @@ async fn the_webhook_allocates_distinct_ips_and_ports_from_etcd() {
         .map(|p| p.node_port.unwrap())
         .collect();
     assert_eq!(node_ports[0], node_ports[1], "shared by TCP and UDP");
-    assert!((30000..=30040).contains(&node_ports[0]), "{node_ports:?}");
+    assert!((30000..=30020).contains(&node_ports[0]), "{node_ports:?}");
 
     // A dry run reserves nothing.
     let before = bed.v4_store().await.read().await.unwrap().unwrap().0.used();
@@ -297,4 +311,52 @@ async fn a_full_range_refuses_with_a_clear_message() {
         assert!(created <= 126, "more Services than addresses");
     };
     assert!(err.to_string().contains("range 10.96.0.128/25 is full"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_releases_and_a_leak_is_reclaimed_after_three_repairs() {
+    let bed = Bed::with_args(&C, &["--allocation-repair-interval=1s"]).await;
+    let store = bed.v4_store().await;
+    let held = |ip: IpAddr| {
+        let store = store.clone();
+        async move { store.read().await.unwrap().unwrap().0.has(ip) }
+    };
+
+    // Deleting a Service frees its IP.
+    let svc = bed.create(&bed.service("gone", |_| {})).await.unwrap();
+    let ip = cluster_ips(&svc)[0];
+    assert!(held(ip).await);
+    bed.services().delete("gone", &Default::default()).await.unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the deleted Service's IP to be released",
+        || async { (!held(ip).await).then_some(()) },
+    )
+    .await;
+
+    // An allocation whose Service was never stored (a create that failed after admission).
+    let leaked = match store
+        .submit(svcplane_allocators::etcd::Op::AllocateNext)
+        .await
+        .unwrap()
+    {
+        svcplane_allocators::etcd::Done::Allocated(ip) => ip,
+        other => panic!("{other:?}"),
+    };
+    let start = std::time::Instant::now();
+    let mut reclaimed = false;
+    for _ in 0..150 {
+        if !held(leaked).await {
+            reclaimed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(reclaimed, "leak {leaked} not reclaimed; log:\n{}", bed.log());
+    // Three sightings one interval apart: not before the second interval has passed.
+    assert!(
+        start.elapsed() >= Duration::from_secs(2),
+        "reclaimed after {:?}",
+        start.elapsed()
+    );
 }

@@ -1,0 +1,58 @@
+//! Frees what stored Services no longer hold (leader only). Releases must come from exactly one
+//! place: two replicas releasing the same value could free it after it was handed out again.
+
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Service;
+use kube::{Api, Client, runtime::watcher};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use super::{allocators::Allocators, release::dropped};
+use crate::runtime::{Informer, Store, Versioned};
+
+impl Versioned for Service {
+    fn resource_version(&self) -> &str {
+        self.metadata.resource_version.as_deref().unwrap_or_default()
+    }
+}
+
+/// Watches Services until `stop`, releasing what deletions and updates drop.
+pub async fn run(client: Client, allocators: Arc<Allocators>, stop: CancellationToken) {
+    let store = Arc::new(Store::<Service>::default());
+    let mut informer = Informer::new(
+        "services (allocation releases)",
+        Api::<Service>::all(client),
+        watcher::Config::default().any_semantic(),
+        |mut s: Service| {
+            s.metadata.managed_fields = None;
+            s
+        },
+        store,
+    );
+    // Handlers must not block the watch; releases go through a queue to one task.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    informer.on_change(Box::new(move |old, new| {
+        if let Some(old) = old {
+            let (ips, ports) = dropped(old, new.map(|n| &**n));
+            if !ips.is_empty() || !ports.is_empty() {
+                let _ = tx.send((ips, ports));
+            }
+        }
+    }));
+    let watch = tokio::spawn(informer.run(stop.clone()));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            next = rx.recv() => match next {
+                Some((ips, ports)) => {
+                    info!(?ips, ?ports, "releasing what a Service no longer holds");
+                    allocators.release(&ips, &ports).await;
+                }
+                None => break,
+            },
+        }
+    }
+    let _ = watch.await;
+}
