@@ -33,6 +33,9 @@ async fn controller_manager_manifests_apply_server_side() {
         "deployment.apps/svcplane-controller-manager",
         "service/svcplane-controller-manager-metrics",
         "poddisruptionbudget.policy/svcplane-controller-manager",
+        "service/svcplane-webhook",
+        "mutatingwebhookconfiguration.admissionregistration.k8s.io/svcplane",
+        "role.rbac.authorization.k8s.io/svcplane-controller-manager:webhook-certificate",
     ] {
         assert!(
             stdout.contains(&format!("{object} serverside-applied (server dry run)")),
