@@ -26,6 +26,9 @@ pub const ANNOTATION_LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/l
 /// Topology Aware Hints switch, and its deprecated spelling that wins when both are set.
 pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
 pub const ANNOTATION_TOPOLOGY_AWARE_HINTS: &str = "service.kubernetes.io/topology-aware-hints";
+/// Endpoints objects carrying it are leader-election locks of old components: never mirrored,
+/// never deleted.
+pub const ANNOTATION_LEADER: &str = "control-plane.alpha.kubernetes.io/leader";
 /// Node label carrying its zone.
 pub const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
 

@@ -20,7 +20,7 @@ use super::desired::{EndpointsWrite, plan_endpoints};
 use crate::{
     endpointslice::trigger::TriggerTimes,
     events::{EventSink, reference},
-    model::{ObjectKey, PodView, ServiceView},
+    model::{ANNOTATION_LEADER, ObjectKey, PodView, ServiceView},
     podchange,
     runtime::{Backoff, Outcome, Store, WorkQueue, WorkqueueMetrics, run_workers},
     selection::ServiceSelection,
@@ -29,8 +29,6 @@ use crate::{
 const CONTROLLER: &str = "endpoints-controller";
 const MAX_RETRIES: u32 = 15;
 const STALE_RETRY: Duration = Duration::from_millis(100);
-/// Objects used as leader-election locks by old components; never the controller's to delete.
-const ANNOTATION_LEADER: &str = "control-plane.alpha.kubernetes.io/leader";
 
 #[derive(Clone, Debug)]
 pub struct Config {

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::{
-    api::core::v1::{EndpointAddress, EndpointPort, EndpointSubset, Endpoints, ObjectReference},
+    api::core::v1::{EndpointAddress, EndpointPort, EndpointSubset, Endpoints},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
     jiff::Timestamp,
 };
@@ -12,7 +12,7 @@ use k8s_openapi::{
 use super::subsets::{MAX_ADDRESSES, address_count, repack, same_subsets, truncate};
 use crate::{
     endpointslice::{
-        endpoint::{parse_ip, should_set_hostname},
+        endpoint::{parse_ip, pod_reference, should_set_hostname},
         reconcile::format_trigger_time,
     },
     model::{ANNOTATION_LAST_CHANGE_TRIGGER_TIME, LABEL_HEADLESS, PodView, ServiceView, TargetPort},
@@ -61,13 +61,7 @@ fn pod_address(svc: &ServiceView, pod: &PodView) -> Option<EndpointAddress> {
         hostname: should_set_hostname(pod, svc)
             .then(|| pod.hostname.clone())
             .flatten(),
-        target_ref: Some(ObjectReference {
-            kind: Some("Pod".into()),
-            namespace: Some(pod.namespace.clone()),
-            name: Some(pod.name.clone()),
-            uid: Some(pod.uid.clone()),
-            ..Default::default()
-        }),
+        target_ref: Some(pod_reference(pod)),
     })
 }
 

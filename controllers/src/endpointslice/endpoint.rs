@@ -125,18 +125,23 @@ pub fn pod_to_endpoint(
             serving: Some(serving),
             terminating: Some(terminating),
         }),
-        target_ref: Some(ObjectReference {
-            kind: Some("Pod".into()),
-            namespace: Some(pod.namespace.clone()),
-            name: Some(pod.name.clone()),
-            uid: Some(pod.uid.clone()),
-            ..Default::default()
-        }),
+        target_ref: Some(pod_reference(pod)),
         node_name: pod.node_name.clone(),
         zone: zone.filter(|z| !z.is_empty()).map(str::to_owned),
         hostname: should_set_hostname(pod, svc)
             .then(|| pod.hostname.clone())
             .flatten(),
+        ..Default::default()
+    }
+}
+
+/// The reference an endpoint carries to its Pod (no resourceVersion, as upstream writes it).
+pub fn pod_reference(pod: &PodView) -> ObjectReference {
+    ObjectReference {
+        kind: Some("Pod".into()),
+        namespace: Some(pod.namespace.clone()),
+        name: Some(pod.name.clone()),
+        uid: Some(pod.uid.clone()),
         ..Default::default()
     }
 }

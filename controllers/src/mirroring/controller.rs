@@ -26,7 +26,7 @@ use crate::{
         writer::{WriteError, write_slices},
     },
     events::{EventSink, reference},
-    model::{ObjectKey, ServiceView},
+    model::{ANNOTATION_LEADER, ObjectKey, ServiceView},
     runtime::{Backoff, GaugeShares, Outcome, Store, WorkQueue, WorkqueueMetrics, run_workers},
     selection::ServiceSelection,
 };
@@ -34,7 +34,6 @@ use crate::{
 const CONTROLLER: &str = "endpointslice-mirroring-controller";
 const MAX_RETRIES: u32 = 15;
 const STALE_RETRY: Duration = Duration::from_millis(100);
-const ANNOTATION_LEADER: &str = "control-plane.alpha.kubernetes.io/leader";
 const SUBSYSTEM: &str = "endpoint_slice_mirroring_controller";
 
 #[derive(Clone, Debug)]
