@@ -17,7 +17,10 @@ use svcplane_allocators::{
 use svcplane_controllers::allocation::{
     admission::{ClusterFamilies, Family},
     allocators::Allocators,
+    pool::RangeUsage,
+    usage::{AllocatorMetrics, monitor},
 };
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -62,6 +65,10 @@ pub struct AllocationArgs {
     /// namespace/name of the Secret holding the generated serving certificate.
     #[arg(long, default_value = "kube-system/svcplane-webhook-tls")]
     pub webhook_cert_secret: String,
+    /// Connections from the apiserver are closed gracefully after about this long, so that
+    /// admission requests spread over every replica behind the webhook Service.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    pub webhook_max_connection_age: Duration,
     /// Names (DNS or IP) the generated serving certificate is valid for.
     #[arg(
         long,
@@ -76,6 +83,18 @@ pub struct AllocationArgs {
     /// their third consecutive sighting).
     #[arg(long, default_value = "3m", value_parser = humantime::parse_duration)]
     pub allocation_repair_interval: Duration,
+    /// How often every replica reads the ranges from etcd for its allocator gauges, its readiness
+    /// and (leader) the ServicePool status.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub allocation_usage_period: Duration,
+}
+
+/// What a running allocation hands the rest of the controller-manager.
+pub struct Started {
+    /// For the leader-only repair and releases.
+    pub allocators: Arc<Allocators>,
+    /// Every range's usage as last read from etcd.
+    pub usage: watch::Receiver<Vec<RangeUsage>>,
 }
 
 impl AllocationArgs {
@@ -84,13 +103,13 @@ impl AllocationArgs {
     }
 }
 
-/// Starts the webhook (every replica). Returns the allocators for the leader-only repair.
+/// Starts the webhook and the usage monitor (every replica).
 pub async fn start(
     args: &AllocationArgs,
     client: &Client,
     registry: &Registry,
     shutdown: CancellationToken,
-) -> anyhow::Result<Arc<Allocators>> {
+) -> anyhow::Result<Started> {
     if args.etcd_servers.is_empty() {
         bail!("--service-cluster-ip-range needs --etcd-servers: the allocation bitmaps live in etcd");
     }
@@ -137,7 +156,18 @@ pub async fn start(
         families: families.clone(),
         cluster_ips,
         node_ports,
+        metrics: AllocatorMetrics::register(registry).context("registering allocator metrics")?,
     });
+    let (usage_tx, usage) = watch::channel(Vec::new());
+    {
+        let allocators = allocators.clone();
+        let period = args.allocation_usage_period;
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let metrics = allocators.metrics.clone();
+            monitor(&allocators, &metrics, usage_tx, period, stop).await;
+        });
+    }
 
     let source = match (
         &args.webhook_tls_cert_file,
@@ -170,12 +200,13 @@ pub async fn start(
         metrics: WebhookMetrics::register(registry).context("registering webhook metrics")?,
     });
     let addr = args.webhook_bind_address;
+    let max_age = args.webhook_max_connection_age;
     tokio::spawn(async move {
-        if let Err(e) = server::serve(addr, tls, router(state), shutdown).await {
+        if let Err(e) = server::serve(addr, tls, router(state), max_age, shutdown).await {
             warn!(error = format!("{e:#}"), "admission webhook server stopped");
         }
     });
-    Ok(allocators)
+    Ok(Started { allocators, usage })
 }
 
 /// Writes the CA into every webhook of the configuration (when it exists), so the apiserver

@@ -12,6 +12,7 @@ use svcplane_controllers::{
     allocation::{
         releaser,
         repair::{Repair, RepairMetrics},
+        usage::write_pools,
     },
     endpoints::controller::Config as EndpointsConfig,
     endpointslice::controller::Config as SliceConfig,
@@ -26,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    health::{Checks, LeaderElectionWatchdog, spawn_apiserver_probe},
+    health::{Checks, LeaderElectionWatchdog, RangesInitialized, spawn_apiserver_probe},
     http::Server,
     kubeclient,
 };
@@ -168,7 +169,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ))
         .context("registering process metrics")?;
 
-    let readiness = Checks::default().with(spawn_apiserver_probe(
+    let mut readiness = Checks::default().with(spawn_apiserver_probe(
         client.clone(),
         args.apiserver_probe_period,
         shutdown.clone(),
@@ -234,8 +235,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
 
     let allocation = if args.allocation.enabled() {
-        let allocators =
+        let crate::allocation::Started { allocators, usage } =
             crate::allocation::start(&args.allocation, &client, &registry, shutdown.clone()).await?;
+        readiness = readiness.with(RangesInitialized::new(usage.clone()));
         let metrics = RepairMetrics::register(&registry).context("registering repair metrics")?;
         let events = EventSink::new(
             client.clone(),
@@ -250,7 +252,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             metrics,
             events,
         ));
-        Some((repair, allocators))
+        Some((repair, allocators, usage))
     } else {
         info!("ClusterIP/NodePort allocation off (no --service-cluster-ip-range)");
         None
@@ -263,8 +265,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let client = leader_client.clone();
         async move {
             let allocation = async {
-                if let Some((repair, allocators)) = allocation {
-                    tokio::join!(repair.run(stop.clone()), releaser::run(client, allocators, stop));
+                if let Some((repair, allocators, usage)) = allocation {
+                    tokio::join!(
+                        repair.run(stop.clone()),
+                        releaser::run(client.clone(), allocators, stop.clone()),
+                        write_pools(client, usage, stop),
+                    );
                 }
             };
             tokio::join!(controllers, allocation);

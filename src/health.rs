@@ -1,10 +1,20 @@
 //! Liveness and readiness checks, reported the way Kubernetes components report theirs
 //! (`[+]name ok` / `[-]name failed: reason`), so operators read them as they read the apiserver's.
 
-use std::{fmt::Write as _, sync::Arc, time::Duration};
+use std::{
+    fmt::Write as _,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use kube::Client;
-use svcplane_controllers::leader::Leadership;
+use svcplane_controllers::{
+    allocation::{pool::RangeUsage, usage::initialized},
+    leader::Leadership,
+};
 use tokio::{
     sync::watch,
     time::{Instant, MissedTickBehavior, interval, timeout},
@@ -59,6 +69,44 @@ impl Checks {
             }
         }
         Report { healthy, body }
+    }
+}
+
+/// Readiness of the webhook: every allocation range has been initialized in etcd by the leader's
+/// first repair pass, so nothing is allocated from a bitmap that has not been reconciled with the
+/// Services that exist. Latched: once the ranges were seen, a later etcd outage keeps the replica
+/// ready, so the apiserver relays the webhook's own refusal (naming etcd) rather than "no
+/// endpoints available".
+pub struct RangesInitialized {
+    usage: watch::Receiver<Vec<RangeUsage>>,
+    seen: AtomicBool,
+}
+
+impl RangesInitialized {
+    pub fn new(usage: watch::Receiver<Vec<RangeUsage>>) -> Self {
+        Self {
+            usage,
+            seen: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Check for RangesInitialized {
+    fn name(&self) -> &'static str {
+        "allocation-ranges"
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.seen.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let usage = self.usage.borrow();
+        if usage.is_empty() {
+            return Err("the ranges have not been read from etcd yet".into());
+        }
+        initialized(&usage)?;
+        self.seen.store(true, Ordering::Relaxed);
+        Ok(())
     }
 }
 

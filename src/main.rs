@@ -5,6 +5,7 @@
 
 mod allocation;
 mod controller_manager;
+mod crds;
 mod health;
 mod http;
 mod kubeclient;
@@ -32,10 +33,24 @@ struct Cli {
 enum Command {
     /// Runs the leader-elected controllers (EndpointSlice, Endpoints, mirroring, allocators).
     ControllerManager(Box<controller_manager::Args>),
+    /// Prints the CustomResourceDefinitions svcplane uses, for `kubectl apply -f -`.
+    Crds,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Crds = cli.command {
+        return match crds::yaml() {
+            Ok(y) => {
+                print!("{y}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("svcplane: cannot render the CRDs: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     // kube, the webhook server and etcd-client all use rustls; one provider, chosen once, keeps
     // aws-lc out of the build and every TLS stack consistent.
     if rustls::crypto::ring::default_provider()
@@ -59,6 +74,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::ControllerManager(args) => controller_manager::run(*args).await,
+            Command::Crds => Ok(()),
         }
     });
     match result {

@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used)] // Test support: a failed unwrap is a failed test, with its message.
 
+pub mod balancer;
+pub mod etcd;
 pub mod http;
 pub mod objects;
 pub mod pods;
@@ -199,8 +201,35 @@ impl ControlPlane {
             .replace(
                 "name: svcplane:controller-manager\n",
                 &format!("name: svcplane:controller-manager:{ns}\n"),
+            )
+            // The webhook configuration a test registers is its own too.
+            .replace(
+                "resourceNames: [\"svcplane\"]",
+                &format!("resourceNames: [\"svcplane-{ns}\"]"),
             );
         self.kubectl_apply(&yaml);
+    }
+
+    /// Applies the shipped CRDs (cluster-wide, the same for every test) and waits until they are
+    /// served.
+    pub fn apply_crds(&self) {
+        let yaml = std::fs::read_to_string(repo_root().join("manifests/crds/crds.yaml")).unwrap();
+        self.kubectl_apply(&yaml);
+        let out = self
+            .kubectl()
+            .args([
+                "wait",
+                "--for=condition=Established",
+                "--timeout=60s",
+                "crd/servicepools.svcplane.io",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "CRD not established: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// `kubectl apply --server-side` of a YAML stream; panics with kubectl's output on failure.

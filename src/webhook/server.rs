@@ -1,7 +1,13 @@
 //! HTTPS for the admission webhook: rustls (ring) in front of an axum router, one task per
 //! connection.
+//!
+//! The apiserver keeps one long-lived (HTTP/2) connection to a webhook Service, so without help
+//! every admission request lands on whichever replica it first connected to, and a replica added
+//! later never gets any. Each connection is therefore closed gracefully (GOAWAY, in-flight
+//! requests finish) after a jittered maximum age, and the next one may go to another replica: the
+//! same reasoning as kube-apiserver's `--goaway-chance`.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use axum::Router;
@@ -41,6 +47,7 @@ pub async fn serve(
     addr: SocketAddr,
     tls: Arc<ServerConfig>,
     router: Router,
+    max_connection_age: Duration,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr)
@@ -61,6 +68,8 @@ pub async fn serve(
         };
         let acceptor = acceptor.clone();
         let router = router.clone();
+        let shutdown = shutdown.clone();
+        let age = jittered(max_connection_age);
         tokio::spawn(async move {
             let tls = match acceptor.accept(tcp).await {
                 Ok(s) => s,
@@ -69,13 +78,35 @@ pub async fn serve(
                     return;
                 }
             };
-            let service = TowerToHyperService::new(router);
-            if let Err(e) = Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tls), service)
-                .await
-            {
-                debug!(%peer, error = %e, "webhook connection ended with an error");
+            let builder = Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection(TokioIo::new(tls), TowerToHyperService::new(router));
+            tokio::pin!(conn);
+            let expiry = tokio::time::sleep(age);
+            tokio::pin!(expiry);
+            let mut closing = false;
+            loop {
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            debug!(%peer, error = %e, "webhook connection ended with an error");
+                        }
+                        return;
+                    }
+                    () = &mut expiry, if !closing => {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    () = shutdown.cancelled(), if !closing => {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
             }
         });
     }
+}
+
+/// `age` ± 10 %, so connections opened together are not all closed together.
+fn jittered(age: Duration) -> Duration {
+    age.mul_f64(rand::random_range(0.9..1.1))
 }

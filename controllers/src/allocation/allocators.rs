@@ -10,13 +10,17 @@ use svcplane_allocators::{
 };
 use tracing::warn;
 
-use super::admission::{Allocated, ClusterFamilies, Family, Plan, Want};
+use super::{
+    admission::{Allocated, ClusterFamilies, Family, Plan, Want},
+    usage::{AllocatorMetrics, Scope},
+};
 
 /// The ranges one controller-manager allocates from.
 pub struct Allocators {
     pub families: ClusterFamilies,
     pub cluster_ips: BTreeMap<Family, Arc<RangeStore<IpRange>>>,
     pub node_ports: Arc<RangeStore<PortRange>>,
+    pub metrics: AllocatorMetrics,
 }
 
 /// Why a request got nothing.
@@ -42,10 +46,10 @@ impl AllocationFailure {
     }
 }
 
-fn op<V>(want: Want<V>) -> Op<V> {
+fn to_op<V>(want: Want<V>) -> (Op<V>, Scope) {
     match want {
-        Want::Next => Op::AllocateNext,
-        Want::Exactly(v) => Op::Allocate(v),
+        Want::Next => (Op::AllocateNext, Scope::Dynamic),
+        Want::Exactly(v) => (Op::Allocate(v), Scope::Static),
     }
 }
 
@@ -74,34 +78,31 @@ impl Allocators {
                 .cluster_ips
                 .get(family)
                 .ok_or(AllocationFailure::NoRange(family.as_str()))?;
-            match store
-                .submit(op(*want))
-                .await
-                .map_err(AllocationFailure::ClusterIp)?
-            {
+            let (op, scope) = to_op(*want);
+            let result = store.submit(op).await;
+            self.metrics
+                .cluster_ip(&store.range().to_string(), scope, result.is_ok());
+            match result.map_err(AllocationFailure::ClusterIp)? {
                 Done::Allocated(ip) => got.cluster_ips.push(ip),
                 Done::Released(_) => {}
             }
         }
         for (_, want) in &plan.node_ports {
-            match self
-                .node_ports
-                .submit(op(*want))
-                .await
-                .map_err(AllocationFailure::NodePort)?
-            {
+            let (op, scope) = to_op(*want);
+            let result = self.node_ports.submit(op).await;
+            self.metrics.node_port(scope, result.is_ok());
+            match result.map_err(AllocationFailure::NodePort)? {
                 Done::Allocated(p) => got.node_ports.push(p),
                 Done::Released(_) => {}
             }
         }
-        if let Some(want) = plan.health_check_node_port
-            && let Done::Allocated(p) = self
-                .node_ports
-                .submit(op(want))
-                .await
-                .map_err(AllocationFailure::HealthCheckNodePort)?
-        {
-            got.health_check_node_port = Some(p);
+        if let Some(want) = plan.health_check_node_port {
+            let (op, scope) = to_op(want);
+            let result = self.node_ports.submit(op).await;
+            self.metrics.node_port(scope, result.is_ok());
+            if let Done::Allocated(p) = result.map_err(AllocationFailure::HealthCheckNodePort)? {
+                got.health_check_node_port = Some(p);
+            }
         }
         Ok(())
     }

@@ -4,6 +4,8 @@
 
 pub mod admission;
 pub mod allocators;
+pub mod pool;
 pub mod release;
 pub mod releaser;
 pub mod repair;
+pub mod usage;

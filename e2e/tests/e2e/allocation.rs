@@ -21,7 +21,7 @@ use kube::{
     api::{ObjectMeta, Patch, PatchParams, PostParams},
 };
 use svcplane_allocators::{IpRange, etcd::RangeStore};
-use svcplane_e2e::{control_plane, eventually, free_port, process::Svcplane, test_namespace};
+use svcplane_e2e::{control_plane, etcd::Etcd, eventually, free_port, process::Svcplane, test_namespace};
 
 /// Ranges of one test; tests running at once use disjoint ones, as two clusters would.
 struct Ranges {
@@ -36,14 +36,19 @@ const A: Ranges = Ranges {
     ports: "30000-30020",
 };
 const B: Ranges = Ranges {
-    v4: "10.96.0.128/25",
-    v6: "fd00:10:96::80/121",
-    ports: "30041-30085",
+    v4: "10.96.0.128/26",
+    v6: "fd00:10:96::80/122",
+    ports: "30041-30062",
 };
 const C: Ranges = Ranges {
     v4: "10.96.0.64/26",
     v6: "fd00:10:96::40/122",
     ports: "30021-30040",
+};
+const D: Ranges = Ranges {
+    v4: "10.96.0.192/26",
+    v6: "fd00:10:96::c0/122",
+    ports: "30063-30085",
 };
 
 struct Bed {
@@ -51,7 +56,8 @@ struct Bed {
     ns: String,
     prefix: String,
     v4: &'static str,
-    _cm: Svcplane,
+    etcd_url: String,
+    cm: Svcplane,
 }
 
 impl Bed {
@@ -60,6 +66,13 @@ impl Bed {
     }
 
     async fn with_args(ranges: &Ranges, extra: &[&str]) -> Self {
+        let etcd = format!("http://127.0.0.1:{}", control_plane().etcd_port);
+        Self::build(ranges, etcd, extra).await
+    }
+
+    /// A controller-manager allocating from `ranges` with its bitmaps in the etcd at `etcd_url`,
+    /// acting with the shipped RBAC, its webhook registered for the test's namespace only.
+    async fn build(ranges: &Ranges, etcd_url: String, extra: &[&str]) -> Self {
         let cp = control_plane();
         let client = cp.client().await;
         let ns = test_namespace(&client, "alloc").await;
@@ -105,13 +118,24 @@ impl Bed {
         let prefix = format!("/svcplane-{ns}");
         let dir = cp.dir.join(&ns);
         std::fs::create_dir_all(&dir).unwrap();
+        cp.apply_crds();
+        cp.apply_controller_manager_rbac(&ns);
+        let kubeconfig = cp
+            .service_account_kubeconfig(
+                &client,
+                &ns,
+                "svcplane-controller-manager",
+                None,
+                &dir.join("sa.kubeconfig"),
+            )
+            .await;
         let args = [
             "--leader-elect-resource-namespace".to_owned(),
             ns.clone(),
             "--controllers=".to_owned(),
             format!("--service-cluster-ip-range={},{}", ranges.v4, ranges.v6),
             format!("--service-node-port-range={}", ranges.ports),
-            format!("--etcd-servers=http://127.0.0.1:{}", cp.etcd_port),
+            format!("--etcd-servers={etcd_url}"),
             format!("--etcd-prefix={prefix}"),
             format!("--webhook-bind-address=127.0.0.1:{port}"),
             format!("--webhook-cert-secret={ns}/svcplane-webhook-tls"),
@@ -120,13 +144,14 @@ impl Bed {
         ];
         let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
         args.extend_from_slice(extra);
-        let cm = Svcplane::controller_manager("alloc", &cp.kubeconfig, &dir, &args);
+        let cm = Svcplane::controller_manager("alloc", &kubeconfig, &dir, &args);
         let bed = Self {
             client,
             ns,
             prefix,
             v4: ranges.v4,
-            _cm: cm,
+            etcd_url,
+            cm,
         };
         // Ready once the repair pass initialized the ranges and the apiserver trusts the webhook.
         eventually(Duration::from_secs(60), "the webhook to allocate", || async {
@@ -172,10 +197,9 @@ impl Bed {
     }
 
     async fn v4_store(&self) -> std::sync::Arc<RangeStore<IpRange>> {
-        let etcd =
-            etcd_client::Client::connect([format!("http://127.0.0.1:{}", control_plane().etcd_port)], None)
-                .await
-                .unwrap();
+        let etcd = etcd_client::Client::connect([self.etcd_url.clone()], None)
+            .await
+            .unwrap();
         let range: IpRange = self.v4.parse().unwrap();
         RangeStore::new(
             etcd,
@@ -308,9 +332,9 @@ async fn a_full_range_refuses_with_a_clear_message() {
             Ok(_) => created += 1,
             Err(e) => break e,
         }
-        assert!(created <= 126, "more Services than addresses");
+        assert!(created <= 62, "more Services than addresses");
     };
-    assert!(err.to_string().contains("range 10.96.0.128/25 is full"), "{err}");
+    assert!(err.to_string().contains("range 10.96.0.128/26 is full"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -358,5 +382,137 @@ async fn deletion_releases_and_a_leak_is_reclaimed_after_three_repairs() {
         start.elapsed() >= Duration::from_secs(2),
         "reclaimed after {:?}",
         start.elapsed()
+    );
+}
+
+/// `kubectl get servicepool <name>` as a user runs it: header and row, split into columns.
+fn kubectl_get_pool(name: &str) -> Option<(Vec<String>, Vec<String>)> {
+    let out = control_plane()
+        .kubectl()
+        .args(["get", "servicepool", name])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    let split = |l: &str| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+    Some((split(lines.next()?), split(lines.next()?)))
+}
+
+fn pool_message(name: &str) -> String {
+    let out = control_plane()
+        .kubectl()
+        .args(["get", "servicepool", name, "-o", "jsonpath={.status.message}"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_outages_refuse_naming_etcd_and_a_corrupt_bitmap_is_never_reset() {
+    let dir = control_plane()
+        .dir
+        .join(format!("etcd-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut etcd = Etcd::start(&dir).await;
+    let bed = Bed::build(
+        &D,
+        etcd.url(),
+        &[
+            "--allocation-repair-interval=1s",
+            "--allocation-usage-period=300ms",
+        ],
+    )
+    .await;
+    let store = bed.v4_store().await;
+    let pool = "clusterip-10-96-0-192-26";
+
+    // The pool shows the range's size and what the bitmap in etcd holds, as kubectl columns.
+    bed.create(&bed.service("before", |_| {})).await.unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the pool to match the bitmap",
+        || async {
+            let used = store.read().await.ok()??.0.used();
+            let (header, row) = kubectl_get_pool(pool)?;
+            assert_eq!(
+                header,
+                ["NAME", "TYPE", "RANGE", "SIZE", "ALLOCATED", "FREE", "AGE"]
+            );
+            (row[1..6]
+                == [
+                    "ClusterIP",
+                    D.v4,
+                    "62",
+                    &used.to_string(),
+                    &(62 - used).to_string(),
+                ])
+            .then_some(())
+        },
+    )
+    .await;
+
+    // etcd gone: creates are refused with a message naming etcd; the replica stays ready so
+    // that the apiserver relays that message; the pool says why it cannot allocate.
+    etcd.kill();
+    let err = bed.create(&bed.service("during", |_| {})).await.unwrap_err();
+    assert!(err.to_string().contains("etcd is unreachable"), "{err}");
+    let (code, body) = bed.cm.readyz().await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    eventually(
+        Duration::from_secs(30),
+        "the pool to report the outage",
+        || async { pool_message(pool).contains("etcd is unreachable").then_some(()) },
+    )
+    .await;
+
+    // etcd back: allocation works again by itself, and nothing allocated before was lost.
+    etcd.resume().await;
+    let after = eventually(
+        Duration::from_secs(60),
+        "creates to work after etcd restarts",
+        || async { bed.create(&bed.service("after", |_| {})).await.ok() },
+    )
+    .await;
+    let (stored, _) = store.read().await.unwrap().unwrap();
+    let before = bed.services().get("before").await.unwrap();
+    assert!(stored.has(cluster_ips(&before)[0]) && stored.has(cluster_ips(&after)[0]));
+    eventually(Duration::from_secs(30), "the pool message to clear", || async {
+        pool_message(pool).is_empty().then_some(())
+    })
+    .await;
+
+    // A bitmap that does not decode stops allocation with an error naming the key, and neither
+    // allocation nor three repair passes overwrite it.
+    let mut kv = etcd_client::Client::connect([etcd.url()], None).await.unwrap();
+    kv.put(store.key(), "not a bitmap", None).await.unwrap();
+    let err = bed.create(&bed.service("corrupt", |_| {})).await.unwrap_err();
+    assert!(
+        err.to_string().contains("is corrupt") && err.to_string().contains(store.key()),
+        "{err}"
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let resp = kv.get(store.key(), None).await.unwrap();
+    assert_eq!(
+        resp.kvs()[0].value(),
+        b"not a bitmap",
+        "the corrupt bitmap was overwritten"
+    );
+    assert!(pool_message(pool).contains("corrupt"), "{}", pool_message(pool));
+    let metrics = bed.cm.metrics().await.unwrap();
+    let errors = svcplane_e2e::http::metric_value(
+        &metrics,
+        &format!(
+            "kube_apiserver_clusterip_allocator_allocation_errors_total{{cidr=\"{}\",scope=\"dynamic\"}}",
+            D.v4
+        ),
+    );
+    assert!(
+        errors.is_some_and(|e| e >= 2.0),
+        "allocation errors not counted: {errors:?}"
+    );
+    assert!(
+        svcplane_e2e::http::metric_value(&metrics, "apiserver_clusterip_repair_reconcile_errors_total")
+            .is_some_and(|e| e >= 1.0),
+        "repair did not report the corrupt range"
     );
 }

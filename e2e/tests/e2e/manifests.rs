@@ -5,7 +5,6 @@ use svcplane_e2e::{control_plane, repo_root};
 #[tokio::test]
 async fn controller_manager_manifests_apply_server_side() {
     let cp = control_plane();
-    let dir = repo_root().join("manifests/controller-manager");
     let out = cp
         .kubectl()
         .args([
@@ -15,7 +14,9 @@ async fn controller_manager_manifests_apply_server_side() {
             "--field-manager=svcplane-e2e",
             "-f",
         ])
-        .arg(&dir)
+        .arg(repo_root().join("manifests/controller-manager"))
+        .arg("-f")
+        .arg(repo_root().join("manifests/crds"))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -36,6 +37,7 @@ async fn controller_manager_manifests_apply_server_side() {
         "service/svcplane-webhook",
         "mutatingwebhookconfiguration.admissionregistration.k8s.io/svcplane",
         "role.rbac.authorization.k8s.io/svcplane-controller-manager:webhook-certificate",
+        "customresourcedefinition.apiextensions.k8s.io/servicepools.svcplane.io",
     ] {
         assert!(
             stdout.contains(&format!("{object} serverside-applied (server dry run)")),
