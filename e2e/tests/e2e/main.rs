@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)] // Tests: a failed unwrap is a failed assertion.
 
 mod allocation;
+mod allocation_ha;
 mod allocator_store;
 mod control_plane;
 mod endpointslices;

@@ -1,0 +1,419 @@
+//! Allocation as it runs in production: two controller-manager replicas behind one webhook address
+//! for every namespace, allocating from the apiserver's own ranges, with the shipped RBAC and CRDs
+//! unmodified. A control plane of its own, since this webhook intercepts every Service create.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use futures::StreamExt;
+use k8s_openapi::{
+    api::{
+        admissionregistration::v1::{
+            MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, WebhookClientConfig,
+        },
+        coordination::v1::{Lease, LeaseSpec},
+        core::v1::{Service, ServicePort, ServiceSpec},
+    },
+    apimachinery::pkg::apis::meta::v1::MicroTime,
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client,
+    api::{ListParams, ObjectMeta, PostParams},
+};
+use svcplane_allocators::{IpRange, PortRange, etcd::RangeStore};
+use svcplane_e2e::{
+    OwnedControlPlane, balancer::Balancer, eventually, free_port, http::metric_value, process::Svcplane,
+    repo_root, test_namespace,
+};
+
+const V4: &str = "10.96.0.0/16";
+const V6: &str = "fd00:10:96::/112";
+const PORTS: &str = "30000-32767";
+const SERVICES: usize = 500;
+/// The leader is killed once this many creates have succeeded.
+const KILL_AFTER: usize = 200;
+
+fn service(i: usize) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some(format!("s{i}")),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            type_: (i % 5 == 0).then(|| "NodePort".to_owned()),
+            ip_family_policy: (i % 7 == 0).then(|| "PreferDualStack".to_owned()),
+            ports: Some(vec![ServicePort {
+                port: 80,
+                ..Default::default()
+            }]),
+            selector: Some([("app".to_owned(), format!("s{i}"))].into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Creates until it succeeds: a request that reached the replica being killed fails (the webhook
+/// fails closed), and the client tries again, as controllers and kubectl users do.
+async fn create_until_done(api: &Api<Service>, svc: &Service, failures: &AtomicUsize) -> Service {
+    for _ in 0..100 {
+        match api.create(&PostParams::default(), svc).await {
+            Ok(s) => return s,
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                // Stored by an attempt whose answer was lost.
+                return api.get(svc.metadata.name.as_deref().unwrap()).await.unwrap();
+            }
+            Err(_) => {
+                failures.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    panic!("{:?} could not be created", svc.metadata.name);
+}
+
+fn webhook_requests(metrics: &str) -> f64 {
+    metric_value(
+        metrics,
+        "svcplane_allocation_webhook_requests_total{operation=\"create\",outcome=\"allocated\"}",
+    )
+    .unwrap_or(0.0)
+}
+
+/// What every Service holds: IPv4 and IPv6 ClusterIPs and NodePorts, each with the Services
+/// holding it.
+#[derive(Default)]
+struct Held {
+    v4: BTreeMap<IpAddr, Vec<String>>,
+    v6: BTreeMap<IpAddr, Vec<String>>,
+    ports: BTreeMap<u16, Vec<String>>,
+}
+
+async fn held(client: &Client) -> Held {
+    let mut h = Held::default();
+    for svc in Api::<Service>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+    {
+        let name = format!(
+            "{}/{}",
+            svc.metadata.namespace.unwrap(),
+            svc.metadata.name.unwrap()
+        );
+        let spec = svc.spec.unwrap();
+        for ip in spec.cluster_ips.iter().flatten() {
+            let ip: IpAddr = ip.parse().unwrap();
+            let map = if ip.is_ipv6() { &mut h.v6 } else { &mut h.v4 };
+            map.entry(ip).or_default().push(name.clone());
+        }
+        for p in spec.ports.iter().flatten() {
+            if let Some(np) = p.node_port {
+                h.ports
+                    .entry(u16::try_from(np).unwrap())
+                    .or_default()
+                    .push(name.clone());
+            }
+        }
+    }
+    h
+}
+
+fn duplicates<K: std::fmt::Debug>(m: &BTreeMap<K, Vec<String>>) -> Vec<String> {
+    m.iter()
+        .filter(|(_, v)| v.len() > 1)
+        .map(|(k, v)| format!("{k:?} held by {v:?}"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_behind_one_address_never_duplicate_even_when_the_leader_dies() {
+    let owned = OwnedControlPlane::start("alloc-ha").unwrap();
+    let cp = &owned.cp;
+    let client = cp.client().await;
+    let manifests = repo_root().join("manifests");
+    let mut yaml = String::new();
+    for f in [
+        "controller-manager/serviceaccount.yaml",
+        "controller-manager/rbac.yaml",
+    ] {
+        yaml.push_str(&std::fs::read_to_string(manifests.join(f)).unwrap());
+        yaml.push_str("\n---\n");
+    }
+    cp.kubectl_apply(&yaml);
+    cp.apply_crds();
+
+    let ports = [free_port(), free_port()];
+    let balancer = Balancer::start(
+        ports
+            .iter()
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+            .collect(),
+    )
+    .await;
+    let webhook = MutatingWebhookConfiguration {
+        metadata: ObjectMeta {
+            name: Some("svcplane".into()),
+            ..Default::default()
+        },
+        webhooks: Some(vec![MutatingWebhook {
+            name: "services.svcplane.io".into(),
+            admission_review_versions: vec!["v1".into()],
+            side_effects: "NoneOnDryRun".into(),
+            failure_policy: Some("Fail".into()),
+            timeout_seconds: Some(10),
+            client_config: WebhookClientConfig {
+                url: Some(format!("https://127.0.0.1:{}/mutate-services", balancer.port)),
+                ..Default::default()
+            },
+            rules: Some(vec![RuleWithOperations {
+                api_groups: Some(vec!["".into()]),
+                api_versions: Some(vec!["v1".into()]),
+                resources: Some(vec!["services".into()]),
+                operations: Some(vec!["CREATE".into(), "UPDATE".into()]),
+                scope: Some("Namespaced".into()),
+            }]),
+            ..Default::default()
+        }]),
+    };
+    Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .create(&PostParams::default(), &webhook)
+        .await
+        .unwrap();
+
+    // Someone else holds the Lease for a few seconds: no repair pass has run, so the ranges are
+    // not initialized and neither replica may be ready to allocate.
+    let now = MicroTime(Timestamp::now());
+    let lease = Lease {
+        metadata: ObjectMeta {
+            name: Some("svcplane-controller-manager".into()),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some("elsewhere".into()),
+            lease_duration_seconds: Some(6),
+            acquire_time: Some(now.clone()),
+            renew_time: Some(now),
+            ..Default::default()
+        }),
+    };
+    Api::<Lease>::namespaced(client.clone(), "kube-system")
+        .create(&PostParams::default(), &lease)
+        .await
+        .unwrap();
+
+    let kubeconfig = cp
+        .service_account_kubeconfig(
+            &client,
+            "kube-system",
+            "svcplane-controller-manager",
+            None,
+            &cp.dir.join("sa.kubeconfig"),
+        )
+        .await;
+    let replica = |name: &str, port: u16| {
+        let args = [
+            "--controllers=".to_owned(),
+            format!("--service-cluster-ip-range={V4},{V6}"),
+            format!("--service-node-port-range={PORTS}"),
+            format!("--etcd-servers=http://127.0.0.1:{}", cp.etcd_port),
+            format!("--webhook-bind-address=127.0.0.1:{port}"),
+            "--webhook-cert-names=127.0.0.1".to_owned(),
+            "--webhook-max-connection-age=100ms".to_owned(),
+            "--allocation-repair-interval=2s".to_owned(),
+            "--allocation-usage-period=500ms".to_owned(),
+            "--leader-elect-lease-duration=4s".to_owned(),
+            "--leader-elect-renew-deadline=3s".to_owned(),
+            "--leader-elect-retry-period=500ms".to_owned(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Svcplane::controller_manager(name, &kubeconfig, &cp.dir, &args)
+    };
+    let mut replicas = [replica("cm-a", ports[0]), replica("cm-b", ports[1])];
+
+    let (code, body) = eventually(Duration::from_secs(20), "a readiness answer", || async {
+        replicas[0].readyz().await
+    })
+    .await;
+    assert_eq!(code, 500, "{body}");
+    assert!(
+        body.contains("[-]allocation-ranges failed") && body.contains("not initialized"),
+        "{body}"
+    );
+    for r in &replicas {
+        eventually(Duration::from_secs(60), "both replicas ready", || async {
+            (r.readyz().await?.0 == 200).then_some(())
+        })
+        .await;
+    }
+    let leader_name = Api::<Lease>::namespaced(client.clone(), "kube-system")
+        .get("svcplane-controller-manager")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .holder_identity
+        .unwrap();
+    let leader = replicas.iter().position(|r| r.name == leader_name).unwrap();
+    let survivor = 1 - leader;
+
+    // 500 creates, 50 at a time, through the one address; the leader is killed midway.
+    let ns = test_namespace(&client, "ha").await;
+    let api: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let done = AtomicUsize::new(0);
+    let failures = AtomicUsize::new(0);
+    let creates = futures::stream::iter(0..SERVICES)
+        .map(|i| {
+            let (api, done, failures) = (&api, &done, &failures);
+            async move {
+                let s = create_until_done(api, &service(i), failures).await;
+                done.fetch_add(1, Ordering::Relaxed);
+                s
+            }
+        })
+        .buffer_unordered(50)
+        .collect::<Vec<_>>();
+    let kill = async {
+        while done.load(Ordering::Relaxed) < KILL_AFTER {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let served = [
+            webhook_requests(&replicas[0].metrics().await.unwrap_or_default()),
+            webhook_requests(&replicas[1].metrics().await.unwrap_or_default()),
+        ];
+        replicas[leader].kill_hard();
+        served
+    };
+    let (created, served) = tokio::join!(creates, kill);
+    assert_eq!(created.len(), SERVICES);
+    assert!(
+        served.iter().all(|n| *n > 0.0),
+        "both replicas should have allocated before the kill: {served:?}"
+    );
+    eprintln!(
+        "served before the kill: {served:?}; failed attempts retried: {}",
+        failures.load(Ordering::Relaxed)
+    );
+
+    // Nothing is held twice, by any Service in the cluster.
+    let h = held(&client).await;
+    for (what, d) in [
+        ("IPv4", duplicates(&h.v4)),
+        ("IPv6", duplicates(&h.v6)),
+        ("NodePort", duplicates(&h.ports)),
+    ] {
+        assert!(d.is_empty(), "{what} duplicates: {d:?}");
+    }
+    assert_eq!(h.v6.len(), SERVICES.div_ceil(7));
+    assert_eq!(h.ports.len(), SERVICES.div_ceil(5));
+
+    // Nothing is lost: once the new leader's repair has reclaimed what killed requests left
+    // behind, each bitmap in etcd holds exactly what the Services hold.
+    let etcd = etcd_client::Client::connect([format!("http://127.0.0.1:{}", cp.etcd_port)], None)
+        .await
+        .unwrap();
+    let v4 = RangeStore::new(
+        etcd.clone(),
+        "/svcplane",
+        "clusterip/10.96.0.0-16",
+        V4.parse::<IpRange>().unwrap(),
+        "IP",
+    );
+    let v6 = RangeStore::new(
+        etcd.clone(),
+        "/svcplane",
+        "clusterip/fd00:10:96::-112",
+        V6.parse::<IpRange>().unwrap(),
+        "IP",
+    );
+    let np = RangeStore::new(
+        etcd,
+        "/svcplane",
+        "nodeport",
+        PORTS.parse::<PortRange>().unwrap(),
+        "port",
+    );
+    let want_v4: HashSet<IpAddr> = h.v4.keys().copied().collect();
+    let want_v6: HashSet<IpAddr> = h.v6.keys().copied().collect();
+    let want_ports: HashSet<u16> = h.ports.keys().copied().collect();
+    eventually(
+        Duration::from_secs(60),
+        "the bitmaps to equal what Services hold",
+        || async {
+            let got_v4: HashSet<IpAddr> = v4.read().await.ok()??.0.values().collect();
+            let got_v6: HashSet<IpAddr> = v6.read().await.ok()??.0.values().collect();
+            let got_ports: HashSet<u16> = np.read().await.ok()??.0.values().collect();
+            assert!(
+                want_v4.is_subset(&got_v4),
+                "an IPv4 held by a Service is free in etcd"
+            );
+            assert!(
+                want_v6.is_subset(&got_v6),
+                "an IPv6 held by a Service is free in etcd"
+            );
+            assert!(
+                want_ports.is_subset(&got_ports),
+                "a NodePort held by a Service is free in etcd"
+            );
+            (got_v4 == want_v4 && got_v6 == want_v6 && got_ports == want_ports).then_some(())
+        },
+    )
+    .await;
+
+    // The survivor leads, and says the same through its gauges and the ServicePool.
+    let metrics = eventually(
+        Duration::from_secs(30),
+        "the survivor's gauges to settle",
+        || async {
+            let m = replicas[survivor].metrics().await?;
+            let allocated = metric_value(
+                &m,
+                &format!("kube_apiserver_clusterip_allocator_allocated_ips{{cidr=\"{V4}\"}}"),
+            )?;
+            (allocated == want_v4.len() as f64).then_some(m)
+        },
+    )
+    .await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            &format!("kube_apiserver_clusterip_allocator_available_ips{{cidr=\"{V4}\"}}")
+        ),
+        Some((65534 - want_v4.len()) as f64)
+    );
+    assert_eq!(
+        metric_value(&metrics, "kube_apiserver_nodeport_allocator_allocated_ports"),
+        Some(want_ports.len() as f64)
+    );
+    assert!(
+        metric_value(
+            &metrics,
+            &format!(
+                "kube_apiserver_clusterip_allocator_allocation_total{{cidr=\"{V4}\",scope=\"dynamic\"}}"
+            )
+        )
+        .is_some_and(|n| n > 0.0)
+    );
+    eventually(Duration::from_secs(30), "the pool to show the usage", || async {
+        let out = cp
+            .kubectl()
+            .args(["get", "servicepools", "--no-headers"])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let want = format!(
+            "clusterip-10-96-0-0-16 ClusterIP {V4} 65534 {} {}",
+            want_v4.len(),
+            65534 - want_v4.len()
+        );
+        text.lines()
+            .any(|l| l.split_whitespace().take(6).collect::<Vec<_>>().join(" ") == want)
+            .then_some(())
+    })
+    .await;
+}
