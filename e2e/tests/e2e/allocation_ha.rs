@@ -45,8 +45,8 @@ fn service(i: usize) -> Service {
             ..Default::default()
         },
         spec: Some(ServiceSpec {
-            type_: (i % 5 == 0).then(|| "NodePort".to_owned()),
-            ip_family_policy: (i % 7 == 0).then(|| "PreferDualStack".to_owned()),
+            type_: i.is_multiple_of(5).then(|| "NodePort".to_owned()),
+            ip_family_policy: i.is_multiple_of(7).then(|| "PreferDualStack".to_owned()),
             ports: Some(vec![ServicePort {
                 port: 80,
                 ..Default::default()
