@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The main job: a local control plane (etcd + kube-apiserver v1.37) with svcplane on it.
 # Installs and builds whatever is missing, starts the control plane, applies svcplane's
-# ServiceAccount and RBAC, runs two controller-manager replicas as local processes authenticated
-# as that ServiceAccount, creates a demo Service with three Pods (there is no kubelet: the script
-# writes the Pods' status itself), shows the EndpointSlices and Endpoints svcplane writes for it,
-# and prints who holds the leader Lease.
+# ServiceAccount, RBAC and CRDs, runs two controller-manager replicas as local processes
+# authenticated as that ServiceAccount (allocating ClusterIPs and NodePorts from bitmaps in etcd
+# through their admission webhook, registered for namespace 'demo'), creates a demo Service with
+# three Pods (there is no kubelet: the script writes the Pods' status itself), shows the ClusterIP
+# svcplane allocated, the ServicePools, the EndpointSlices and Endpoints svcplane writes, and who
+# holds the leader Lease.
 #
 # usage: hack/local-up.sh [up|down|status]     (state in $SVCPLANE_LOCAL_DIR, default /tmp/svcplane-local)
 set -euo pipefail
@@ -14,6 +16,7 @@ CP=$STATE/control-plane
 export APISERVER_PORT=${APISERVER_PORT:-16443} ETCD_PORT=${ETCD_PORT:-12379} ETCD_PEER_PORT=${ETCD_PEER_PORT:-12380}
 REPLICAS=(svcplane-controller-manager-0 svcplane-controller-manager-1)
 HTTP_PORTS=(10267 10268)
+WEBHOOK_PORTS=(19443 19444)
 LEASE_NS=kube-system LEASE=svcplane-controller-manager
 
 say() { printf '\n== %s\n' "$*"; }
@@ -39,7 +42,7 @@ metadata: {name: node-b, labels: {topology.kubernetes.io/zone: zone-b}}
 ---
 apiVersion: v1
 kind: Namespace
-metadata: {name: demo}
+metadata: {name: demo, labels: {svcplane.io/allocation: "true"}}
 ---
 apiVersion: v1
 kind: ServiceAccount
@@ -50,6 +53,7 @@ kind: Service
 metadata: {name: web, namespace: demo}
 spec:
   selector: {app: web}
+  type: NodePort
   ports: [{name: http, port: 80, targetPort: http}]
 YAML
   local i node ready
@@ -70,6 +74,11 @@ YAML
     [ "$(kubectl -n demo get endpointslices -l kubernetes.io/service-name=web -o jsonpath='{range .items[*]}{range .endpoints[*]}x{end}{end}' 2>/dev/null)" = xxx ] && break
     sleep 0.2
   done
+  say "Service demo/web: ClusterIP and NodePort allocated by svcplane's webhook from its etcd bitmaps"
+  kubectl -n demo get service web
+  sleep 1  # the leader refreshes pool status every --allocation-usage-period (1 s here)
+  say "ServicePools (kubectl get servicepools)"
+  kubectl get servicepools
   say "EndpointSlices of demo/web (named targetPort 'http' resolved per Pod; web-2 not ready)"
   kubectl -n demo get endpointslices -l kubernetes.io/service-name=web \
     -o custom-columns='NAME:.metadata.name,ADDRESSTYPE:.addressType,PORTS:.ports[*].port,ADDRESSES:.endpoints[*].addresses[0],READY:.endpoints[*].conditions.ready,ZONES:.endpoints[*].zone'
@@ -112,10 +121,29 @@ up() {
   # shellcheck disable=SC1091
   . "$CP/env"
 
-  say "applying svcplane's ServiceAccount and RBAC"
+  say "applying svcplane's ServiceAccount, RBAC and CRDs"
   kubectl apply --server-side --field-manager=svcplane-local-up \
     -f "$ROOT/manifests/controller-manager/serviceaccount.yaml" \
-    -f "$ROOT/manifests/controller-manager/rbac.yaml"
+    -f "$ROOT/manifests/controller-manager/rbac.yaml" \
+    -f "$ROOT/manifests/crds/crds.yaml"
+  # Locally there is no kube-proxy to reach the webhook Service of manifests/, so the webhook is
+  # registered by URL, at replica 0, for namespace 'demo' only (the cluster stays usable when
+  # replica 0 is killed).
+  kubectl apply --server-side --field-manager=svcplane-local-up -f - >/dev/null <<YAML
+apiVersion: admissionregistration.k8s.io/v1
+kind: MutatingWebhookConfiguration
+metadata: {name: svcplane}
+webhooks:
+- name: services.svcplane.io
+  admissionReviewVersions: [v1]
+  sideEffects: NoneOnDryRun
+  failurePolicy: Fail
+  timeoutSeconds: 10
+  clientConfig: {url: "https://127.0.0.1:${WEBHOOK_PORTS[0]}/mutate-services"}
+  namespaceSelector: {matchLabels: {svcplane.io/allocation: "true"}}
+  rules:
+  - {apiGroups: [""], apiVersions: [v1], resources: [services], operations: [CREATE, UPDATE], scope: Namespaced}
+YAML
   # The replicas act with exactly the manifests' permissions, not as cluster admin.
   local token; token=$(kubectl -n kube-system create token svcplane-controller-manager --duration=24h)
   kubectl config view --raw --minify -o jsonpath='{.clusters[0].cluster.certificate-authority-data}' | base64 -d > "$STATE/ca.crt"
@@ -130,6 +158,9 @@ up() {
     local r=${REPLICAS[$i]}
     nohup "$bin" controller-manager --kubeconfig "$STATE/svcplane.kubeconfig" \
       --http-bind-address "127.0.0.1:${HTTP_PORTS[$i]}" --leader-elect-identity "$r" \
+      --service-cluster-ip-range 10.96.0.0/16,fd00:10:96::/112 --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
+      --webhook-bind-address "127.0.0.1:${WEBHOOK_PORTS[$i]}" --webhook-cert-names 127.0.0.1 \
+      --allocation-usage-period 1s \
       > "$STATE/$r.log" 2>&1 < /dev/null &
     echo $! > "$STATE/$r.pid"
     echo "$r: pid $!, log $STATE/$r.log"
@@ -139,6 +170,11 @@ up() {
     sleep 0.2
   done
   sleep 1  # let the follower's first attempt see the holder, so both gauges are settled
+  for _ in $(seq 150); do
+    # Ready once the leader's first repair pass has initialized the ranges in etcd.
+    curl -sf "http://127.0.0.1:${HTTP_PORTS[0]}/readyz" >/dev/null && break
+    sleep 0.2
+  done
   demo
   status
   cat <<EOF

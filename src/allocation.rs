@@ -22,7 +22,7 @@ use svcplane_controllers::allocation::{
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::webhook::{
     certs::{self, Source},
@@ -192,7 +192,15 @@ pub async fn start(
         }
     };
     let cert = certs::load(client, &source).await?;
-    patch_ca_bundle(client, &args.webhook_configuration_name, &cert.ca_pem).await;
+    {
+        let (client, name, ca, stop) = (
+            client.clone(),
+            args.webhook_configuration_name.clone(),
+            cert.ca_pem.clone(),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move { keep_ca_bundle(&client, &name, &ca, stop).await });
+    }
     let tls = server::tls_config(&cert)?;
     let state = Arc::new(WebhookState {
         allocators: allocators.clone(),
@@ -209,14 +217,30 @@ pub async fn start(
     Ok(Started { allocators, usage })
 }
 
+/// How often the configuration's caBundle is checked: it may be applied after the
+/// controller-manager starts, or re-applied without the bundle.
+const CA_BUNDLE_PERIOD: Duration = Duration::from_secs(10);
+
+/// Keeps the CA in the webhook configuration, now and every [`CA_BUNDLE_PERIOD`].
+async fn keep_ca_bundle(client: &Client, name: &str, ca_pem: &str, stop: CancellationToken) {
+    loop {
+        patch_ca_bundle(client, name, ca_pem).await;
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(CA_BUNDLE_PERIOD) => {}
+        }
+    }
+}
+
 /// Writes the CA into every webhook of the configuration (when it exists), so the apiserver
-/// trusts the serving certificate. Idempotent: every replica writes the same bundle.
+/// trusts the serving certificate. Idempotent: every replica writes the same bundle, and nothing
+/// when it is already there.
 async fn patch_ca_bundle(client: &Client, name: &str, ca_pem: &str) {
     let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     let current = match api.get_opt(name).await {
         Ok(Some(c)) => c,
         Ok(None) => {
-            info!(name, "no MutatingWebhookConfiguration to put the CA into yet");
+            debug!(name, "no MutatingWebhookConfiguration to put the CA into yet");
             return;
         }
         Err(e) => {

@@ -10,6 +10,12 @@
 //! applies every queued operation to one copy and writes it in one transaction (group commit), so
 //! throughput does not collapse into one etcd round trip per allocation.
 //!
+//! Several replicas committing flat out would starve one of them: the replica that just won learns
+//! it first and sends its next transaction before the loser has recomputed, so the loser can lose
+//! every round. A commit that follows directly on the same replica's previous one therefore waits
+//! a short random time first (also letting more operations join its batch), which hands the next
+//! round to a replica that is retrying; a lone commit does not wait.
+//!
 //! A range whose key does not exist yet is *not* initialised here: only the repair controller,
 //! which has compared the bitmap with every existing Service, creates it. Until then allocation
 //! is refused. A stored value that does not decode for this range stops allocation with an error
@@ -18,7 +24,7 @@
 use std::{
     path::PathBuf,
     sync::{Arc, Mutex as SyncMutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use etcd_client::{
@@ -36,6 +42,10 @@ use crate::{
 
 /// How many times a batch is recomputed after losing a compare-and-swap before giving up.
 const MAX_CONFLICTS: usize = 32;
+/// A commit starting within this of the previous one's end is back-to-back.
+const BACK_TO_BACK: Duration = Duration::from_millis(1);
+/// Upper bound of the pause before a back-to-back commit: a fraction of one etcd commit (fsync).
+const MAX_YIELD: Duration = Duration::from_millis(3);
 
 #[derive(Clone, Debug)]
 pub struct EtcdOptions {
@@ -180,6 +190,8 @@ pub struct RangeStore<R: Range> {
     /// Held by the replica's one committer; also guards the cached bitmap and its revision.
     commit: Mutex<Option<(Allocation<R>, i64)>>,
     rng: SyncMutex<StdRng>,
+    /// When this replica's last commit ended.
+    last_commit: SyncMutex<Option<Instant>>,
 }
 
 impl<R> RangeStore<R>
@@ -197,6 +209,7 @@ where
             queue: SyncMutex::new(Vec::new()),
             commit: Mutex::new(None),
             rng: SyncMutex::new(StdRng::from_os_rng()),
+            last_commit: SyncMutex::new(None),
         })
     }
 
@@ -258,19 +271,41 @@ where
 
     /// Applies `op` and commits it, together with whatever else is queued.
     pub async fn submit(&self, op: Op<R::Value>) -> Result<Done<R::Value>, StoreError> {
-        let (tx, rx) = oneshot::channel();
+        let abandoned = |_| Err(StoreError::Unavailable("commit abandoned".into()));
+        let (tx, mut rx) = oneshot::channel();
         self.lock_queue().push((op, tx));
-        {
-            // Whoever holds the commit lock commits everything queued so far, ours included if
-            // it was queued in time; otherwise the next holder (possibly us) does.
-            let mut guard = self.commit.lock().await;
-            let batch = std::mem::take(&mut *self.lock_queue());
-            if !batch.is_empty() {
-                self.commit_batch(&mut guard, batch).await;
+        // Whoever holds the commit lock commits everything queued so far, ours included if it was
+        // queued in time; otherwise the next holder (possibly us) does. A request whose operation
+        // someone else committed returns at once instead of queueing for the lock behind commits.
+        tokio::select! {
+            biased;
+            result = &mut rx => return result.unwrap_or_else(abandoned),
+            mut guard = self.commit.lock() => {
+                if !self.lock_queue().is_empty() {
+                    if let Some(pause) = self.back_to_back_pause() {
+                        tokio::time::sleep(pause).await;
+                    }
+                    let batch = std::mem::take(&mut *self.lock_queue());
+                    self.commit_batch(&mut guard, batch).await;
+                    *self.last_commit.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        Some(Instant::now());
+                }
             }
         }
-        rx.await
-            .unwrap_or_else(|_| Err(StoreError::Unavailable("commit abandoned".into())))
+        rx.await.unwrap_or_else(abandoned)
+    }
+
+    /// A random pause before a commit that follows directly on this replica's previous one.
+    fn back_to_back_pause(&self) -> Option<Duration> {
+        let last = *self
+            .last_commit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last?.elapsed() > BACK_TO_BACK {
+            return None;
+        }
+        let mut rng = self.rng.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Some(MAX_YIELD.mul_f64(rand::Rng::random_range(&mut *rng, 0.0..1.0)))
     }
 
     fn lock_queue(&self) -> std::sync::MutexGuard<'_, Vec<Pending<R::Value>>> {

@@ -15,6 +15,7 @@ pub mod pods;
 pub mod process;
 pub mod proxy;
 pub mod upstream;
+pub mod webhook;
 
 use std::{
     io::{BufRead, BufReader},

@@ -8,12 +8,7 @@
 use std::{collections::HashSet, net::IpAddr, time::Duration};
 
 use k8s_openapi::{
-    api::{
-        admissionregistration::v1::{
-            MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, WebhookClientConfig,
-        },
-        core::v1::{Namespace, Service, ServicePort, ServiceSpec},
-    },
+    api::core::v1::{Namespace, Service, ServicePort, ServiceSpec},
     apimachinery::pkg::apis::meta::v1::LabelSelector,
 };
 use kube::{
@@ -21,7 +16,9 @@ use kube::{
     api::{ObjectMeta, Patch, PatchParams, PostParams},
 };
 use svcplane_allocators::{IpRange, etcd::RangeStore};
-use svcplane_e2e::{control_plane, etcd::Etcd, eventually, free_port, process::Svcplane, test_namespace};
+use svcplane_e2e::{
+    control_plane, etcd::Etcd, eventually, free_port, process::Svcplane, test_namespace, webhook,
+};
 
 /// Ranges of one test; tests running at once use disjoint ones, as two clusters would.
 struct Ranges {
@@ -82,39 +79,17 @@ impl Bed {
             .await
             .unwrap();
         let port = free_port();
-        let webhook = MutatingWebhookConfiguration {
-            metadata: ObjectMeta {
-                name: Some(format!("svcplane-{ns}")),
-                ..Default::default()
-            },
-            webhooks: Some(vec![MutatingWebhook {
-                name: "services.svcplane.io".into(),
-                admission_review_versions: vec!["v1".into()],
-                side_effects: "NoneOnDryRun".into(),
-                failure_policy: Some("Fail".into()),
-                timeout_seconds: Some(10),
-                client_config: WebhookClientConfig {
-                    url: Some(format!("https://127.0.0.1:{port}/mutate-services")),
-                    ..Default::default()
-                },
-                namespace_selector: Some(LabelSelector {
-                    match_labels: Some([("svcplane-webhook-test".to_owned(), ns.clone())].into()),
-                    ..Default::default()
-                }),
-                rules: Some(vec![RuleWithOperations {
-                    api_groups: Some(vec!["".into()]),
-                    api_versions: Some(vec!["v1".into()]),
-                    resources: Some(vec!["services".into()]),
-                    operations: Some(vec!["CREATE".into(), "UPDATE".into()]),
-                    scope: Some("Namespaced".into()),
-                }]),
-                ..Default::default()
-            }]),
+        let only_this_namespace = LabelSelector {
+            match_labels: Some([("svcplane-webhook-test".to_owned(), ns.clone())].into()),
+            ..Default::default()
         };
-        Api::<MutatingWebhookConfiguration>::all(client.clone())
-            .create(&PostParams::default(), &webhook)
-            .await
-            .unwrap();
+        webhook::register(
+            &client,
+            &format!("svcplane-{ns}"),
+            port,
+            Some(only_this_namespace),
+        )
+        .await;
         let prefix = format!("/svcplane-{ns}");
         let dir = cp.dir.join(&ns);
         std::fs::create_dir_all(&dir).unwrap();

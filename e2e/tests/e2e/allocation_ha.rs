@@ -12,9 +12,6 @@ use std::{
 use futures::StreamExt;
 use k8s_openapi::{
     api::{
-        admissionregistration::v1::{
-            MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, WebhookClientConfig,
-        },
         coordination::v1::{Lease, LeaseSpec},
         core::v1::{Service, ServicePort, ServiceSpec},
     },
@@ -28,7 +25,7 @@ use kube::{
 use svcplane_allocators::{IpRange, PortRange, etcd::RangeStore};
 use svcplane_e2e::{
     OwnedControlPlane, balancer::Balancer, eventually, free_port, http::metric_value, process::Svcplane,
-    repo_root, test_namespace,
+    repo_root, test_namespace, webhook,
 };
 
 const V4: &str = "10.96.0.0/16";
@@ -156,35 +153,7 @@ async fn two_replicas_behind_one_address_never_duplicate_even_when_the_leader_di
             .collect(),
     )
     .await;
-    let webhook = MutatingWebhookConfiguration {
-        metadata: ObjectMeta {
-            name: Some("svcplane".into()),
-            ..Default::default()
-        },
-        webhooks: Some(vec![MutatingWebhook {
-            name: "services.svcplane.io".into(),
-            admission_review_versions: vec!["v1".into()],
-            side_effects: "NoneOnDryRun".into(),
-            failure_policy: Some("Fail".into()),
-            timeout_seconds: Some(10),
-            client_config: WebhookClientConfig {
-                url: Some(format!("https://127.0.0.1:{}/mutate-services", balancer.port)),
-                ..Default::default()
-            },
-            rules: Some(vec![RuleWithOperations {
-                api_groups: Some(vec!["".into()]),
-                api_versions: Some(vec!["v1".into()]),
-                resources: Some(vec!["services".into()]),
-                operations: Some(vec!["CREATE".into(), "UPDATE".into()]),
-                scope: Some("Namespaced".into()),
-            }]),
-            ..Default::default()
-        }]),
-    };
-    Api::<MutatingWebhookConfiguration>::all(client.clone())
-        .create(&PostParams::default(), &webhook)
-        .await
-        .unwrap();
+    webhook::register(&client, "svcplane", balancer.port, None).await;
 
     // Someone else holds the Lease for a few seconds: no repair pass has run, so the ranges are
     // not initialized and neither replica may be ready to allocate.

@@ -58,6 +58,37 @@ async fn two_replicas_allocating_concurrently_never_share_an_ip() {
     assert_eq!(in_etcd, got);
 }
 
+/// Two replicas each keeping 64 allocations in flight for a while: neither starves (a replica
+/// that lost every compare-and-swap would fail its requests with a contention error), and every
+/// value is handed out once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_under_sustained_load_both_make_progress() {
+    use futures::StreamExt;
+    let prefix = unique_prefix();
+    let a = initialized(client().await, &prefix, "10.101.0.0/20").await;
+    let b = RangeStore::new(client().await, &prefix, "clusterip", a.range().clone(), "IP");
+    let run = |store: Arc<RangeStore<IpRange>>| async move {
+        futures::stream::iter(0..1500)
+            .map(|_| {
+                let store = store.clone();
+                async move { store.submit(Op::AllocateNext).await }
+            })
+            .buffer_unordered(64)
+            .collect::<Vec<_>>()
+            .await
+    };
+    let (ra, rb) = tokio::join!(run(a.clone()), run(b));
+    let mut got = HashSet::new();
+    for r in ra.into_iter().chain(rb) {
+        match r {
+            Ok(Done::Allocated(ip)) => assert!(got.insert(ip), "{ip} handed out twice"),
+            other => panic!("a replica failed under contention: {other:?}"),
+        }
+    }
+    let (stored, _) = a.read().await.unwrap().unwrap();
+    assert_eq!(stored.values().collect::<HashSet<IpAddr>>(), got);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refuses_before_initialization_and_reports_a_full_range() {
     let prefix = unique_prefix();
