@@ -63,12 +63,13 @@ impl PoolType {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ServicePoolStatus {
+    // i64: the apiserver knows format int64, not uint64 (and ranges hold at most 65,536 values).
     /// Values the range can hand out.
-    pub size: u64,
+    pub size: i64,
     /// Values marked allocated in the bitmap.
-    pub allocated: u64,
+    pub allocated: i64,
     /// `size - allocated`.
-    pub free: u64,
+    pub free: i64,
     /// Why allocation from this range is not possible, when it is not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
@@ -101,17 +102,19 @@ pub fn pool_name(type_: PoolType, range: &str) -> String {
 /// What a pool's status should say. `previous` is kept for counts while the bitmap cannot be read,
 /// so a passing etcd outage does not show an empty range.
 pub fn desired_status(usage: &RangeUsage, previous: Option<&ServicePoolStatus>) -> ServicePoolStatus {
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let size = count(usage.size);
     match &usage.allocated {
         Ok(allocated) => ServicePoolStatus {
-            size: usage.size,
-            allocated: *allocated,
-            free: usage.size.saturating_sub(*allocated),
+            size,
+            allocated: count(*allocated),
+            free: size - count(*allocated),
             message: None,
         },
         Err(why) => {
-            let (allocated, free) = previous.map_or((0, usage.size), |p| (p.allocated, p.free));
+            let (allocated, free) = previous.map_or((0, size), |p| (p.allocated, p.free));
             ServicePoolStatus {
-                size: usage.size,
+                size,
                 allocated,
                 free,
                 message: Some(why.clone()),
