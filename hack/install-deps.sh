@@ -7,6 +7,8 @@ PACKAGES=(
   protobuf-compiler libprotobuf-dev # etcd-client's build script compiles etcd's protos
   curl openssl ca-certificates      # readiness polls, the local PKI
   iproute2 procps                   # ip, pgrep/pkill in scripts
+  nftables                          # the dataplane's nftables mode (nft -j -f -)
+  busybox                           # httpd backends inside the dataplane tests' network namespaces
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

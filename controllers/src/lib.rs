@@ -4,6 +4,7 @@
 //! reads and writes the API; `leader` decides which replica may run the writers at all.
 
 pub mod allocation;
+pub mod dataplane;
 pub mod endpoints;
 pub mod endpointslice;
 pub mod events;
