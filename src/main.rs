@@ -6,6 +6,7 @@
 mod allocation;
 mod controller_manager;
 mod crds;
+mod dataplane;
 mod health;
 mod http;
 mod kubeclient;
@@ -33,6 +34,10 @@ struct Cli {
 enum Command {
     /// Runs the leader-elected controllers (EndpointSlice, Endpoints, mirroring, allocators).
     ControllerManager(Box<controller_manager::Args>),
+    /// Runs the node agent: programs this node's kernel for Services (nftables; IPVS to come).
+    Dataplane(Box<dataplane::Args>),
+    /// Removes every rule the node agent wrote.
+    Cleanup(dataplane::CleanupArgs),
     /// Prints the CustomResourceDefinitions svcplane uses, for `kubectl apply -f -`.
     Crds,
 }
@@ -74,6 +79,8 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::ControllerManager(args) => controller_manager::run(*args).await,
+            Command::Dataplane(args) => dataplane::run(*args).await,
+            Command::Cleanup(args) => dataplane::cleanup(args).await,
             Command::Crds => Ok(()),
         }
     });

@@ -1,0 +1,53 @@
+//! The agent's metrics: kube-proxy's names where kube-proxy has one.
+
+use prometheus::{
+    Gauge, Histogram, HistogramOpts, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, exponential_buckets,
+};
+
+#[derive(Clone)]
+pub struct DataplaneMetrics {
+    pub sync_duration: Histogram,
+    pub last_sync: Gauge,
+    pub sync_failures: IntCounter,
+    pub rules: IntGaugeVec,
+    pub problems: IntGauge,
+}
+
+impl DataplaneMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let m = Self {
+            sync_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "kubeproxy_sync_proxy_rules_duration_seconds",
+                    "SyncProxyRules latency in seconds",
+                )
+                .buckets(exponential_buckets(0.001, 2.0, 15)?),
+            )?,
+            last_sync: Gauge::with_opts(Opts::new(
+                "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+                "The last time proxy rules were successfully synced",
+            ))?,
+            sync_failures: IntCounter::with_opts(Opts::new(
+                "kubeproxy_sync_proxy_rules_nftables_sync_failures_total",
+                "Number of times an nftables sync failed",
+            ))?,
+            rules: IntGaugeVec::new(
+                Opts::new(
+                    "svcplane_dataplane_rules",
+                    "Rules in svcplane's chains plus map elements, per IP family",
+                ),
+                &["family"],
+            )?,
+            problems: IntGauge::with_opts(Opts::new(
+                "svcplane_dataplane_object_problems",
+                "Parts of Services and EndpointSlices skipped as unusable (bad address, port, protocol)",
+            ))?,
+        };
+        registry.register(Box::new(m.sync_duration.clone()))?;
+        registry.register(Box::new(m.last_sync.clone()))?;
+        registry.register(Box::new(m.sync_failures.clone()))?;
+        registry.register(Box::new(m.rules.clone()))?;
+        registry.register(Box::new(m.problems.clone()))?;
+        Ok(m)
+    }
+}

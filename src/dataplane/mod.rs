@@ -1,0 +1,321 @@
+//! `svcplane dataplane`: the node agent. Watches Services and EndpointSlices, computes the node's
+//! desired state (pure, `svcplane_controllers::dataplane`), and writes only the difference to the
+//! kernel. `svcplane cleanup` removes what it wrote.
+
+mod ipvs_probe;
+mod metrics;
+mod nft;
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context, bail};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use kube::{Api, runtime::watcher};
+use prometheus::Registry;
+use svcplane_controllers::{
+    dataplane::{
+        cache::{Cached, cache_service, cache_slice},
+        desired::{DesiredState, Family, desired},
+        input::{Problem, ServiceInfo, SliceInfo},
+        nft::{Ruleset, ruleset, transaction},
+    },
+    runtime::{informer::Informer, store::Store},
+};
+use tokio::{signal::unix::SignalKind, sync::Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, error, info, info_span, warn};
+
+use crate::{
+    health::{Check, Checks},
+    http::Server,
+    kubeclient,
+};
+use ipvs_probe::Ipvs;
+use metrics::DataplaneMetrics;
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// IPVS when the kernel has it, nftables otherwise.
+    Auto,
+    Ipvs,
+    Nftables,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name, as in `endpoints[].nodeName` (traffic policy Local).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub mode: Mode,
+    /// Full recomputation at least this often, even without changes.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub sync_period: Duration,
+    /// Changes are applied at most this often (a burst of changes is one sync).
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub min_sync_period: Duration,
+    /// Address serving /metrics and /healthz over plain HTTP (kube-proxy's health port).
+    #[arg(long, default_value = "0.0.0.0:10256", env = "SVCPLANE_HEALTHZ_BIND_ADDRESS")]
+    pub http_bind_address: SocketAddr,
+    /// The nft program (nftables mode).
+    #[arg(long, default_value = "nft")]
+    pub nft: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CleanupArgs {
+    #[arg(long, default_value = "nft")]
+    pub nft: PathBuf,
+}
+
+/// The last applied ruleset per family; `None` when unknown (start, or after a failed apply),
+/// which makes the next sync rebuild the table.
+#[derive(Default)]
+struct Applied {
+    v4: Option<Ruleset>,
+    v6: Option<Ruleset>,
+}
+
+/// `/healthz`: the last sync succeeded, or one did within two sync periods.
+struct SyncHealth {
+    last_ok: Arc<Mutex<Option<Instant>>>,
+    last_failed: Arc<Mutex<bool>>,
+    tolerance: Duration,
+}
+
+impl Check for SyncHealth {
+    fn name(&self) -> &'static str {
+        "sync"
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let failed = *self
+            .last_failed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let last_ok = *self
+            .last_ok
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match last_ok {
+            None => Err("no successful sync yet".into()),
+            Some(t) if failed && t.elapsed() > self.tolerance => {
+                Err(format!("syncs have failed for {:.0}s", t.elapsed().as_secs_f64()))
+            }
+            Some(_) => Ok(()),
+        }
+    }
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    match args.mode {
+        Mode::Nftables => info!("nftables mode (forced)"),
+        Mode::Auto => match ipvs_probe::probe() {
+            Ipvs::Absent(why) => info!(reason = %why, "nftables mode: no IPVS on this node"),
+            Ipvs::Available { family_id } => warn!(
+                family_id,
+                "the kernel has IPVS, but svcplane's IPVS mode is not built yet; nftables mode"
+            ),
+        },
+        Mode::Ipvs => match ipvs_probe::probe() {
+            Ipvs::Absent(why) => bail!("--mode=ipvs: {why}"),
+            Ipvs::Available { .. } => {
+                bail!("--mode=ipvs: svcplane's IPVS mode is not built yet; use auto or nftables")
+            }
+        },
+    }
+    let shutdown = CancellationToken::new();
+    {
+        let shutdown = shutdown.clone();
+        let mut term = tokio::signal::unix::signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut int = tokio::signal::unix::signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            shutdown.cancel();
+        });
+    }
+    let client = kubeclient::client(args.kubeconfig.as_deref()).await?;
+    let registry = Registry::new();
+    let metrics = DataplaneMetrics::register(&registry).context("registering metrics")?;
+    let last_ok = Arc::new(Mutex::new(None));
+    let last_failed = Arc::new(Mutex::new(false));
+    let health = Checks::default().with(SyncHealth {
+        last_ok: last_ok.clone(),
+        last_failed: last_failed.clone(),
+        tolerance: args.sync_period * 2,
+    });
+    let server = Server::bind(args.http_bind_address, registry, health.clone(), health).await?;
+    let http = tokio::spawn(server.serve(shutdown.clone()));
+
+    let services: Arc<Store<Cached<ServiceInfo>>> = Arc::new(Store::new(None));
+    let slices: Arc<Store<Cached<SliceInfo>>> = Arc::new(Store::new(None));
+    let changed = Arc::new(Notify::new());
+    let mut svc_informer = Informer::new(
+        "dataplane-services",
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+        cache_service,
+        services.clone(),
+    );
+    let mut slice_informer = Informer::new(
+        "dataplane-endpointslices",
+        Api::<EndpointSlice>::all(client.clone()),
+        watcher::Config::default(),
+        cache_slice,
+        slices.clone(),
+    );
+    {
+        let c = changed.clone();
+        svc_informer.on_change(Box::new(move |_, _| c.notify_one()));
+        let c = changed.clone();
+        slice_informer.on_change(Box::new(move |_, _| c.notify_one()));
+    }
+    let mut synced = [svc_informer.synced(), slice_informer.synced()];
+    tokio::spawn(svc_informer.run(shutdown.clone()));
+    tokio::spawn(slice_informer.run(shutdown.clone()));
+    if !svcplane_controllers::runtime::informer::wait_for_sync(
+        &mut synced,
+        &shutdown,
+        Duration::from_secs(10),
+    )
+    .await
+    {
+        return Ok(());
+    }
+    info!(node = %args.node_name, "caches synced; programming nftables");
+
+    let mut applied = Applied::default();
+    let mut last_problems: Vec<Problem> = Vec::new();
+    loop {
+        let started = Instant::now();
+        let result = sync(
+            &args,
+            &services,
+            &slices,
+            &mut applied,
+            &metrics,
+            &mut last_problems,
+        )
+        .instrument(info_span!("sync"))
+        .await;
+        metrics.sync_duration.observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(()) => {
+                *last_ok.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
+                *last_failed
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = false;
+                let now = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap_or_default();
+                metrics.last_sync.set(now.as_secs_f64());
+            }
+            Err(e) => {
+                *last_failed
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+                metrics.sync_failures.inc();
+                error!(
+                    error = format!("{e:#}"),
+                    "sync failed; the next one rebuilds the table"
+                );
+            }
+        }
+        // Wait for a change (or the period), then at least the minimum interval between syncs.
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = changed.notified() => {}
+            () = tokio::time::sleep(args.sync_period) => {}
+        }
+        let since = started.elapsed();
+        if since < args.min_sync_period {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(args.min_sync_period - since) => {}
+            }
+        }
+    }
+    http.await.context("HTTP server task")??;
+    info!("dataplane stopped; rules stay in place (svcplane cleanup removes them)");
+    Ok(())
+}
+
+/// One sync: assemble, compute, diff, apply.
+async fn sync(
+    args: &Args,
+    services: &Store<Cached<ServiceInfo>>,
+    slices: &Store<Cached<SliceInfo>>,
+    applied: &mut Applied,
+    metrics: &DataplaneMetrics,
+    last_problems: &mut Vec<Problem>,
+) -> anyhow::Result<()> {
+    let svc_cache = services.list_all(|_| true);
+    let slice_cache = slices.list_all(|_| true);
+    let mut problems: Vec<Problem> = svc_cache
+        .iter()
+        .flat_map(|c| c.problems.iter().cloned())
+        .chain(slice_cache.iter().flat_map(|c| c.problems.iter().cloned()))
+        .collect();
+    problems.sort_by(|a, b| (&a.object, &a.what).cmp(&(&b.object, &b.what)));
+    if problems != *last_problems {
+        for p in problems.iter().filter(|p| !last_problems.contains(p)) {
+            warn!(object = %p.object, problem = %p.what, "skipped part of an object");
+        }
+        metrics
+            .problems
+            .set(i64::try_from(problems.len()).unwrap_or(i64::MAX));
+        *last_problems = problems;
+    }
+    let svcs: Vec<ServiceInfo> = svc_cache.iter().filter_map(|c| c.value.clone()).collect();
+    let eps: Vec<SliceInfo> = slice_cache.iter().filter_map(|c| c.value.clone()).collect();
+    let state: DesiredState = desired(&args.node_name, &svcs, &eps);
+    for (family, slot) in [(Family::V4, &mut applied.v4), (Family::V6, &mut applied.v6)] {
+        let next = ruleset(&state, family);
+        metrics
+            .rules
+            .with_label_values(&[family_label(family)])
+            .set(i64::try_from(next.size()).unwrap_or(i64::MAX));
+        let Some(tx) = transaction(slot.as_ref(), &next, family).context("rendering the nftables batch")?
+        else {
+            continue;
+        };
+        let full = slot.is_none();
+        // Unknown from here until the apply succeeds: a failed batch leaves the old table whole,
+        // but the next sync must not diff against a state the kernel may not hold.
+        *slot = None;
+        nft::apply(&args.nft, &tx).await?;
+        info!(
+            family = family_label(family),
+            commands = tx.len(),
+            full,
+            "nftables updated"
+        );
+        *slot = Some(next);
+    }
+    Ok(())
+}
+
+fn family_label(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "IPv4",
+        Family::V6 => "IPv6",
+    }
+}
+
+/// `svcplane cleanup`: removes svcplane's nftables tables.
+pub async fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
+    let tx = svcplane_controllers::dataplane::nft::cleanup().context("rendering the cleanup batch")?;
+    nft::apply(&args.nft, &tx).await?;
+    info!("removed svcplane's nftables tables");
+    Ok(())
+}
