@@ -9,6 +9,7 @@ PACKAGES=(
   iproute2 procps                   # ip, pgrep/pkill in scripts
   nftables                          # the dataplane's nftables mode (nft -j -f -)
   busybox                           # httpd backends inside the dataplane tests' network namespaces
+  socat                             # carries the apiserver into a test's node namespace (unix socket)
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

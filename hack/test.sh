@@ -16,7 +16,10 @@ cargo test --workspace --locked 2>&1 | tee "$log"
 
 # The suite's control plane must not outlive it: its supervisor tears it down within seconds of
 # the test process exiting.
-leftovers() { pgrep -af "svcplane-e2e-|svcplane controller-manager" | grep -v pgrep || true; }
+leftovers() {
+  pgrep -af "svcplane-e2e-|svcplane controller-manager|svcplane dataplane" | grep -v pgrep || true
+  ip netns list 2>/dev/null | grep -E '^sp[0-9a-f]{4}-' || true   # the dataplane tests' namespaces
+}
 for _ in $(seq 100); do
   [ -z "$(leftovers)" ] && ! compgen -G "${TMPDIR:-/tmp}/svcplane-e2e-*" >/dev/null && break
   sleep 0.2

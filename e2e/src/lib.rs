@@ -10,6 +10,7 @@
 pub mod balancer;
 pub mod etcd;
 pub mod http;
+pub mod netns;
 pub mod objects;
 pub mod pods;
 pub mod process;

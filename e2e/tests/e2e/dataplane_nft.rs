@@ -1,0 +1,206 @@
+//! The node agent in nftables mode on this machine's kernel: it runs inside a node network
+//! namespace, reads Services and EndpointSlices from the real apiserver, and real HTTP from a
+//! client namespace reaches backends in their own namespaces through it.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use kube::{
+    Api,
+    api::{Patch, PatchParams, PostParams},
+};
+use serde_json::json;
+use svcplane_e2e::{
+    control_plane, eventually,
+    netns::{NODE_IP, Topology},
+    svcplane_bin, test_namespace,
+};
+
+const NODE: &str = "node-a";
+
+/// The slice of Service `web`: backends `(index, node)`.
+fn slice(ns: &str, backends: &[(usize, &str)]) -> EndpointSlice {
+    let endpoints: Vec<_> = backends
+        .iter()
+        .map(|(i, node)| {
+            json!({"addresses": [Topology::backend_ip(*i)], "nodeName": node,
+                   "conditions": {"ready": true, "serving": true, "terminating": false}})
+        })
+        .collect();
+    serde_json::from_value(json!({
+        "metadata": {"name": "web-1", "namespace": ns, "labels": {
+            "kubernetes.io/service-name": "web",
+            "endpointslice.kubernetes.io/managed-by": "e2e.svcplane.io"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    }))
+    .unwrap()
+}
+
+/// Which backends answer `n` requests to `url` (by index), with counts.
+async fn spread(topo: &Topology, url: &str, n: usize) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..n {
+        let who = topo.curl(url).await.unwrap_or_else(|| "FAILED".into());
+        *seen.entry(who).or_default() += 1;
+    }
+    seen
+}
+
+fn names(seen: &BTreeMap<String, usize>) -> Vec<&str> {
+    seen.keys().map(String::as_str).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nftables_mode_balances_real_traffic_and_follows_changes() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let ns = test_namespace(&client, "dp").await;
+    let dir = cp.dir.join(&ns);
+    std::fs::create_dir_all(&dir).unwrap();
+    let prefix = format!("sp{:04x}", rand::random::<u16>());
+    let mut topo = Topology::create(&prefix, 3, &dir).await;
+    topo.bridge_apiserver(cp.apiserver_port).await;
+    topo.wait_for_backends().await;
+
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let web: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"type": "NodePort", "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+    }))
+    .unwrap();
+    let web = services.create(&PostParams::default(), &web).await.unwrap();
+    let spec = web.spec.unwrap();
+    let cluster_ip = spec.cluster_ip.unwrap();
+    let node_port = spec.ports.unwrap()[0].node_port.unwrap();
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
+    slices
+        .create(
+            &PostParams::default(),
+            &slice(&ns, &[(1, NODE), (2, NODE), (3, "node-b")]),
+        )
+        .await
+        .unwrap();
+    let empty: Service = serde_json::from_value(json!({
+        "metadata": {"name": "empty"},
+        "spec": {"ports": [{"name": "http", "port": 80}]},
+    }))
+    .unwrap();
+    let empty_ip = services
+        .create(&PostParams::default(), &empty)
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .cluster_ip
+        .unwrap();
+
+    let kubeconfig = cp.kubeconfig.to_string_lossy().into_owned();
+    let log = dir.join("dataplane.log");
+    let agent = topo.spawn_in(
+        "n",
+        &svcplane_bin(),
+        &[
+            "dataplane",
+            "--kubeconfig",
+            &kubeconfig,
+            "--node-name",
+            NODE,
+            "--http-bind-address",
+            "127.0.0.1:10256",
+        ],
+        &log,
+        &[("RUST_LOG", "info,svcplane=debug")],
+    );
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    // ClusterIP: every ready backend answers.
+    let vip = format!("http://{cluster_ip}/");
+    eventually(Duration::from_secs(30), "the cluster IP to answer", || async {
+        topo.curl(&vip).await
+    })
+    .await;
+    let seen = spread(&topo, &vip, 40).await;
+    assert_eq!(names(&seen), ["backend-1", "backend-2", "backend-3"], "{seen:?}");
+    // This kernel has no IPVS: auto mode says so and uses nftables.
+    assert!(
+        read_log().contains("nftables mode: no IPVS on this node"),
+        "{}",
+        read_log()
+    );
+
+    // NodePort on the node's address, from the client: every backend (policy Cluster).
+    let np = format!("http://{NODE_IP}:{node_port}/");
+    let seen = spread(&topo, &np, 40).await;
+    assert_eq!(names(&seen), ["backend-1", "backend-2", "backend-3"], "{seen:?}");
+
+    // A Service without endpoints is refused, not left to time out.
+    assert!(
+        topo.refused(&format!("http://{empty_ip}/")).await,
+        "no reject for {empty_ip}"
+    );
+
+    // Backend 3 leaves: within a second nothing reaches it.
+    slices
+        .replace("web-1", &PostParams::default(), &{
+            let mut s = slice(&ns, &[(1, NODE), (2, NODE)]);
+            s.metadata.resource_version = slices.get("web-1").await.unwrap().metadata.resource_version;
+            s
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let seen = spread(&topo, &vip, 30).await;
+    assert_eq!(names(&seen), ["backend-1", "backend-2"], "{seen:?}");
+
+    // ClientIP affinity pins the client to one backend.
+    let patch = json!({"spec": {"sessionAffinity": "ClientIP"}});
+    services
+        .patch("web", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), "affinity to be programmed", || async {
+        topo.nft_list("ip")?.contains("update @aff-").then_some(())
+    })
+    .await;
+    let seen = spread(&topo, &vip, 20).await;
+    assert_eq!(seen.len(), 1, "affinity did not pin the client: {seen:?}");
+
+    // externalTrafficPolicy: Local: node-port traffic reaches only this node's endpoints, while
+    // the cluster IP still reaches every one.
+    let patch = json!({"spec": {"sessionAffinity": "None", "externalTrafficPolicy": "Local"}});
+    services
+        .patch("web", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    slices
+        .replace("web-1", &PostParams::default(), &{
+            let mut s = slice(&ns, &[(1, NODE), (3, "node-b")]);
+            s.metadata.resource_version = slices.get("web-1").await.unwrap().metadata.resource_version;
+            s
+        })
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the cluster IP to reach backend 3 again",
+        || async { (topo.curl(&vip).await.as_deref() == Some("backend-3")).then_some(()) },
+    )
+    .await;
+    let seen = spread(&topo, &np, 30).await;
+    assert_eq!(names(&seen), ["backend-1"], "Local policy leaked: {seen:?}");
+
+    // Stopping the agent leaves the rules; cleanup removes every one.
+    topo.stop(agent);
+    assert!(topo.nft_list("ip").is_some());
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &topo.ns("n")])
+        .arg(svcplane_bin())
+        .arg("cleanup")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(topo.nft_list("ip"), None);
+    assert_eq!(topo.nft_list("ip6"), None);
+}
