@@ -234,6 +234,24 @@ impl ControlPlane {
         );
     }
 
+    /// The shipped dataplane ServiceAccount and RBAC, moved into `ns` like
+    /// [`ControlPlane::apply_controller_manager_rbac`].
+    pub fn apply_dataplane_rbac(&self, ns: &str) {
+        let dir = repo_root().join("manifests/dataplane");
+        let mut yaml = String::new();
+        for f in ["serviceaccount.yaml", "rbac.yaml"] {
+            yaml.push_str(&std::fs::read_to_string(dir.join(f)).unwrap());
+            yaml.push_str("\n---\n");
+        }
+        let yaml = yaml
+            .replace("namespace: kube-system", &format!("namespace: {ns}"))
+            .replace(
+                "name: svcplane:dataplane\n",
+                &format!("name: svcplane:dataplane:{ns}\n"),
+            );
+        self.kubectl_apply(&yaml);
+    }
+
     /// `kubectl apply --server-side` of a YAML stream; panics with kubectl's output on failure.
     pub fn kubectl_apply(&self, yaml: &str) {
         use std::io::Write;

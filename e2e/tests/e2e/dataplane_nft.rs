@@ -96,7 +96,18 @@ async fn nftables_mode_balances_real_traffic_and_follows_changes() {
         .cluster_ip
         .unwrap();
 
-    let kubeconfig = cp.kubeconfig.to_string_lossy().into_owned();
+    // The agent acts with exactly the shipped RBAC.
+    cp.apply_dataplane_rbac(&ns);
+    let kubeconfig = cp
+        .service_account_kubeconfig(
+            &client,
+            &ns,
+            "svcplane-dataplane",
+            None,
+            &dir.join("sa.kubeconfig"),
+        )
+        .await;
+    let kubeconfig = kubeconfig.to_string_lossy().into_owned();
     let log = dir.join("dataplane.log");
     let agent = topo.spawn_in(
         "n",

@@ -17,6 +17,10 @@ async fn controller_manager_manifests_apply_server_side() {
         .arg(repo_root().join("manifests/controller-manager"))
         .arg("-f")
         .arg(repo_root().join("manifests/crds"))
+        .arg("-f")
+        .arg(repo_root().join("manifests/allocation/webhook.yaml"))
+        .arg("-f")
+        .arg(repo_root().join("manifests/dataplane"))
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -38,6 +42,10 @@ async fn controller_manager_manifests_apply_server_side() {
         "mutatingwebhookconfiguration.admissionregistration.k8s.io/svcplane",
         "role.rbac.authorization.k8s.io/svcplane-controller-manager:webhook-certificate",
         "customresourcedefinition.apiextensions.k8s.io/servicepools.svcplane.io",
+        "serviceaccount/svcplane-dataplane",
+        "clusterrole.rbac.authorization.k8s.io/svcplane:dataplane",
+        "clusterrolebinding.rbac.authorization.k8s.io/svcplane:dataplane",
+        "daemonset.apps/svcplane-dataplane",
     ] {
         assert!(
             stdout.contains(&format!("{object} serverside-applied (server dry run)")),
