@@ -11,6 +11,7 @@ pub struct DataplaneMetrics {
     pub sync_failures: IntCounter,
     pub rules: IntGaugeVec,
     pub problems: IntGauge,
+    pub programming_latency: Histogram,
 }
 
 impl DataplaneMetrics {
@@ -42,7 +43,15 @@ impl DataplaneMetrics {
                 "svcplane_dataplane_object_problems",
                 "Parts of Services and EndpointSlices skipped as unusable (bad address, port, protocol)",
             ))?,
+            programming_latency: Histogram::with_opts(
+                HistogramOpts::new(
+                    "kubeproxy_network_programming_duration_seconds",
+                    "In Cluster Network Programming Latency in seconds",
+                )
+                .buckets(exponential_buckets(0.01, 2.0, 14)?),
+            )?,
         };
+        registry.register(Box::new(m.programming_latency.clone()))?;
         registry.register(Box::new(m.sync_duration.clone()))?;
         registry.register(Box::new(m.last_sync.clone()))?;
         registry.register(Box::new(m.sync_failures.clone()))?;

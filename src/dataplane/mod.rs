@@ -2,11 +2,13 @@
 //! desired state (pure, `svcplane_controllers::dataplane`), and writes only the difference to the
 //! kernel. `svcplane cleanup` removes what it wrote.
 
+mod healthcheck;
 mod ipvs_probe;
 mod metrics;
 mod nft;
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -14,7 +16,10 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::{
+    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    jiff::Timestamp,
+};
 use kube::{Api, runtime::watcher};
 use prometheus::Registry;
 use svcplane_controllers::{
@@ -24,6 +29,7 @@ use svcplane_controllers::{
         input::{Problem, ServiceInfo, SliceInfo},
         nft::{Ruleset, ruleset, transaction},
     },
+    model::ObjectKey,
     runtime::{informer::Informer, store::Store},
 };
 use tokio::{signal::unix::SignalKind, sync::Notify};
@@ -35,6 +41,7 @@ use crate::{
     http::Server,
     kubeclient,
 };
+use healthcheck::HealthCheckServers;
 use ipvs_probe::Ipvs;
 use metrics::DataplaneMetrics;
 
@@ -194,20 +201,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     info!(node = %args.node_name, "caches synced; programming nftables");
 
-    let mut applied = Applied::default();
-    let mut last_problems: Vec<Problem> = Vec::new();
+    let mut state = SyncState::default();
     loop {
         let started = Instant::now();
-        let result = sync(
-            &args,
-            &services,
-            &slices,
-            &mut applied,
-            &metrics,
-            &mut last_problems,
-        )
-        .instrument(info_span!("sync"))
-        .await;
+        let result = sync(&args, &services, &slices, &mut state, &metrics)
+            .instrument(info_span!("sync"))
+            .await;
         metrics.sync_duration.observe(started.elapsed().as_secs_f64());
         match result {
             Ok(()) => {
@@ -250,15 +249,27 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What one sync leaves for the next.
+#[derive(Default)]
+struct SyncState {
+    applied: Applied,
+    problems: Vec<Problem>,
+    health_checks: HealthCheckServers,
+    /// Trigger time of every slice version already programmed (`None`: before the first sync,
+    /// whose latency is start-up, not programming).
+    triggers: Option<HashMap<ObjectKey, Timestamp>>,
+}
+
 /// One sync: assemble, compute, diff, apply.
 async fn sync(
     args: &Args,
     services: &Store<Cached<ServiceInfo>>,
     slices: &Store<Cached<SliceInfo>>,
-    applied: &mut Applied,
+    st: &mut SyncState,
     metrics: &DataplaneMetrics,
-    last_problems: &mut Vec<Problem>,
 ) -> anyhow::Result<()> {
+    let applied = &mut st.applied;
+    let last_problems = &mut st.problems;
     let svc_cache = services.list_all(|_| true);
     let slice_cache = slices.list_all(|_| true);
     let mut problems: Vec<Problem> = svc_cache
@@ -302,7 +313,32 @@ async fn sync(
         );
         *slot = Some(next);
     }
+    st.health_checks.sync(&state.health_checks).await;
+    observe_programming_latency(&eps, &mut st.triggers, metrics);
     Ok(())
+}
+
+/// For every slice version programmed for the first time: now minus its trigger time.
+fn observe_programming_latency(
+    slices: &[SliceInfo],
+    seen: &mut Option<HashMap<ObjectKey, Timestamp>>,
+    metrics: &DataplaneMetrics,
+) {
+    let now = Timestamp::now();
+    let first = seen.is_none();
+    let seen = seen.get_or_insert_with(HashMap::new);
+    let mut current = HashMap::with_capacity(slices.len());
+    for s in slices {
+        let Some(t) = s.trigger_time else { continue };
+        if !first && seen.get(&s.name) != Some(&t) {
+            let secs = now.duration_since(t).as_secs_f64();
+            if secs >= 0.0 {
+                metrics.programming_latency.observe(secs);
+            }
+        }
+        current.insert(s.name.clone(), t);
+    }
+    *seen = current;
 }
 
 fn family_label(f: Family) -> &'static str {

@@ -6,7 +6,9 @@ use std::{net::IpAddr, time::Duration};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use crate::model::{LABEL_SERVICE_NAME, ObjectKey};
+use k8s_openapi::jiff::Timestamp;
+
+use crate::model::{ANNOTATION_LAST_CHANGE_TRIGGER_TIME, LABEL_SERVICE_NAME, ObjectKey};
 
 /// kube-proxy's default for `sessionAffinityConfig.clientIP.timeoutSeconds`.
 pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10800);
@@ -205,6 +207,10 @@ pub struct SlicePort {
 /// An EndpointSlice, reduced.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SliceInfo {
+    pub name: ObjectKey,
+    /// `endpoints.kubernetes.io/last-change-trigger-time`: when the change that produced this
+    /// version happened (the network programming latency SLI starts there).
+    pub trigger_time: Option<Timestamp>,
     pub service: ObjectKey,
     pub ports: Vec<SlicePort>,
     pub endpoints: Vec<EndpointInfo>,
@@ -259,7 +265,15 @@ pub fn slice_info(slice: &EndpointSlice, problems: &mut Vec<Problem>) -> Option<
             node_name: ep.node_name.clone(),
         });
     }
+    let trigger_time = slice
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_LAST_CHANGE_TRIGGER_TIME))
+        .and_then(|t| t.parse::<Timestamp>().ok());
     Some(SliceInfo {
+        name: ObjectKey::new(namespace.clone(), slice.metadata.name.clone().unwrap_or_default()),
+        trigger_time,
         service: ObjectKey::new(namespace, service),
         ports,
         endpoints,

@@ -67,7 +67,7 @@ async fn nftables_mode_balances_real_traffic_and_follows_changes() {
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
     let web: Service = serde_json::from_value(json!({
         "metadata": {"name": "web"},
-        "spec": {"type": "NodePort", "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+        "spec": {"type": "LoadBalancer", "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
     }))
     .unwrap();
     let web = services.create(&PostParams::default(), &web).await.unwrap();
@@ -146,6 +146,23 @@ async fn nftables_mode_balances_real_traffic_and_follows_changes() {
     let seen = spread(&topo, &np, 40).await;
     assert_eq!(names(&seen), ["backend-1", "backend-2", "backend-3"], "{seen:?}");
 
+    // The load balancer's ingress IP (written into the status, as a cloud controller would).
+    let lb_ip = "192.0.2.10";
+    let status = json!({"status": {"loadBalancer": {"ingress": [{"ip": lb_ip}]}}});
+    services
+        .patch_status("web", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+    let lb = format!("http://{lb_ip}/");
+    eventually(
+        Duration::from_secs(10),
+        "the load-balancer IP to answer",
+        || async { topo.curl(&lb).await },
+    )
+    .await;
+    let seen = spread(&topo, &lb, 30).await;
+    assert_eq!(names(&seen), ["backend-1", "backend-2", "backend-3"], "{seen:?}");
+
     // A Service without endpoints is refused, not left to time out.
     assert!(
         topo.refused(&format!("http://{empty_ip}/")).await,
@@ -201,6 +218,41 @@ async fn nftables_mode_balances_real_traffic_and_follows_changes() {
     .await;
     let seen = spread(&topo, &np, 30).await;
     assert_eq!(names(&seen), ["backend-1"], "Local policy leaked: {seen:?}");
+    // The health-check node port the apiserver allocated says this node has one local endpoint.
+    let hcnp = services
+        .get("web")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .health_check_node_port
+        .unwrap();
+    let health = eventually(Duration::from_secs(10), "the health-check node port", || async {
+        topo.curl(&format!("http://{NODE_IP}:{hcnp}/")).await
+    })
+    .await;
+    let health: serde_json::Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(health["localEndpoints"], 1, "{health}");
+    assert_eq!(health["service"]["name"], "web");
+    // Without a local endpoint the node says so (503, zero), so load balancers skip it.
+    slices
+        .replace("web-1", &PostParams::default(), &{
+            let mut s = slice(&ns, &[(3, "node-b")]);
+            s.metadata.resource_version = slices.get("web-1").await.unwrap().metadata.resource_version;
+            s
+        })
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the health check to report no local endpoint",
+        || async {
+            let body = topo.curl(&format!("http://{NODE_IP}:{hcnp}/")).await?;
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            (v["localEndpoints"] == 0).then_some(())
+        },
+    )
+    .await;
 
     // Stopping the agent leaves the rules; cleanup removes every one.
     topo.stop(agent);
