@@ -4,7 +4,11 @@
 //!
 //! Layout: a verdict map from `daddr . l4proto . dport` to a chain per Service port
 //! (`svc-…` for cluster IPs, `ext-…` for node ports and external IPs), which spreads connections
-//! with `numgen random` over a chain per endpoint (`ep-…`) that DNATs. ClientIP affinity is a
+//! at random over a chain per endpoint (`ep-…`) that DNATs. The spread is one rule per endpoint,
+//! `numgen random mod k == 0 goto ep` with k = n, n-1, …, 1 (uniform overall), not kube-proxy's
+//! anonymous `numgen … vmap`: the kernel's loop check walks every verdict map of the table for
+//! each jump it adds, so one anonymous map per Service makes a full sync quadratic (10,000
+//! Services took minutes on kernel 6.18). ClientIP affinity is a
 //! timed set per endpoint, checked before the spread and refreshed on every packet. Addresses with
 //! no endpoints are in a second map, consulted in the filter hooks, that rejects.
 //!
@@ -22,7 +26,7 @@ use nftables::{
     batch::Batch,
     expr::{
         BinaryOperation, Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression, NgMode, Numgen,
-        Payload, PayloadField, SetItem, Verdict,
+        Payload, PayloadField, Verdict,
     },
     schema::{
         Chain, Element, FlushObject, Map, NfCmd, NfListObject, Nftables, Rule as NfRule, Set, SetFlag,
@@ -65,8 +69,12 @@ pub enum Rule {
         set: String,
         chain: String,
     },
-    /// Pick one chain at random.
-    Spread(Vec<String>),
+    /// Go to `chain` with probability 1/`one_in` (1: always); a Service's endpoints get
+    /// `one_in` = n, n-1, …, 1 in turn, which picks each with probability 1/n.
+    Pick {
+        chain: String,
+        one_in: u32,
+    },
     /// A connection from the endpoint to itself through the service address needs masquerading.
     Hairpin(IpAddr),
     /// Remember the client for the endpoint's affinity set.
@@ -151,7 +159,11 @@ pub fn ruleset(state: &DesiredState, family: Family) -> Ruleset {
                             chain: chain.clone(),
                         })
                     }));
-                    rules.push(Rule::Spread(chains.into_iter().map(|(c, _)| c).collect()));
+                    let n = chains.len();
+                    rules.extend(chains.into_iter().enumerate().map(|(i, (chain, _))| Rule::Pick {
+                        chain,
+                        one_in: u32::try_from(n - i).unwrap_or(u32::MAX),
+                    }));
                 }
                 Backends::Drop => rules.push(Rule::Drop),
                 Backends::Reject => rules.push(Rule::Reject),
@@ -353,27 +365,18 @@ impl Writer {
                 eq(payload(l3, "saddr"), Expression::String(s(format!("@{set}")))),
                 Statement::Goto(JumpTarget { target: s(chain) }),
             ],
-            Rule::Spread(chains) if chains.len() == 1 => {
-                vec![Statement::Goto(JumpTarget {
-                    target: s(&chains[0]),
-                })]
-            }
-            Rule::Spread(chains) => {
-                let n = u32::try_from(chains.len()).unwrap_or(u32::MAX);
-                let items = chains
-                    .iter()
-                    .zip(0u32..)
-                    .map(|(c, i)| SetItem::Mapping(Expression::Number(i), Expression::Verdict(goto(c))))
-                    .collect();
-                vec![Statement::VerdictMap(VerdictMap {
-                    key: Expression::Named(NamedExpression::Numgen(Numgen {
+            Rule::Pick { chain, one_in: 1 } => vec![Statement::Goto(JumpTarget { target: s(chain) })],
+            Rule::Pick { chain, one_in } => vec![
+                eq(
+                    Expression::Named(NamedExpression::Numgen(Numgen {
                         mode: NgMode::Random,
-                        ng_mod: n,
+                        ng_mod: *one_in,
                         offset: None,
                     })),
-                    data: Expression::Named(NamedExpression::Set(items)),
-                })]
-            }
+                    Expression::Number(0),
+                ),
+                Statement::Goto(JumpTarget { target: s(chain) }),
+            ],
             Rule::Hairpin(ip) => vec![
                 eq(payload(l3, "saddr"), Expression::String(s(ip.to_string()))),
                 Statement::Mangle(Mangle {
@@ -784,7 +787,14 @@ mod tests {
                     set: "aff-ns/web/tcp/http__10.0.3.2:8080".into(),
                     chain: "ep-ns/web/tcp/http__10.0.3.2:8080".into()
                 },
-                Rule::Spread(vec![ep.into(), "ep-ns/web/tcp/http__10.0.3.2:8080".into()]),
+                Rule::Pick {
+                    chain: ep.into(),
+                    one_in: 2
+                },
+                Rule::Pick {
+                    chain: "ep-ns/web/tcp/http__10.0.3.2:8080".into(),
+                    one_in: 1
+                },
             ]
         );
         assert_eq!(rs.chains["ext-ns/web/tcp/http"][0], Rule::MarkMasquerade);
@@ -798,6 +808,29 @@ mod tests {
         );
         assert_eq!(rs.affinity_sets.len(), 2);
         assert!(ruleset(&st, Family::V6).service_ips.is_empty(), "families apart");
+    }
+
+    #[test]
+    fn the_spread_picks_every_endpoint_with_equal_probability() {
+        for n in 1..=7 {
+            let eps: Vec<String> = (0..n).map(|i| format!("10.0.{i}.2:80")).collect();
+            let eps: Vec<&str> = eps.iter().map(String::as_str).collect();
+            let rs = ruleset(&state(vec![port("web", "10.96.0.10", to(&eps))]), Family::V4);
+            let mut reach = 1.0_f64;
+            let mut picked = Vec::new();
+            for rule in &rs.chains["svc-ns/web/tcp/http"] {
+                if let Rule::Pick { one_in, .. } = rule {
+                    let p = reach / f64::from(*one_in);
+                    picked.push(p);
+                    reach -= p;
+                }
+            }
+            assert_eq!(picked.len(), n);
+            assert!(reach.abs() < 1e-12, "some traffic falls through: {reach}");
+            for p in picked {
+                assert!((p - 1.0 / n as f64).abs() < 1e-12, "{n} endpoints: {p}");
+            }
+        }
     }
 
     #[test]
