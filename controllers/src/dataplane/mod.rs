@@ -4,4 +4,5 @@
 pub mod cache;
 pub mod desired;
 pub mod input;
+pub mod ipvs;
 pub mod nft;
