@@ -8,7 +8,8 @@ PACKAGES=(
   curl openssl ca-certificates      # readiness polls, the local PKI
   iproute2 procps                   # ip, pgrep/pkill in scripts
   nftables                          # the dataplane's nftables mode (nft -j -f -)
-  busybox                           # httpd backends inside the dataplane tests' network namespaces
+  busybox-static                    # httpd backends in the dataplane tests; the IPVS VM's userland
+  qemu-system-x86 ipvsadm kmod cpio # the IPVS VM (hack/ipvs-vm.sh); ipvsadm only to inspect
   socat                             # carries the apiserver into a test's node namespace (unix socket)
 )
 missing=()

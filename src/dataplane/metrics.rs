@@ -12,6 +12,8 @@ pub struct DataplaneMetrics {
     pub rules: IntGaugeVec,
     pub problems: IntGauge,
     pub programming_latency: Histogram,
+    pub ipvs_failures: IntCounter,
+    pub invalid_config: IntCounter,
 }
 
 impl DataplaneMetrics {
@@ -50,7 +52,17 @@ impl DataplaneMetrics {
                 )
                 .buckets(exponential_buckets(0.01, 2.0, 14)?),
             )?,
+            ipvs_failures: IntCounter::with_opts(Opts::new(
+                "svcplane_dataplane_ipvs_operation_failures_total",
+                "IPVS operations the kernel refused (e.g. a scheduler it lacks)",
+            ))?,
+            invalid_config: IntCounter::with_opts(Opts::new(
+                "svcplane_dataplane_invalid_config_total",
+                "Configuration values replaced by defaults (e.g. an unknown IPVS scheduler)",
+            ))?,
         };
+        registry.register(Box::new(m.ipvs_failures.clone()))?;
+        registry.register(Box::new(m.invalid_config.clone()))?;
         registry.register(Box::new(m.programming_latency.clone()))?;
         registry.register(Box::new(m.sync_duration.clone()))?;
         registry.register(Box::new(m.last_sync.clone()))?;

@@ -3,14 +3,14 @@
 //! kernel. `svcplane cleanup` removes what it wrote.
 
 mod healthcheck;
-mod ipvs_probe;
+mod ipvs;
 mod metrics;
 mod nft;
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
-    path::PathBuf,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
@@ -27,6 +27,7 @@ use svcplane_controllers::{
         cache::{Cached, cache_service, cache_slice},
         desired::{DesiredState, Family, desired},
         input::{Problem, ServiceInfo, SliceInfo},
+        ipvs::plan::{Op, SCHEDULERS},
         nft::{Ruleset, ruleset, transaction},
     },
     model::ObjectKey,
@@ -42,7 +43,7 @@ use crate::{
     kubeclient,
 };
 use healthcheck::HealthCheckServers;
-use ipvs_probe::Ipvs;
+use ipvs::probe::{self as ipvs_probe, Ipvs};
 use metrics::DataplaneMetrics;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,6 +75,25 @@ pub struct Args {
     /// The nft program (nftables mode).
     #[arg(long, default_value = "nft")]
     pub nft: PathBuf,
+    /// IPVS scheduler for every virtual server (rr, wrr, lc, wlc, lblc, lblcr, dh, sh, sed, nq,
+    /// fo, ovf, mh, twos). An unknown name is reported and rr used instead.
+    #[arg(long, default_value = "rr")]
+    pub scheduler: String,
+    /// This node's addresses, where IPVS mode opens NodePorts (nftables mode answers on every
+    /// local address by itself).
+    #[arg(long, value_delimiter = ',')]
+    pub node_ip: Vec<IpAddr>,
+    /// Read Services and EndpointSlices from this JSON List instead of the apiserver (offline
+    /// programming and tests); implies one sync and exit.
+    #[arg(long)]
+    pub objects: Option<PathBuf>,
+}
+
+/// What programs the kernel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Backend {
+    Nftables,
+    Ipvs { scheduler: String },
 }
 
 #[derive(clap::Args, Debug)]
@@ -121,22 +141,42 @@ impl Check for SyncHealth {
     }
 }
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
-    match args.mode {
-        Mode::Nftables => info!("nftables mode (forced)"),
-        Mode::Auto => match ipvs_probe::probe() {
-            Ipvs::Absent(why) => info!(reason = %why, "nftables mode: no IPVS on this node"),
-            Ipvs::Available { family_id } => warn!(
-                family_id,
-                "the kernel has IPVS, but svcplane's IPVS mode is not built yet; nftables mode"
-            ),
-        },
-        Mode::Ipvs => match ipvs_probe::probe() {
-            Ipvs::Absent(why) => bail!("--mode=ipvs: {why}"),
-            Ipvs::Available { .. } => {
-                bail!("--mode=ipvs: svcplane's IPVS mode is not built yet; use auto or nftables")
+/// Picks the mode: IPVS where asked for (or, in auto, where the kernel has it), else nftables.
+fn backend(args: &Args, metrics: &DataplaneMetrics) -> anyhow::Result<Backend> {
+    let scheduler = || {
+        if SCHEDULERS.contains(&args.scheduler.as_str()) {
+            args.scheduler.clone()
+        } else {
+            metrics.invalid_config.inc();
+            warn!(scheduler = %args.scheduler, known = ?SCHEDULERS, "unknown IPVS scheduler; using rr");
+            "rr".to_owned()
+        }
+    };
+    Ok(match (args.mode, ipvs_probe::probe()) {
+        (Mode::Nftables, _) => {
+            info!("nftables mode (forced)");
+            Backend::Nftables
+        }
+        (Mode::Auto, Ipvs::Absent(why)) => {
+            info!(reason = %why, "nftables mode: no IPVS on this node");
+            Backend::Nftables
+        }
+        (Mode::Ipvs, Ipvs::Absent(why)) => bail!("--mode=ipvs: {why}"),
+        (Mode::Auto | Mode::Ipvs, Ipvs::Available { family_id }) => {
+            info!(family_id, "IPVS mode");
+            Backend::Ipvs {
+                scheduler: scheduler(),
             }
-        },
+        }
+    })
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let registry = Registry::new();
+    let metrics = DataplaneMetrics::register(&registry).context("registering metrics")?;
+    let backend = backend(&args, &metrics)?;
+    if let Some(path) = &args.objects {
+        return run_once(&args, &backend, path, &metrics).await;
     }
     let shutdown = CancellationToken::new();
     {
@@ -152,8 +192,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         });
     }
     let client = kubeclient::client(args.kubeconfig.as_deref()).await?;
-    let registry = Registry::new();
-    let metrics = DataplaneMetrics::register(&registry).context("registering metrics")?;
     let last_ok = Arc::new(Mutex::new(None));
     let last_failed = Arc::new(Mutex::new(false));
     let health = Checks::default().with(SyncHealth {
@@ -199,12 +237,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     {
         return Ok(());
     }
-    info!(node = %args.node_name, "caches synced; programming nftables");
+    info!(node = %args.node_name, ?backend, "caches synced; programming the kernel");
 
     let mut state = SyncState::default();
     loop {
         let started = Instant::now();
-        let result = sync(&args, &services, &slices, &mut state, &metrics)
+        let result = sync(&args, &backend, &services, &slices, &mut state, &metrics)
             .instrument(info_span!("sync"))
             .await;
         metrics.sync_duration.observe(started.elapsed().as_secs_f64());
@@ -255,6 +293,7 @@ struct SyncState {
     applied: Applied,
     problems: Vec<Problem>,
     health_checks: HealthCheckServers,
+    last_ipvs: Option<ipvs::Report>,
     /// Trigger time of every slice version already programmed (`None`: before the first sync,
     /// whose latency is start-up, not programming).
     triggers: Option<HashMap<ObjectKey, Timestamp>>,
@@ -263,6 +302,7 @@ struct SyncState {
 /// One sync: assemble, compute, diff, apply.
 async fn sync(
     args: &Args,
+    backend: &Backend,
     services: &Store<Cached<ServiceInfo>>,
     slices: &Store<Cached<SliceInfo>>,
     st: &mut SyncState,
@@ -290,8 +330,44 @@ async fn sync(
     let svcs: Vec<ServiceInfo> = svc_cache.iter().filter_map(|c| c.value.clone()).collect();
     let eps: Vec<SliceInfo> = slice_cache.iter().filter_map(|c| c.value.clone()).collect();
     let state: DesiredState = desired(&args.node_name, &svcs, &eps);
+    match backend {
+        Backend::Nftables => apply_nftables(args, &state, applied, metrics).await?,
+        Backend::Ipvs { scheduler } => {
+            let report = ipvs::sync(&state, &args.node_ip, scheduler).await?;
+            metrics
+                .rules
+                .with_label_values(&["IPVS"])
+                .set(i64::try_from(report.ops.len()).unwrap_or(i64::MAX));
+            if report.failed > 0 {
+                metrics
+                    .ipvs_failures
+                    .inc_by(u64::try_from(report.failed).unwrap_or(u64::MAX));
+            }
+            if !report.ops.is_empty() || report.addresses_added + report.addresses_removed > 0 {
+                info!(
+                    operations = report.ops.len(),
+                    failed = report.failed,
+                    addresses_added = report.addresses_added,
+                    addresses_removed = report.addresses_removed,
+                    "IPVS updated"
+                );
+            }
+            st.last_ipvs = Some(report);
+        }
+    }
+    st.health_checks.sync(&state.health_checks).await;
+    observe_programming_latency(&eps, &mut st.triggers, metrics);
+    Ok(())
+}
+
+async fn apply_nftables(
+    args: &Args,
+    state: &DesiredState,
+    applied: &mut Applied,
+    metrics: &DataplaneMetrics,
+) -> anyhow::Result<()> {
     for (family, slot) in [(Family::V4, &mut applied.v4), (Family::V6, &mut applied.v6)] {
-        let next = ruleset(&state, family);
+        let next = ruleset(state, family);
         metrics
             .rules
             .with_label_values(&[family_label(family)])
@@ -313,8 +389,70 @@ async fn sync(
         );
         *slot = Some(next);
     }
-    st.health_checks.sync(&state.health_checks).await;
-    observe_programming_latency(&eps, &mut st.triggers, metrics);
+    Ok(())
+}
+
+/// `--objects`: one sync from a file, then exit; prints what it did as one JSON line.
+async fn run_once(
+    args: &Args,
+    backend: &Backend,
+    path: &Path,
+    metrics: &DataplaneMetrics,
+) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let list: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let services: Store<Cached<ServiceInfo>> = Store::new(None);
+    let slices: Store<Cached<SliceInfo>> = Store::new(None);
+    for item in list
+        .get("items")
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let key = ObjectKey::new(
+            item.pointer("/metadata/namespace")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default(),
+            item.pointer("/metadata/name")
+                .and_then(|v| v.as_str())
+                .unwrap_or_default(),
+        );
+        match item.get("kind").and_then(|k| k.as_str()) {
+            Some("Service") => {
+                let svc: Service =
+                    serde_json::from_value(item.clone()).with_context(|| format!("Service {key}"))?;
+                services.insert(key, Arc::new(cache_service(svc)));
+            }
+            Some("EndpointSlice") => {
+                let s: EndpointSlice =
+                    serde_json::from_value(item.clone()).with_context(|| format!("EndpointSlice {key}"))?;
+                slices.insert(key, Arc::new(cache_slice(s)));
+            }
+            other => {
+                warn!(kind = ?other, "skipping an object that is neither a Service nor an EndpointSlice")
+            }
+        }
+    }
+    let mut st = SyncState::default();
+    sync(args, backend, &services, &slices, &mut st, metrics).await?;
+    let summary = match &st.last_ipvs {
+        Some(r) => serde_json::json!({
+            "mode": "ipvs",
+            "operations": r.ops.len(),
+            "add_service": r.ops.iter().filter(|o| matches!(o, Op::AddService(..))).count(),
+            "update_service": r.ops.iter().filter(|o| matches!(o, Op::UpdateService(..))).count(),
+            "del_service": r.ops.iter().filter(|o| matches!(o, Op::DelService(..))).count(),
+            "add_dest": r.ops.iter().filter(|o| matches!(o, Op::AddDest(..))).count(),
+            "update_dest": r.ops.iter().filter(|o| matches!(o, Op::UpdateDest(..))).count(),
+            "del_dest": r.ops.iter().filter(|o| matches!(o, Op::DelDest(..))).count(),
+            "failed": r.failed,
+            "addresses_added": r.addresses_added,
+            "addresses_removed": r.addresses_removed,
+        }),
+        None => serde_json::json!({"mode": "nftables"}),
+    };
+    println!("{summary}");
     Ok(())
 }
 
@@ -351,7 +489,28 @@ fn family_label(f: Family) -> &'static str {
 /// `svcplane cleanup`: removes svcplane's nftables tables.
 pub async fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
     let tx = svcplane_controllers::dataplane::nft::cleanup().context("rendering the cleanup batch")?;
-    nft::apply(&args.nft, &tx).await?;
-    info!("removed svcplane's nftables tables");
+    match nft::apply(&args.nft, &tx).await {
+        Ok(()) => info!("removed svcplane's nftables tables"),
+        // A node without nft never ran nftables mode.
+        Err(e) => warn!(error = format!("{e:#}"), "could not remove nftables tables"),
+    }
+    if ipvs::link::remove().await? {
+        info!(link = ipvs::link::LINK, "removed the dummy interface");
+    }
+    // As kube-proxy's cleanup: every virtual server goes (the node's IPVS is the proxy's).
+    let flushed = tokio::task::spawn_blocking(|| -> anyhow::Result<bool> {
+        match ipvs::client::IpvsClient::connect()? {
+            Some(mut c) => {
+                c.flush()?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    })
+    .await
+    .context("the IPVS task")??;
+    if flushed {
+        info!("flushed IPVS");
+    }
     Ok(())
 }

@@ -7,6 +7,7 @@ mod allocation;
 mod allocation_ha;
 mod allocator_store;
 mod control_plane;
+mod dataplane_ipvs;
 mod dataplane_nft;
 mod endpointslices;
 mod leader_election;

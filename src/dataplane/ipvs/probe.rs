@@ -28,7 +28,7 @@ pub fn probe() -> Ipvs {
 }
 
 /// The id of generic-netlink family `name`; `None` when the kernel does not know it.
-fn resolve(name: &str) -> std::io::Result<Option<u16>> {
+pub fn resolve(name: &str) -> std::io::Result<Option<u16>> {
     let mut socket = Socket::new(NETLINK_GENERIC)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;

@@ -1,0 +1,253 @@
+//! IPVS mode on a kernel that has IPVS: Debian's cloud kernel in a qemu VM (`hack/ipvs-vm.sh`).
+//! Inside the VM, svcplane programs IPVS from fixture files (no apiserver there), `ipvsadm -Ln`
+//! must show exactly the expected virtual and real servers, and real TCP from a client namespace
+//! is balanced over backend namespaces. A second fixture changes only what differs.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    process::Command,
+};
+
+use serde_json::{Value, json};
+use svcplane_e2e::{repo_root, svcplane_bin};
+
+fn service(name: &str, ip: &str, port: u16, extra: Value) -> Value {
+    let mut spec = json!({"clusterIP": ip, "clusterIPs": [ip],
+        "ports": [{"name": "p", "port": port, "protocol": "TCP", "targetPort": 8080}]});
+    if let (Some(s), Some(e)) = (spec.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            s.insert(k.clone(), v.clone());
+        }
+    }
+    json!({"kind": "Service", "metadata": {"namespace": "ns", "name": name}, "spec": spec})
+}
+
+fn slice(service: &str, backends: &[u8]) -> Value {
+    let endpoints: Vec<Value> = backends
+        .iter()
+        .map(|i| json!({"addresses": [format!("10.1.{i}.2")], "nodeName": "vm", "conditions": {"ready": true}}))
+        .collect();
+    json!({"kind": "EndpointSlice", "metadata": {"namespace": "ns", "name": format!("{service}-1"),
+        "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4", "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
+        "endpoints": endpoints})
+}
+
+const SCENARIO: &str = r#"
+IP=/usr/sbin/ip
+sysctl -qw net.ipv4.ip_forward=1
+modprobe veth; modprobe dummy
+for i in 1 2 3; do
+  $IP netns add b$i
+  $IP link add vb$i type veth peer name eth0 netns b$i
+  $IP addr add 10.1.$i.1/24 dev vb$i; $IP link set vb$i up
+  $IP -n b$i link set lo up; $IP -n b$i addr add 10.1.$i.2/24 dev eth0; $IP -n b$i link set eth0 up
+  $IP -n b$i route add default via 10.1.$i.1
+  mkdir -p /www$i; echo "backend-$i" > /www$i/index.html
+  $IP netns exec b$i httpd -p 8080 -h /www$i
+done
+$IP netns add c
+$IP link add vc type veth peer name eth0 netns c
+$IP addr add 10.2.0.1/24 dev vc; $IP link set vc up
+$IP -n c link set lo up; $IP -n c addr add 10.2.0.2/24 dev eth0; $IP -n c link set eth0 up
+$IP -n c route add default via 10.2.0.1
+get() { printf 'GET / HTTP/1.0\r\n\r\n' | $IP netns exec c nc "$1" "$2" | tail -1; }
+run() { svcplane dataplane --node-name vm --mode auto --node-ip 10.2.0.1 --objects "/scenario/$1" 2>/tmp/log.txt | sed 's/^/SUMMARY /'; cat /tmp/log.txt | sed 's/^/LOG /'; }
+run f1.json
+echo "== ipvsadm f1"; ipvsadm -Ln
+echo "== end"
+for k in 1 2 3 4 5 6 7 8 9 10 11 12; do echo "VIP $(get 10.96.0.10 80)"; done
+for k in 1 2 3 4 5 6; do echo "NODEPORT $(get 10.2.0.1 30080)"; done
+for k in 1 2 3; do echo "AFFINITY $(get 10.96.0.11 443)"; done
+run f2.json
+echo "== ipvsadm f2"; ipvsadm -Ln
+echo "== end"
+run f2.json
+echo "LINK $($IP -o addr show dev svcplane-ipvs0 | awk '{print $4}' | sort | tr '\n' ' ')"
+"#;
+
+/// `ipvsadm -Ln` between `== ipvsadm NAME` and `== end`: virtual server line → real servers
+/// with weights.
+fn ipvsadm(results: &str, name: &str) -> BTreeMap<String, BTreeMap<String, u32>> {
+    let mut out: BTreeMap<String, BTreeMap<String, u32>> = BTreeMap::new();
+    let mut current = None;
+    let body = results
+        .split(&format!("== ipvsadm {name}\n"))
+        .nth(1)
+        .and_then(|r| r.split("== end").next())
+        .unwrap_or_else(|| panic!("no ipvsadm {name} in:\n{results}"));
+    for line in body.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.first() {
+            Some(&"TCP") | Some(&"UDP") => {
+                let key = f.join(" ");
+                out.insert(key.clone(), BTreeMap::new());
+                current = Some(key);
+            }
+            Some(&"->") if f.get(1) != Some(&"RemoteAddress:Port") => {
+                if let Some(k) = &current {
+                    out.get_mut(k)
+                        .unwrap()
+                        .insert(f[1].to_owned(), f[3].parse().unwrap());
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn summaries(results: &str) -> Vec<Value> {
+    results
+        .lines()
+        .filter_map(|l| l.strip_prefix("SUMMARY "))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn answers(results: &str, what: &str) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for l in results
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("{what} ")))
+    {
+        *seen.entry(l.trim().to_owned()).or_default() += 1;
+    }
+    seen
+}
+
+fn vs(entries: &[(&str, &[(&str, u32)])]) -> BTreeMap<String, BTreeMap<String, u32>> {
+    entries
+        .iter()
+        .map(|(k, d)| {
+            (
+                (*k).to_owned(),
+                d.iter().map(|(a, w)| ((*a).to_owned(), *w)).collect(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn ipvs_mode_programs_a_real_kernel_and_balances_tcp() {
+    let dir = std::env::temp_dir().join(format!("svcplane-e2e-{}-ipvs", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let web = json!({"type": "NodePort", "ports": [{"name": "p", "port": 80, "protocol": "TCP", "nodePort": 30080, "targetPort": 8080}]});
+    let affinity = json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 600}}});
+    let f1 = json!({"items": [
+        service("web", "10.96.0.10", 80, web.clone()), slice("web", &[1, 2, 3]),
+        service("api", "10.96.0.11", 443, affinity.clone()), slice("api", &[1, 2]),
+        service("gone", "10.96.0.12", 80, json!({})), slice("gone", &[2]),
+    ]});
+    let f2 = json!({"items": [
+        service("web", "10.96.0.10", 80, web), slice("web", &[1, 2]),
+        service("api", "10.96.0.11", 443, affinity), slice("api", &[1, 2]),
+        service("new", "10.96.0.13", 80, json!({})), slice("new", &[3]),
+    ]});
+    std::fs::write(dir.join("f1.json"), f1.to_string()).unwrap();
+    std::fs::write(dir.join("f2.json"), f2.to_string()).unwrap();
+    std::fs::write(dir.join("scenario.sh"), SCENARIO).unwrap();
+    let out = Command::new("bash")
+        .arg(repo_root().join("hack/ipvs-vm.sh"))
+        .arg(&dir)
+        .env("SVCPLANE_BIN", svcplane_bin())
+        .output()
+        .unwrap();
+    // The serial port turns newlines into CR LF.
+    let results = std::fs::read_to_string(dir.join("results.txt"))
+        .unwrap_or_default()
+        .replace('\r', "");
+    let console = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "the VM run failed: {}\nresults:\n{results}\nconsole:\n{console}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // auto picks IPVS where the kernel has it.
+    assert!(results.contains("IPVS mode"), "{results}");
+
+    let backends = [("10.1.1.2:8080", 1), ("10.1.2.2:8080", 1), ("10.1.3.2:8080", 1)];
+    assert_eq!(
+        ipvsadm(&results, "f1"),
+        vs(&[
+            ("TCP 10.2.0.1:30080 rr", &backends),
+            ("TCP 10.96.0.10:80 rr", &backends),
+            ("TCP 10.96.0.11:443 rr persistent 600", &backends[..2]),
+            ("TCP 10.96.0.12:80 rr", &[("10.1.2.2:8080", 1)]),
+        ]),
+        "{results}"
+    );
+
+    // Real TCP: round robin over every backend, through the cluster IP and the node port;
+    // persistence keeps one client on one backend.
+    let vip = answers(&results, "VIP");
+    assert_eq!(
+        vip.keys().collect::<Vec<_>>(),
+        ["backend-1", "backend-2", "backend-3"],
+        "{results}"
+    );
+    assert!(vip.values().all(|n| *n == 4), "round robin: {vip:?}");
+    let np = answers(&results, "NODEPORT");
+    assert_eq!(
+        np.keys().collect::<Vec<_>>(),
+        ["backend-1", "backend-2", "backend-3"],
+        "{results}"
+    );
+    assert_eq!(answers(&results, "AFFINITY").len(), 1, "{results}");
+
+    // The second fixture: one service gone, one new, backend 3 leaves web (drained at weight 0
+    // while its connections finish, in both of web's virtual servers); nothing else touched.
+    let s = summaries(&results);
+    assert_eq!(s.len(), 3, "{results}");
+    assert_eq!(s[0]["add_service"], 4);
+    assert_eq!(s[0]["add_dest"], 9);
+    assert_eq!(s[0]["addresses_added"], 3);
+    let second = &s[1];
+    assert_eq!(
+        (
+            &second["add_service"],
+            &second["add_dest"],
+            &second["del_service"],
+            &second["update_dest"],
+            &second["update_service"],
+            &second["del_dest"],
+            &second["failed"],
+        ),
+        (
+            &json!(1),
+            &json!(1),
+            &json!(1),
+            &json!(2),
+            &json!(0),
+            &json!(0),
+            &json!(0)
+        ),
+        "{second}"
+    );
+    assert_eq!(
+        (&second["addresses_added"], &second["addresses_removed"]),
+        (&json!(1), &json!(1))
+    );
+    let drained = [("10.1.1.2:8080", 1), ("10.1.2.2:8080", 1), ("10.1.3.2:8080", 0)];
+    assert_eq!(
+        ipvsadm(&results, "f2"),
+        vs(&[
+            ("TCP 10.2.0.1:30080 rr", &drained),
+            ("TCP 10.96.0.10:80 rr", &drained),
+            ("TCP 10.96.0.11:443 rr persistent 600", &backends[..2]),
+            ("TCP 10.96.0.13:80 rr", &[("10.1.3.2:8080", 1)]),
+        ]),
+        "{results}"
+    );
+    // The same fixture again: nothing to do (the drained backend still has connections).
+    assert_eq!(s[2]["operations"], 0, "{}", s[2]);
+    let link: BTreeSet<&str> = results
+        .lines()
+        .find_map(|l| l.strip_prefix("LINK "))
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(link, ["10.96.0.10/32", "10.96.0.11/32", "10.96.0.13/32"].into());
+}

@@ -1,0 +1,127 @@
+//! The dummy interface that makes the node accept traffic for service addresses in IPVS mode
+//! (kube-proxy's `kube-ipvs0`), through rtnetlink.
+
+use std::{collections::BTreeSet, net::IpAddr};
+
+use anyhow::{Context, anyhow};
+use futures::TryStreamExt;
+use rtnetlink::{Handle, LinkDummy, packet_route::address::AddressAttribute};
+use tracing::info;
+
+pub const LINK: &str = "svcplane-ipvs0";
+
+/// The link's index, creating it when missing.
+async fn ensure_link(handle: &Handle) -> anyhow::Result<u32> {
+    if let Some(link) = handle
+        .link()
+        .get()
+        .match_name(LINK.to_owned())
+        .execute()
+        .try_next()
+        .await
+        .ok()
+        .flatten()
+    {
+        return Ok(link.header.index);
+    }
+    handle
+        .link()
+        .add(LinkDummy::new(LINK).build())
+        .execute()
+        .await
+        .map_err(|e| anyhow!("creating {LINK}: {e}"))?;
+    info!(link = LINK, "created the dummy interface for service addresses");
+    let link = handle
+        .link()
+        .get()
+        .match_name(LINK.to_owned())
+        .execute()
+        .try_next()
+        .await
+        .map_err(|e| anyhow!("reading {LINK}: {e}"))?
+        .context("the dummy interface vanished")?;
+    Ok(link.header.index)
+}
+
+/// Makes the dummy interface carry exactly `wanted` (host routes: /32 and /128). Returns how many
+/// were added and removed, and what it carried before.
+pub async fn sync_addresses(wanted: &BTreeSet<IpAddr>) -> anyhow::Result<(usize, usize, BTreeSet<IpAddr>)> {
+    let (conn, handle, _) = rtnetlink::new_connection().context("rtnetlink socket")?;
+    let task = tokio::spawn(conn);
+    let result = async {
+        let index = ensure_link(&handle).await?;
+        let mut current = Vec::new();
+        let mut stream = handle.address().get().set_link_index_filter(index).execute();
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(|e| anyhow!("listing addresses: {e}"))?
+        {
+            let ip = msg.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            });
+            if let Some(ip) = ip {
+                current.push((ip, msg));
+            }
+        }
+        let have: BTreeSet<IpAddr> = current.iter().map(|(ip, _)| *ip).collect();
+        let mut added = 0;
+        for ip in wanted.difference(&have) {
+            let prefix = if ip.is_ipv6() { 128 } else { 32 };
+            handle
+                .address()
+                .add(index, *ip, prefix)
+                .execute()
+                .await
+                .map_err(|e| anyhow!("adding {ip} to {LINK}: {e}"))?;
+            added += 1;
+        }
+        let mut removed = 0;
+        for (ip, msg) in current {
+            if !wanted.contains(&ip) {
+                handle
+                    .address()
+                    .del(msg)
+                    .execute()
+                    .await
+                    .map_err(|e| anyhow!("removing {ip} from {LINK}: {e}"))?;
+                removed += 1;
+            }
+        }
+        Ok((added, removed, have))
+    }
+    .await;
+    task.abort();
+    result
+}
+
+/// Removes the dummy interface (cleanup).
+pub async fn remove() -> anyhow::Result<bool> {
+    let (conn, handle, _) = rtnetlink::new_connection().context("rtnetlink socket")?;
+    let task = tokio::spawn(conn);
+    let result = async {
+        let Some(link) = handle
+            .link()
+            .get()
+            .match_name(LINK.to_owned())
+            .execute()
+            .try_next()
+            .await
+            .ok()
+            .flatten()
+        else {
+            return Ok(false);
+        };
+        handle
+            .link()
+            .del(link.header.index)
+            .execute()
+            .await
+            .map_err(|e| anyhow!("deleting {LINK}: {e}"))?;
+        Ok(true)
+    }
+    .await;
+    task.abort();
+    result
+}

@@ -1,0 +1,60 @@
+//! IPVS mode's I/O: the kernel's IPVS table over generic netlink ([`client`]), the dummy interface
+//! carrying service addresses ([`link`]), and whether the kernel has IPVS at all ([`probe`]).
+
+pub mod client;
+pub mod link;
+pub mod probe;
+
+use std::{collections::BTreeSet, net::IpAddr};
+
+use anyhow::Context;
+use svcplane_controllers::dataplane::{
+    desired::DesiredState,
+    ipvs::plan::{Op, plan, vip_addresses, virtual_servers},
+};
+use tracing::{debug, warn};
+
+/// What one IPVS sync did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub addresses_added: usize,
+    pub addresses_removed: usize,
+    pub ops: Vec<Op>,
+    pub failed: usize,
+}
+
+/// Takes the node's IPVS table and dummy interface to `state`. A failing operation (say, a
+/// scheduler the kernel lacks) is logged and counted; the others still apply.
+pub async fn sync(state: &DesiredState, node_ips: &[IpAddr], scheduler: &str) -> anyhow::Result<Report> {
+    let vips = vip_addresses(state);
+    let (addresses_added, addresses_removed, before) = link::sync_addresses(&vips).await?;
+    let desired = virtual_servers(state, node_ips, scheduler);
+    let mut owned: BTreeSet<IpAddr> = before;
+    owned.extend(vips.iter().copied());
+    owned.extend(node_ips.iter().copied());
+    tokio::task::spawn_blocking(move || {
+        let mut client = client::IpvsClient::connect()
+            .context("IPVS netlink socket")?
+            .context("the kernel has no IPVS")?;
+        let observed = client.observe().context("reading the IPVS table")?;
+        let ops = plan(&observed, &desired, |k| owned.contains(&k.addr));
+        let mut failed = 0;
+        for op in &ops {
+            match client.apply(op) {
+                Ok(()) => debug!(?op, "IPVS updated"),
+                Err(e) => {
+                    failed += 1;
+                    warn!(?op, error = %e, "IPVS refused an operation");
+                }
+            }
+        }
+        Ok(Report {
+            addresses_added,
+            addresses_removed,
+            ops,
+            failed,
+        })
+    })
+    .await
+    .context("the IPVS task")?
+}
