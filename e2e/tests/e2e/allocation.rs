@@ -283,6 +283,35 @@ async fn the_webhook_allocates_distinct_ips_and_ports_from_etcd() {
     assert_eq!(node_ports[0], node_ports[1], "shared by TCP and UDP");
     assert!((30000..=30020).contains(&node_ports[0]), "{node_ports:?}");
 
+    // A chosen NodePort is honoured; the same one again, or one outside svcplane's range, is
+    // refused with the allocator's message.
+    let chosen_port = |name: &str, port: i32| {
+        bed.service(name, move |s| {
+            s.type_ = Some("NodePort".into());
+            s.ports = Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                node_port: Some(port),
+                ..Default::default()
+            }]);
+        })
+    };
+    let own = bed.create(&chosen_port("np-chosen", 30005)).await.unwrap();
+    assert_eq!(own.spec.unwrap().ports.unwrap()[0].node_port, Some(30005));
+    let err = bed
+        .create(&chosen_port("np-chosen-again", 30005))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("provided port 30005 is already allocated"),
+        "{err}"
+    );
+    let err = bed
+        .create(&chosen_port("np-outside", 31000))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("31000") && err.to_string().contains("30000-30020"), "{err}");
+
     // A dry run reserves nothing.
     let before = bed.v4_store().await.read().await.unwrap().unwrap().0.used();
     let dry = PostParams {
