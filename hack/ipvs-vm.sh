@@ -37,11 +37,14 @@ mkdir -p "$R"/{bin,sbin,usr/sbin,usr/bin,etc,proc,sys,dev,tmp,run,var/run/netns,
 cp /bin/busybox "$R/bin/"
 for a in $(/bin/busybox --list); do [ -e "$R/bin/$a" ] || ln -s busybox "$R/bin/$a"; done
 strip -o "$R/usr/bin/svcplane" "$BIN"
-for b in /usr/sbin/ipvsadm /usr/sbin/ip "$R/usr/bin/svcplane"; do
+for b in /usr/sbin/ipvsadm /usr/sbin/ip /usr/sbin/nft "$R/usr/bin/svcplane"; do
   [ "$b" = "$R/usr/bin/svcplane" ] || cp "$b" "$R/usr/sbin/"
   for l in $(ldd "$b" | grep -o '/[^ ]*'); do mkdir -p "$R$(dirname "$l")"; cp -L "$l" "$R$l"; done
 done
-for m in ip_vs ip_vs_rr ip_vs_wrr ip_vs_lc ip_vs_sh veth dummy; do
+# IPVS, links, and the nftables pieces IPVS mode's masquerade and reject rules use.
+MODS="ip_vs ip_vs_rr ip_vs_wrr ip_vs_lc ip_vs_sh veth dummy nfnetlink nf_tables nft_chain_nat nft_nat
+  nft_masq nft_fib_ipv4 nft_fib_ipv6 nft_reject_ipv4 nft_reject_ipv6 nft_ct nft_numgen"
+for m in $MODS; do
   for f in $(modprobe -d "$K" -S "$KV" --show-depends "$m" | awk '$1=="insmod"{print $2}'); do
     rel=${f#"$K"}; mkdir -p "$R$(dirname "$rel")"; cp "$f" "$R$rel"
   done
@@ -54,6 +57,8 @@ cat > "$R/init" <<'INIT'
 #!/bin/sh
 export PATH=/usr/sbin:/usr/bin:/bin:/sbin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev 2>/dev/null
+ln -sf /proc/self/fd /dev/fd; ln -sf /proc/self/fd/0 /dev/stdin
+ln -sf /proc/self/fd/1 /dev/stdout; ln -sf /proc/self/fd/2 /dev/stderr
 mkdir -p /var/run/netns
 /usr/sbin/ip link set lo up
 sh /scenario/scenario.sh > /dev/ttyS1 2>&1

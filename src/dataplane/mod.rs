@@ -28,7 +28,7 @@ use svcplane_controllers::{
         desired::{DesiredState, Family, desired},
         input::{Problem, ServiceInfo, SliceInfo},
         ipvs::plan::{Op, SCHEDULERS},
-        nft::{Ruleset, ruleset, transaction},
+        nft::{IpvsSupport, Ruleset, ipvs_support, ipvs_support_transaction, ruleset, transaction},
     },
     model::ObjectKey,
     runtime::{informer::Informer, store::Store},
@@ -294,6 +294,8 @@ struct SyncState {
     problems: Vec<Problem>,
     health_checks: HealthCheckServers,
     last_ipvs: Option<ipvs::Report>,
+    /// IPVS mode's masquerade and reject rules as last applied (IPv4, IPv6).
+    ipvs_support: (Option<IpvsSupport>, Option<IpvsSupport>),
     /// Trigger time of every slice version already programmed (`None`: before the first sync,
     /// whose latency is start-up, not programming).
     triggers: Option<HashMap<ObjectKey, Timestamp>>,
@@ -353,6 +355,20 @@ async fn sync(
                 );
             }
             st.last_ipvs = Some(report);
+            for (family, slot) in [
+                (Family::V4, &mut st.ipvs_support.0),
+                (Family::V6, &mut st.ipvs_support.1),
+            ] {
+                let next = ipvs_support(&state, family);
+                if slot.as_ref() == Some(&next) {
+                    continue;
+                }
+                *slot = None;
+                let tx =
+                    ipvs_support_transaction(&next, family).context("rendering the IPVS-mode nftables")?;
+                nft::apply(&args.nft, &tx).await?;
+                *slot = Some(next);
+            }
         }
     }
     st.health_checks.sync(&state.health_checks).await;

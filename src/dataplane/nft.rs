@@ -1,29 +1,34 @@
-//! Runs one nftables batch through `nft -j -f -` (one kernel transaction: all or nothing).
+//! Runs one nftables batch through `nft -j -f -` (one kernel transaction: all or nothing). The
+//! batch is built with the nftables crate's types; nft runs here rather than through the crate's
+//! helper so that nft's own error message reaches the log.
 
-use std::path::Path;
+use std::{path::Path, process::Stdio};
 
-use anyhow::{Context, anyhow};
-use nftables::helper::{NftablesError, apply_ruleset_raw};
+use anyhow::{Context, bail};
 use svcplane_controllers::dataplane::nft::Transaction;
+use tokio::{io::AsyncWriteExt, process::Command};
 
 pub async fn apply(nft: &Path, tx: &Transaction) -> anyhow::Result<()> {
-    let payload = serde_json::to_string(&tx.0).context("serializing the nftables batch")?;
-    let program = nft.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        apply_ruleset_raw(&payload, Some(&program), std::iter::empty::<&str>())
-    })
-    .await
-    .context("the nft task")?
-    .map(|_| ())
-    .map_err(|e| match e {
-        // The crate's message leaves out what nft said.
-        NftablesError::NftFailed { program, stderr, .. } => {
-            anyhow!(
-                "{} refused the batch: {}",
-                program.to_string_lossy(),
-                stderr.trim()
-            )
-        }
-        other => anyhow!(other),
-    })
+    let payload = serde_json::to_vec(&tx.0).context("serializing the nftables batch")?;
+    let mut child = Command::new(nft)
+        .args(["-j", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("running {}", nft.display()))?;
+    let mut stdin = child.stdin.take().context("nft's stdin")?;
+    stdin.write_all(&payload).await.context("writing to nft")?;
+    drop(stdin);
+    let out = child.wait_with_output().await.context("waiting for nft")?;
+    if !out.status.success() {
+        bail!(
+            "{} refused the batch ({}): {}",
+            nft.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }

@@ -681,6 +681,175 @@ fn diff_map<K: Ord>(
     }
 }
 
+/// What IPVS mode still needs from nftables (IPVS itself neither masquerades nor rejects):
+/// addresses and ports whose traffic is masqueraded (node ports and external IPs of
+/// `externalTrafficPolicy: Cluster` Services, which may be answered by an endpoint on another
+/// node), and Service addresses without endpoints, which are rejected.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IpvsSupport {
+    pub masquerade_node_ports: BTreeSet<(Protocol, u16)>,
+    pub masquerade_ips: BTreeSet<(IpAddr, Protocol, u16)>,
+    pub reject_ips: BTreeSet<(IpAddr, Protocol, u16)>,
+}
+
+pub fn ipvs_support(state: &DesiredState, family: Family) -> IpvsSupport {
+    let mut out = IpvsSupport::default();
+    for p in state.ports.values().filter(|p| p.family == family) {
+        let proto = p.name.protocol;
+        if p.masquerade_external {
+            if let Some(np) = p.node_port {
+                out.masquerade_node_ports.insert((proto, np));
+            }
+            out.masquerade_ips
+                .extend(p.external_ips.iter().map(|ip| (*ip, proto, p.port)));
+        }
+        if p.internal == Backends::Reject {
+            out.reject_ips.insert((p.cluster_ip, proto, p.port));
+        }
+        if p.external == Backends::Reject {
+            out.reject_ips
+                .extend(p.external_ips.iter().map(|ip| (*ip, proto, p.port)));
+        }
+    }
+    out
+}
+
+/// The whole IPVS-mode table, replaced in one transaction (it holds no state worth keeping).
+pub fn ipvs_support_transaction(
+    support: &IpvsSupport,
+    family: Family,
+) -> Result<Transaction, serde_json::Error> {
+    let mut w = Writer::new(family);
+    w.batch.add(NfListObject::Table(w.table()));
+    w.batch.delete(NfListObject::Table(w.table()));
+    w.batch.add(NfListObject::Table(w.table()));
+    let ip_key = vec![w.addr_type, SetType::InetProto, SetType::InetService];
+    let port_key = vec![SetType::InetProto, SetType::InetService];
+    let set = |w: &Writer, name: &str, key: Vec<SetType>, elems: Vec<Expression<'static>>| Set {
+        family: w.family,
+        table: Cow::Borrowed(TABLE),
+        name: s(name),
+        set_type: SetTypeValue::Concatenated(Cow::Owned(key)),
+        elem: (!elems.is_empty()).then(|| Cow::Owned(elems)),
+        ..Set::default()
+    };
+    let np: Vec<_> = support
+        .masquerade_node_ports
+        .iter()
+        .map(Writer::port_key)
+        .collect();
+    let ips: Vec<_> = support.masquerade_ips.iter().map(|k| w.ip_key(k)).collect();
+    let rejects: Vec<_> = support.reject_ips.iter().map(|k| w.ip_key(k)).collect();
+    w.batch.add(NfListObject::Set(Box::new(set(
+        &w,
+        "masquerade-node-ports",
+        port_key,
+        np,
+    ))));
+    w.batch.add(NfListObject::Set(Box::new(set(
+        &w,
+        "masquerade-ips",
+        ip_key.clone(),
+        ips,
+    ))));
+    w.batch.add(NfListObject::Set(Box::new(set(
+        &w,
+        "reject-ips",
+        ip_key,
+        rejects,
+    ))));
+    let mark = || {
+        Statement::Mangle(Mangle {
+            key: meta(MetaKey::Mark),
+            value: Expression::BinaryOperation(Box::new(BinaryOperation::OR(vec![
+                meta(MetaKey::Mark),
+                Expression::Number(MASQUERADE_MARK),
+            ]))),
+        })
+    };
+    let l3 = w.l3;
+    let ip_tuple = || {
+        Expression::Named(NamedExpression::Concat(vec![
+            payload(l3, "daddr"),
+            meta(MetaKey::L4proto),
+            payload("th", "dport"),
+        ]))
+    };
+    // Marked before IPVS (LOCAL_IN) rewrites the destination.
+    w.batch.add(NfListObject::Chain(w.base_chain(
+        "mark-for-masquerade",
+        NfChainType::Filter,
+        NfHook::Prerouting,
+        -150,
+    )));
+    w.add_rule(
+        "mark-for-masquerade",
+        vec![
+            eq(
+                Expression::Named(NamedExpression::Fib(Fib {
+                    result: FibResult::Type,
+                    flags: [FibFlag::Daddr].into_iter().collect(),
+                })),
+                Expression::String(Cow::Borrowed("local")),
+            ),
+            eq(
+                Expression::Named(NamedExpression::Concat(vec![
+                    meta(MetaKey::L4proto),
+                    payload("th", "dport"),
+                ])),
+                Expression::String(Cow::Borrowed("@masquerade-node-ports")),
+            ),
+            mark(),
+        ],
+    );
+    w.add_rule(
+        "mark-for-masquerade",
+        vec![
+            eq(ip_tuple(), Expression::String(Cow::Borrowed("@masquerade-ips"))),
+            mark(),
+        ],
+    );
+    w.batch.add(NfListObject::Chain(w.base_chain(
+        "nat-postrouting",
+        NfChainType::NAT,
+        NfHook::Postrouting,
+        100,
+    )));
+    w.add_rule(
+        "nat-postrouting",
+        vec![
+            Statement::Match(Match {
+                left: Expression::BinaryOperation(Box::new(BinaryOperation::AND(
+                    meta(MetaKey::Mark),
+                    Expression::Number(MASQUERADE_MARK),
+                ))),
+                right: Expression::Number(0),
+                op: Operator::NEQ,
+            }),
+            Statement::Masquerade(None),
+        ],
+    );
+    for (name, hook) in [
+        ("filter-input", NfHook::Input),
+        ("filter-forward", NfHook::Forward),
+    ] {
+        w.batch.add(NfListObject::Chain(w.base_chain(
+            name,
+            NfChainType::Filter,
+            hook,
+            -1,
+        )));
+        w.add_rule(
+            name,
+            vec![
+                eq(ip_tuple(), Expression::String(Cow::Borrowed("@reject-ips"))),
+                Statement::Reject(None),
+            ],
+        );
+    }
+    Transaction::from_batch(&w.batch.to_nftables())
+}
+
 /// Removes svcplane's tables (the `cleanup` command). Deleting what does not exist is not an
 /// error: the table is added first.
 pub fn cleanup() -> Result<Transaction, serde_json::Error> {
@@ -928,6 +1097,40 @@ mod tests {
                 "delete chain svc-ns/web/tcp/http",
             ]
         );
+    }
+
+    #[test]
+    fn ipvs_mode_masquerades_cluster_policy_external_traffic_and_rejects_empty_services() {
+        let mut local = web(to(&["10.0.2.2:8080"]));
+        local.name.service = ObjectKey::new("ns", "local");
+        local.cluster_ip = "10.96.0.20".parse().unwrap();
+        local.node_port = Some(30090);
+        local.masquerade_external = false;
+        let st = state(vec![
+            web(to(&["10.0.2.2:8080"])),
+            local,
+            port("empty", "10.96.0.11", Backends::Reject),
+        ]);
+        let sup = ipvs_support(&st, Family::V4);
+        assert_eq!(sup.masquerade_node_ports, [(Protocol::Tcp, 30080)].into());
+        assert_eq!(
+            sup.masquerade_ips,
+            [("192.0.2.1".parse().unwrap(), Protocol::Tcp, 80)].into()
+        );
+        assert_eq!(
+            sup.reject_ips,
+            [("10.96.0.11".parse().unwrap(), Protocol::Tcp, 80)].into()
+        );
+        let cmds = commands(&ipvs_support_transaction(&sup, Family::V4).unwrap());
+        assert_eq!(
+            cmds[..3],
+            [
+                "add table svcplane",
+                "delete table svcplane",
+                "add table svcplane"
+            ]
+        );
+        assert!(cmds.contains(&"add chain nat-postrouting".to_owned()));
     }
 
     #[test]

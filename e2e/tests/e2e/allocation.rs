@@ -303,14 +303,15 @@ async fn the_webhook_allocates_distinct_ips_and_ports_from_etcd() {
         .await
         .unwrap_err();
     assert!(
-        err.to_string().contains("provided port 30005 is already allocated"),
+        err.to_string()
+            .contains("provided port 30005 is already allocated"),
         "{err}"
     );
-    let err = bed
-        .create(&chosen_port("np-outside", 31000))
-        .await
-        .unwrap_err();
-    assert!(err.to_string().contains("31000") && err.to_string().contains("30000-30020"), "{err}");
+    let err = bed.create(&chosen_port("np-outside", 31000)).await.unwrap_err();
+    assert!(
+        err.to_string().contains("31000") && err.to_string().contains("30000-30020"),
+        "{err}"
+    );
 
     // A dry run reserves nothing.
     let before = bed.v4_store().await.read().await.unwrap().unwrap().0.used();

@@ -37,12 +37,13 @@ const SCENARIO: &str = r#"
 IP=/usr/sbin/ip
 sysctl -qw net.ipv4.ip_forward=1
 modprobe veth; modprobe dummy
-for i in 1 2 3; do
+# Backend 4 has no route back to clients: only masqueraded traffic can be answered.
+for i in 1 2 3 4; do
   $IP netns add b$i
   $IP link add vb$i type veth peer name eth0 netns b$i
   $IP addr add 10.1.$i.1/24 dev vb$i; $IP link set vb$i up
   $IP -n b$i link set lo up; $IP -n b$i addr add 10.1.$i.2/24 dev eth0; $IP -n b$i link set eth0 up
-  $IP -n b$i route add default via 10.1.$i.1
+  [ $i = 4 ] || $IP -n b$i route add default via 10.1.$i.1
   mkdir -p /www$i; echo "backend-$i" > /www$i/index.html
   $IP netns exec b$i httpd -p 8080 -h /www$i
 done
@@ -51,7 +52,7 @@ $IP link add vc type veth peer name eth0 netns c
 $IP addr add 10.2.0.1/24 dev vc; $IP link set vc up
 $IP -n c link set lo up; $IP -n c addr add 10.2.0.2/24 dev eth0; $IP -n c link set eth0 up
 $IP -n c route add default via 10.2.0.1
-get() { printf 'GET / HTTP/1.0\r\n\r\n' | $IP netns exec c nc "$1" "$2" | tail -1; }
+get() { printf 'GET / HTTP/1.0\r\n\r\n' | $IP netns exec c timeout 5 nc "$1" "$2" | tail -1; }
 run() { svcplane dataplane --node-name vm --mode auto --node-ip 10.2.0.1 --objects "/scenario/$1" 2>/tmp/log.txt | sed 's/^/SUMMARY /'; cat /tmp/log.txt | sed 's/^/LOG /'; }
 run f1.json
 echo "== ipvsadm f1"; ipvsadm -Ln
@@ -59,6 +60,9 @@ echo "== end"
 for k in 1 2 3 4 5 6 7 8 9 10 11 12; do echo "VIP $(get 10.96.0.10 80)"; done
 for k in 1 2 3 4 5 6; do echo "NODEPORT $(get 10.2.0.1 30080)"; done
 for k in 1 2 3; do echo "AFFINITY $(get 10.96.0.11 443)"; done
+echo "MASQUERADED $(get 10.2.0.1 30081)"
+echo "EMPTY $(printf 'GET / HTTP/1.0\r\n\r\n' | $IP netns exec c nc -w 3 10.96.0.14 80 2>&1 | tail -1)"
+echo "== nft"; nft list ruleset; echo "== end"
 run f2.json
 echo "== ipvsadm f2"; ipvsadm -Ln
 echo "== end"
@@ -131,18 +135,24 @@ fn vs(entries: &[(&str, &[(&str, u32)])]) -> BTreeMap<String, BTreeMap<String, u
 #[test]
 fn ipvs_mode_programs_a_real_kernel_and_balances_tcp() {
     let dir = std::env::temp_dir().join(format!("svcplane-e2e-{}-ipvs", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let web = json!({"type": "NodePort", "ports": [{"name": "p", "port": 80, "protocol": "TCP", "nodePort": 30080, "targetPort": 8080}]});
+    let np2 = json!({"type": "NodePort", "ports": [{"name": "p", "port": 80, "protocol": "TCP", "nodePort": 30081, "targetPort": 8080}]});
     let affinity = json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 600}}});
     let f1 = json!({"items": [
         service("web", "10.96.0.10", 80, web.clone()), slice("web", &[1, 2, 3]),
         service("api", "10.96.0.11", 443, affinity.clone()), slice("api", &[1, 2]),
         service("gone", "10.96.0.12", 80, json!({})), slice("gone", &[2]),
+        service("np2", "10.96.0.15", 80, np2.clone()), slice("np2", &[4]),
+        service("empty", "10.96.0.14", 80, json!({})),
     ]});
     let f2 = json!({"items": [
         service("web", "10.96.0.10", 80, web), slice("web", &[1, 2]),
         service("api", "10.96.0.11", 443, affinity), slice("api", &[1, 2]),
         service("new", "10.96.0.13", 80, json!({})), slice("new", &[3]),
+        service("np2", "10.96.0.15", 80, np2), slice("np2", &[4]),
+        service("empty", "10.96.0.14", 80, json!({})),
     ]});
     std::fs::write(dir.join("f1.json"), f1.to_string()).unwrap();
     std::fs::write(dir.join("f2.json"), f2.to_string()).unwrap();
@@ -158,7 +168,9 @@ fn ipvs_mode_programs_a_real_kernel_and_balances_tcp() {
         .unwrap_or_default()
         .replace('\r', "");
     let console = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
-    let _ = std::fs::remove_dir_all(&dir);
+    if std::env::var_os("SVCPLANE_KEEP_VM_DIR").is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     assert!(
         out.status.success(),
         "the VM run failed: {}\nresults:\n{results}\nconsole:\n{console}",
@@ -176,6 +188,9 @@ fn ipvs_mode_programs_a_real_kernel_and_balances_tcp() {
             ("TCP 10.96.0.10:80 rr", &backends),
             ("TCP 10.96.0.11:443 rr persistent 600", &backends[..2]),
             ("TCP 10.96.0.12:80 rr", &[("10.1.2.2:8080", 1)]),
+            ("TCP 10.2.0.1:30081 rr", &[("10.1.4.2:8080", 1)]),
+            ("TCP 10.96.0.15:80 rr", &[("10.1.4.2:8080", 1)]),
+            ("TCP 10.96.0.14:80 rr", &[]),
         ]),
         "{results}"
     );
@@ -196,14 +211,26 @@ fn ipvs_mode_programs_a_real_kernel_and_balances_tcp() {
         "{results}"
     );
     assert_eq!(answers(&results, "AFFINITY").len(), 1, "{results}");
+    // Node-port traffic of a Cluster-policy Service is masqueraded: a backend with no route to
+    // the client still answers. A Service without endpoints refuses at once.
+    assert_eq!(
+        answers(&results, "MASQUERADED").keys().collect::<Vec<_>>(),
+        ["backend-4"],
+        "{results}"
+    );
+    let empty = answers(&results, "EMPTY");
+    assert!(
+        empty.keys().any(|l| l.contains("refused")),
+        "{empty:?}\n{results}"
+    );
 
     // The second fixture: one service gone, one new, backend 3 leaves web (drained at weight 0
     // while its connections finish, in both of web's virtual servers); nothing else touched.
     let s = summaries(&results);
     assert_eq!(s.len(), 3, "{results}");
-    assert_eq!(s[0]["add_service"], 4);
-    assert_eq!(s[0]["add_dest"], 9);
-    assert_eq!(s[0]["addresses_added"], 3);
+    assert_eq!(s[0]["add_service"], 7);
+    assert_eq!(s[0]["add_dest"], 11);
+    assert_eq!(s[0]["addresses_added"], 5);
     let second = &s[1];
     assert_eq!(
         (
@@ -238,6 +265,9 @@ fn ipvs_mode_programs_a_real_kernel_and_balances_tcp() {
             ("TCP 10.96.0.10:80 rr", &drained),
             ("TCP 10.96.0.11:443 rr persistent 600", &backends[..2]),
             ("TCP 10.96.0.13:80 rr", &[("10.1.3.2:8080", 1)]),
+            ("TCP 10.2.0.1:30081 rr", &[("10.1.4.2:8080", 1)]),
+            ("TCP 10.96.0.15:80 rr", &[("10.1.4.2:8080", 1)]),
+            ("TCP 10.96.0.14:80 rr", &[]),
         ]),
         "{results}"
     );
@@ -249,5 +279,15 @@ fn ipvs_mode_programs_a_real_kernel_and_balances_tcp() {
         .unwrap_or_default()
         .split_whitespace()
         .collect();
-    assert_eq!(link, ["10.96.0.10/32", "10.96.0.11/32", "10.96.0.13/32"].into());
+    assert_eq!(
+        link,
+        [
+            "10.96.0.10/32",
+            "10.96.0.11/32",
+            "10.96.0.13/32",
+            "10.96.0.14/32",
+            "10.96.0.15/32"
+        ]
+        .into()
+    );
 }

@@ -14,6 +14,23 @@ use svcplane_controllers::dataplane::{
 };
 use tracing::{debug, warn};
 
+const VS_CONNTRACK: &str = "/proc/sys/net/ipv4/vs/conntrack";
+
+/// Masquerading IPVS-forwarded connections needs conntrack to follow them
+/// (`net.ipv4.vs.conntrack=1`, as kube-proxy sets). The file appears once `ip_vs` is loaded, so
+/// this is checked on every sync.
+fn ensure_conntrack() {
+    match std::fs::read_to_string(VS_CONNTRACK) {
+        Ok(v) if v.trim() == "1" => {}
+        Ok(_) => {
+            if let Err(e) = std::fs::write(VS_CONNTRACK, "1") {
+                warn!(error = %e, "cannot set net.ipv4.vs.conntrack=1; node-port traffic is not masqueraded");
+            }
+        }
+        Err(e) => warn!(error = %e, "cannot read net.ipv4.vs.conntrack"),
+    }
+}
+
 /// What one IPVS sync did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Report {
@@ -26,6 +43,7 @@ pub struct Report {
 /// Takes the node's IPVS table and dummy interface to `state`. A failing operation (say, a
 /// scheduler the kernel lacks) is logged and counted; the others still apply.
 pub async fn sync(state: &DesiredState, node_ips: &[IpAddr], scheduler: &str) -> anyhow::Result<Report> {
+    ensure_conntrack();
     let vips = vip_addresses(state);
     let (addresses_added, addresses_removed, before) = link::sync_addresses(&vips).await?;
     let desired = virtual_servers(state, node_ips, scheduler);
