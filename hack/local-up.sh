@@ -6,7 +6,8 @@
 # through their admission webhook, registered for namespace 'demo'), creates a demo Service with
 # three Pods (there is no kubelet: the script writes the Pods' status itself), shows the ClusterIP
 # svcplane allocated, the ServicePools, the EndpointSlices and Endpoints svcplane writes, and who
-# holds the leader Lease.
+# holds the leader Lease; then runs the dataplane agent in a node network namespace and curls the
+# demo Service's ClusterIP from a client namespace (the Pods are httpd processes in namespaces).
 #
 # usage: hack/local-up.sh [up|down|status]     (state in $SVCPLANE_LOCAL_DIR, default /tmp/svcplane-local)
 set -euo pipefail
@@ -18,15 +19,67 @@ REPLICAS=(svcplane-controller-manager-0 svcplane-controller-manager-1)
 HTTP_PORTS=(10267 10268)
 WEBHOOK_PORTS=(19443 19444)
 LEASE_NS=kube-system LEASE=svcplane-controller-manager
+NETNS=(lu-node lu-client lu-web-0 lu-web-1 lu-web-2)
 
 say() { printf '\n== %s\n' "$*"; }
 
 stop_replicas() {
-  for r in "${REPLICAS[@]}"; do
+  for r in "${REPLICAS[@]}" dataplane bridge-host bridge-node; do
     [ -f "$STATE/$r.pid" ] || continue
     kill "$(cat "$STATE/$r.pid")" 2>/dev/null || true
     rm -f "$STATE/$r.pid"
   done
+  for ns in "${NETNS[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
+  pkill -f "busybox httpd -f -p 808[0-2] -h $STATE/www" 2>/dev/null || true
+}
+
+# The node agent on a "node" that is a network namespace: the demo Pods become httpd processes in
+# namespaces of their own with the Pods' IPs, a client namespace curls the Service's ClusterIP
+# through the rules svcplane programs in the node namespace. The agent reaches the apiserver at
+# the node's own loopback through a unix socket (paths cross network namespaces).
+dataplane_demo() {
+  if [ "$(id -u)" -ne 0 ]; then say "dataplane demo skipped (needs root for network namespaces)"; return; fi
+  say "dataplane: svcplane dataplane in node namespace lu-node (nftables mode), Pods as namespaces"
+  local n=lu-node c=lu-client i
+  ip netns add $n; ip netns add $c
+  ip -n $n link set lo up; ip -n $c link set lo up
+  ip link add c0 netns $c type veth peer name n-c netns $n
+  ip -n $c addr add 10.201.1.2/24 dev c0; ip -n $c link set c0 up; ip -n $c route add default via 10.201.1.1
+  ip -n $n addr add 10.201.1.1/24 dev n-c; ip -n $n link set n-c up
+  ip -n $n route add 10.96.0.0/12 dev lo
+  ip netns exec $n sysctl -qw net.ipv4.ip_forward=1
+  for i in 0 1 2; do
+    local b=lu-web-$i
+    ip netns add $b; ip -n $b link set lo up
+    ip link add eth0 netns $b type veth peer name n-web$i netns $n
+    ip -n $b addr add 10.244.0.1$i/32 dev eth0; ip -n $b link set eth0 up
+    ip -n $b route add default dev eth0
+    ip -n $n link set n-web$i up; ip -n $n route add 10.244.0.1$i/32 dev n-web$i
+    ip netns exec $n sysctl -qw "net.ipv4.conf.n-web$i.proxy_arp=1"
+    mkdir -p "$STATE/www$i"; echo "web-$i" > "$STATE/www$i/index.html"
+    ip netns exec $b busybox httpd -f -p 808$i -h "$STATE/www$i" &
+  done
+  socat "UNIX-LISTEN:$STATE/apiserver.sock,fork" "TCP:127.0.0.1:$APISERVER_PORT" &
+  echo $! > "$STATE/bridge-host.pid"
+  ip netns exec $n socat "TCP-LISTEN:$APISERVER_PORT,bind=127.0.0.1,fork,reuseaddr" "UNIX-CONNECT:$STATE/apiserver.sock" &
+  echo $! > "$STATE/bridge-node.pid"
+  kubectl apply --server-side --field-manager=svcplane-local-up \
+    -f "$ROOT/manifests/dataplane/serviceaccount.yaml" -f "$ROOT/manifests/dataplane/rbac.yaml" >/dev/null
+  local token; token=$(kubectl -n kube-system create token svcplane-dataplane --duration=24h)
+  cp "$STATE/svcplane.kubeconfig" "$STATE/dataplane.kubeconfig"
+  KUBECONFIG=$STATE/dataplane.kubeconfig kubectl config set-credentials svcplane --token="$token" >/dev/null
+  ip netns exec $n "$1" dataplane --kubeconfig "$STATE/dataplane.kubeconfig" --node-name node-a \
+    --http-bind-address 127.0.0.1:10256 > "$STATE/dataplane.log" 2>&1 < /dev/null &
+  echo $! > "$STATE/dataplane.pid"
+  echo "dataplane: pid $!, log $STATE/dataplane.log"
+  local ip; ip=$(kubectl -n demo get service web -o jsonpath='{.spec.clusterIP}')
+  for _ in $(seq 100); do
+    ip netns exec $c curl -s --max-time 1 "http://$ip/" >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+  say "curl http://$ip/ (ClusterIP of demo/web) from client namespace $c, 10 times"
+  for _ in $(seq 10); do ip netns exec $c curl -s --max-time 2 "http://$ip/" || echo FAILED; done | sort | uniq -c
+  echo "(web-2 is not ready, so it gets no traffic)"
 }
 
 demo() {
@@ -176,6 +229,7 @@ YAML
     sleep 0.2
   done
   demo
+  dataplane_demo "$bin"
   status
   cat <<EOF
 

@@ -189,21 +189,11 @@ impl ControlPlane {
 }
 
 impl ControlPlane {
-    /// Applies the shipped ServiceAccount and RBAC moved into `ns` (cluster-scoped objects get
-    /// a per-namespace name), so every test has its own copy of exactly the shipped permissions.
+    /// Applies the shipped controller-manager ServiceAccount and RBAC moved into `ns`
+    /// (cluster-scoped objects get a per-namespace name), so every test has its own copy of
+    /// exactly the shipped permissions.
     pub fn apply_controller_manager_rbac(&self, ns: &str) {
-        let dir = repo_root().join("manifests/controller-manager");
-        let mut yaml = String::new();
-        for f in ["serviceaccount.yaml", "rbac.yaml"] {
-            yaml.push_str(&std::fs::read_to_string(dir.join(f)).unwrap());
-            yaml.push_str("\n---\n");
-        }
-        let yaml = yaml
-            .replace("namespace: kube-system", &format!("namespace: {ns}"))
-            .replace(
-                "name: svcplane:controller-manager\n",
-                &format!("name: svcplane:controller-manager:{ns}\n"),
-            )
+        let yaml = shipped_rbac("controller-manager", ns, "svcplane:controller-manager")
             // The webhook configuration a test registers is its own too.
             .replace(
                 "resourceNames: [\"svcplane\"]",
@@ -234,22 +224,9 @@ impl ControlPlane {
         );
     }
 
-    /// The shipped dataplane ServiceAccount and RBAC, moved into `ns` like
-    /// [`ControlPlane::apply_controller_manager_rbac`].
+    /// The shipped dataplane ServiceAccount and RBAC, moved into `ns` the same way.
     pub fn apply_dataplane_rbac(&self, ns: &str) {
-        let dir = repo_root().join("manifests/dataplane");
-        let mut yaml = String::new();
-        for f in ["serviceaccount.yaml", "rbac.yaml"] {
-            yaml.push_str(&std::fs::read_to_string(dir.join(f)).unwrap());
-            yaml.push_str("\n---\n");
-        }
-        let yaml = yaml
-            .replace("namespace: kube-system", &format!("namespace: {ns}"))
-            .replace(
-                "name: svcplane:dataplane\n",
-                &format!("name: svcplane:dataplane:{ns}\n"),
-            );
-        self.kubectl_apply(&yaml);
+        self.kubectl_apply(&shipped_rbac("dataplane", ns, "svcplane:dataplane"));
     }
 
     /// `kubectl apply --server-side` of a YAML stream; panics with kubectl's output on failure.
@@ -277,6 +254,22 @@ impl ControlPlane {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+/// `manifests/<component>/{serviceaccount,rbac}.yaml` moved into `ns`, the cluster-scoped
+/// objects named `cluster_name` renamed `<cluster_name>:<ns>`.
+fn shipped_rbac(component: &str, ns: &str, cluster_name: &str) -> String {
+    let dir = repo_root().join("manifests").join(component);
+    let mut yaml = String::new();
+    for f in ["serviceaccount.yaml", "rbac.yaml"] {
+        yaml.push_str(&std::fs::read_to_string(dir.join(f)).unwrap());
+        yaml.push_str("\n---\n");
+    }
+    yaml.replace("namespace: kube-system", &format!("namespace: {ns}"))
+        .replace(
+            &format!("name: {cluster_name}\n"),
+            &format!("name: {cluster_name}:{ns}\n"),
+        )
 }
 
 pub async fn client_from_kubeconfig(path: &Path) -> Client {

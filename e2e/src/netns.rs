@@ -185,9 +185,9 @@ impl Topology {
         }
     }
 
-    /// `curl` from the client; the body, or `None` when the request failed.
-    pub async fn curl(&self, url: &str) -> Option<String> {
-        let out = tokio::process::Command::new("ip")
+    /// `curl -s --max-time 2 url` from the client.
+    async fn run_curl(&self, url: &str) -> std::process::Output {
+        tokio::process::Command::new("ip")
             .args([
                 "netns",
                 "exec",
@@ -200,7 +200,12 @@ impl Topology {
             ])
             .output()
             .await
-            .ok()?;
+            .expect("running curl")
+    }
+
+    /// `curl` from the client; the body, or `None` when the request failed.
+    pub async fn curl(&self, url: &str) -> Option<String> {
+        let out = self.run_curl(url).await;
         out.status
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
@@ -208,20 +213,7 @@ impl Topology {
 
     /// Whether `url` is refused at once (a reject, not a timeout).
     pub async fn refused(&self, url: &str) -> bool {
-        let out = tokio::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns("c"),
-                "curl",
-                "-s",
-                "--max-time",
-                "2",
-                url,
-            ])
-            .output()
-            .await
-            .unwrap();
+        let out = self.run_curl(url).await;
         // 7: failed to connect (refused); 28 would be a timeout.
         out.status.code() == Some(7)
     }

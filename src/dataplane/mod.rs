@@ -451,8 +451,10 @@ async fn run_once(
         }
     }
     let mut st = SyncState::default();
+    let started = Instant::now();
     sync(args, backend, &services, &slices, &mut st, metrics).await?;
-    let summary = match &st.last_ipvs {
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let mut summary = match &st.last_ipvs {
         Some(r) => serde_json::json!({
             "mode": "ipvs",
             "operations": r.ops.len(),
@@ -468,6 +470,7 @@ async fn run_once(
         }),
         None => serde_json::json!({"mode": "nftables"}),
     };
+    summary["elapsed_ms"] = serde_json::json!(elapsed_ms);
     println!("{summary}");
     Ok(())
 }

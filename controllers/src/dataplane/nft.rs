@@ -240,6 +240,43 @@ fn goto(chain: &str) -> Verdict<'static> {
     Verdict::Goto(JumpTarget { target: s(chain) })
 }
 
+/// `meta mark set meta mark | MASQUERADE_MARK`
+fn mark_for_masquerade() -> Statement<'static> {
+    Statement::Mangle(Mangle {
+        key: meta(MetaKey::Mark),
+        value: Expression::BinaryOperation(Box::new(BinaryOperation::OR(vec![
+            meta(MetaKey::Mark),
+            Expression::Number(MASQUERADE_MARK),
+        ]))),
+    })
+}
+
+/// `meta mark & MASQUERADE_MARK != 0 masquerade`
+fn masquerade_marked() -> Vec<Statement<'static>> {
+    vec![
+        Statement::Match(Match {
+            left: Expression::BinaryOperation(Box::new(BinaryOperation::AND(
+                meta(MetaKey::Mark),
+                Expression::Number(MASQUERADE_MARK),
+            ))),
+            right: Expression::Number(0),
+            op: Operator::NEQ,
+        }),
+        Statement::Masquerade(None),
+    ]
+}
+
+/// `fib daddr type local`: addressed to this node.
+fn daddr_is_local() -> Statement<'static> {
+    eq(
+        Expression::Named(NamedExpression::Fib(Fib {
+            result: FibResult::Type,
+            flags: [FibFlag::Daddr].into_iter().collect(),
+        })),
+        Expression::String(Cow::Borrowed("local")),
+    )
+}
+
 fn number(n: u16) -> Expression<'static> {
     Expression::Number(u32::from(n))
 }
@@ -354,13 +391,7 @@ impl Writer {
             }
             Rule::Reject => vec![Statement::Reject(None)],
             Rule::Drop => vec![Statement::Drop(None)],
-            Rule::MarkMasquerade => vec![Statement::Mangle(Mangle {
-                key: meta(MetaKey::Mark),
-                value: Expression::BinaryOperation(Box::new(BinaryOperation::OR(vec![
-                    meta(MetaKey::Mark),
-                    Expression::Number(MASQUERADE_MARK),
-                ]))),
-            })],
+            Rule::MarkMasquerade => vec![mark_for_masquerade()],
             Rule::Affinity { set, chain } => vec![
                 eq(payload(l3, "saddr"), Expression::String(s(format!("@{set}")))),
                 Statement::Goto(JumpTarget { target: s(chain) }),
@@ -379,13 +410,7 @@ impl Writer {
             ],
             Rule::Hairpin(ip) => vec![
                 eq(payload(l3, "saddr"), Expression::String(s(ip.to_string()))),
-                Statement::Mangle(Mangle {
-                    key: meta(MetaKey::Mark),
-                    value: Expression::BinaryOperation(Box::new(BinaryOperation::OR(vec![
-                        meta(MetaKey::Mark),
-                        Expression::Number(MASQUERADE_MARK),
-                    ]))),
-                }),
+                mark_for_masquerade(),
             ],
             Rule::RefreshAffinity(set) => vec![Statement::Set(nftables::stmt::Set {
                 op: SetOp::Update,
@@ -416,13 +441,7 @@ impl Writer {
             if let Some(map) = node_port_map {
                 // Node ports answer on every local address.
                 let stmts = vec![
-                    eq(
-                        Expression::Named(NamedExpression::Fib(Fib {
-                            result: FibResult::Type,
-                            flags: [FibFlag::Daddr].into_iter().collect(),
-                        })),
-                        Expression::String(Cow::Borrowed("local")),
-                    ),
+                    daddr_is_local(),
                     Statement::VerdictMap(VerdictMap {
                         key: Expression::Named(NamedExpression::Concat(vec![
                             meta(MetaKey::L4proto),
@@ -515,20 +534,7 @@ impl Writer {
             NfHook::Postrouting,
             100,
         )));
-        self.add_rule(
-            "nat-postrouting",
-            vec![
-                Statement::Match(Match {
-                    left: Expression::BinaryOperation(Box::new(BinaryOperation::AND(
-                        meta(MetaKey::Mark),
-                        Expression::Number(MASQUERADE_MARK),
-                    ))),
-                    right: Expression::Number(0),
-                    op: Operator::NEQ,
-                }),
-                Statement::Masquerade(None),
-            ],
-        );
+        self.add_rule("nat-postrouting", masquerade_marked());
     }
 }
 
@@ -758,15 +764,6 @@ pub fn ipvs_support_transaction(
         ip_key,
         rejects,
     ))));
-    let mark = || {
-        Statement::Mangle(Mangle {
-            key: meta(MetaKey::Mark),
-            value: Expression::BinaryOperation(Box::new(BinaryOperation::OR(vec![
-                meta(MetaKey::Mark),
-                Expression::Number(MASQUERADE_MARK),
-            ]))),
-        })
-    };
     let l3 = w.l3;
     let ip_tuple = || {
         Expression::Named(NamedExpression::Concat(vec![
@@ -785,13 +782,7 @@ pub fn ipvs_support_transaction(
     w.add_rule(
         "mark-for-masquerade",
         vec![
-            eq(
-                Expression::Named(NamedExpression::Fib(Fib {
-                    result: FibResult::Type,
-                    flags: [FibFlag::Daddr].into_iter().collect(),
-                })),
-                Expression::String(Cow::Borrowed("local")),
-            ),
+            daddr_is_local(),
             eq(
                 Expression::Named(NamedExpression::Concat(vec![
                     meta(MetaKey::L4proto),
@@ -799,14 +790,14 @@ pub fn ipvs_support_transaction(
                 ])),
                 Expression::String(Cow::Borrowed("@masquerade-node-ports")),
             ),
-            mark(),
+            mark_for_masquerade(),
         ],
     );
     w.add_rule(
         "mark-for-masquerade",
         vec![
             eq(ip_tuple(), Expression::String(Cow::Borrowed("@masquerade-ips"))),
-            mark(),
+            mark_for_masquerade(),
         ],
     );
     w.batch.add(NfListObject::Chain(w.base_chain(
@@ -815,20 +806,7 @@ pub fn ipvs_support_transaction(
         NfHook::Postrouting,
         100,
     )));
-    w.add_rule(
-        "nat-postrouting",
-        vec![
-            Statement::Match(Match {
-                left: Expression::BinaryOperation(Box::new(BinaryOperation::AND(
-                    meta(MetaKey::Mark),
-                    Expression::Number(MASQUERADE_MARK),
-                ))),
-                right: Expression::Number(0),
-                op: Operator::NEQ,
-            }),
-            Statement::Masquerade(None),
-        ],
-    );
+    w.add_rule("nat-postrouting", masquerade_marked());
     for (name, hook) in [
         ("filter-input", NfHook::Input),
         ("filter-forward", NfHook::Forward),

@@ -10,9 +10,9 @@ use tracing::info;
 
 pub const LINK: &str = "svcplane-ipvs0";
 
-/// The link's index, creating it when missing.
-async fn ensure_link(handle: &Handle) -> anyhow::Result<u32> {
-    if let Some(link) = handle
+/// The link's index, if it exists.
+async fn find_link(handle: &Handle) -> Option<u32> {
+    handle
         .link()
         .get()
         .match_name(LINK.to_owned())
@@ -21,8 +21,13 @@ async fn ensure_link(handle: &Handle) -> anyhow::Result<u32> {
         .await
         .ok()
         .flatten()
-    {
-        return Ok(link.header.index);
+        .map(|l| l.header.index)
+}
+
+/// The link's index, creating it when missing.
+async fn ensure_link(handle: &Handle) -> anyhow::Result<u32> {
+    if let Some(index) = find_link(handle).await {
+        return Ok(index);
     }
     handle
         .link()
@@ -31,16 +36,9 @@ async fn ensure_link(handle: &Handle) -> anyhow::Result<u32> {
         .await
         .map_err(|e| anyhow!("creating {LINK}: {e}"))?;
     info!(link = LINK, "created the dummy interface for service addresses");
-    let link = handle
-        .link()
-        .get()
-        .match_name(LINK.to_owned())
-        .execute()
-        .try_next()
+    find_link(handle)
         .await
-        .map_err(|e| anyhow!("reading {LINK}: {e}"))?
-        .context("the dummy interface vanished")?;
-    Ok(link.header.index)
+        .context("the dummy interface vanished after creation")
 }
 
 /// Makes the dummy interface carry exactly `wanted` (host routes: /32 and /128). Returns how many
@@ -101,21 +99,12 @@ pub async fn remove() -> anyhow::Result<bool> {
     let (conn, handle, _) = rtnetlink::new_connection().context("rtnetlink socket")?;
     let task = tokio::spawn(conn);
     let result = async {
-        let Some(link) = handle
-            .link()
-            .get()
-            .match_name(LINK.to_owned())
-            .execute()
-            .try_next()
-            .await
-            .ok()
-            .flatten()
-        else {
+        let Some(index) = find_link(&handle).await else {
             return Ok(false);
         };
         handle
             .link()
-            .del(link.header.index)
+            .del(index)
             .execute()
             .await
             .map_err(|e| anyhow!("deleting {LINK}: {e}"))?;
