@@ -57,11 +57,13 @@ dataplane_demo() {
     ip -n $n link set n-web$i up; ip -n $n route add 10.244.0.1$i/32 dev n-web$i
     ip netns exec $n sysctl -qw "net.ipv4.conf.n-web$i.proxy_arp=1"
     mkdir -p "$STATE/www$i"; echo "web-$i" > "$STATE/www$i/index.html"
-    ip netns exec $b busybox httpd -f -p 808$i -h "$STATE/www$i" &
+    ip netns exec $b busybox httpd -f -p 808$i -h "$STATE/www$i" > /dev/null 2>&1 < /dev/null &
   done
-  socat "UNIX-LISTEN:$STATE/apiserver.sock,fork" "TCP:127.0.0.1:$APISERVER_PORT" &
+  # Background processes must not hold the script's stdout (a pipe to tee would never end).
+  socat "UNIX-LISTEN:$STATE/apiserver.sock,fork" "TCP:127.0.0.1:$APISERVER_PORT" > /dev/null 2>&1 < /dev/null &
   echo $! > "$STATE/bridge-host.pid"
-  ip netns exec $n socat "TCP-LISTEN:$APISERVER_PORT,bind=127.0.0.1,fork,reuseaddr" "UNIX-CONNECT:$STATE/apiserver.sock" &
+  ip netns exec $n socat "TCP-LISTEN:$APISERVER_PORT,bind=127.0.0.1,fork,reuseaddr" \
+    "UNIX-CONNECT:$STATE/apiserver.sock" > /dev/null 2>&1 < /dev/null &
   echo $! > "$STATE/bridge-node.pid"
   kubectl apply --server-side --field-manager=svcplane-local-up \
     -f "$ROOT/manifests/dataplane/serviceaccount.yaml" -f "$ROOT/manifests/dataplane/rbac.yaml" >/dev/null
