@@ -68,6 +68,10 @@ echo "== ipvsadm f2"; ipvsadm -Ln
 echo "== end"
 run f2.json
 echo "LINK $($IP -o addr show dev svcplane-ipvs0 | awk '{print $4}' | sort | tr '\n' ' ')"
+# Bad input: an unknown scheduler, and a real server the kernel refuses (not unicast).
+svcplane dataplane --node-name vm --mode auto --node-ip 10.2.0.1 --scheduler bogus --objects /scenario/f3.json \
+  2>/tmp/log3.txt | sed 's/^/BAD /'; echo "BADEXIT $?"; sed 's/^/LOG3 /' /tmp/log3.txt
+echo "== ipvsadm f3"; ipvsadm -Ln; echo "== end"
 "#;
 
 /// `ipvsadm -Ln` between `== ipvsadm NAME` and `== end`: virtual server line → real servers
@@ -155,7 +159,18 @@ fn ipvs_mode_programs_a_real_kernel_and_balances_tcp() {
         service("empty", "10.96.0.14", 80, json!({})),
     ]});
     std::fs::write(dir.join("f1.json"), f1.to_string()).unwrap();
+    let mut f3 = f2.clone();
+    if let Some(items) = f3["items"].as_array_mut() {
+        items.push(service("bad", "10.96.0.16", 80, json!({})));
+        let mut bad = slice("bad", &[1]);
+        bad["endpoints"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"addresses": ["224.0.0.5"], "conditions": {"ready": true}}));
+        items.push(bad);
+    }
     std::fs::write(dir.join("f2.json"), f2.to_string()).unwrap();
+    std::fs::write(dir.join("f3.json"), f3.to_string()).unwrap();
     std::fs::write(dir.join("scenario.sh"), SCENARIO).unwrap();
     let out = Command::new("bash")
         .arg(repo_root().join("hack/ipvs-vm.sh"))
@@ -289,5 +304,26 @@ fn ipvs_mode_programs_a_real_kernel_and_balances_tcp() {
             "10.96.0.15/32"
         ]
         .into()
+    );
+
+    // Bad input is reported and counted, the rest applied, and the agent finishes normally.
+    let bad: Value = results
+        .lines()
+        .find_map(|l| l.strip_prefix("BAD "))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .unwrap_or_else(|| panic!("no summary for the bad fixture:\n{results}"));
+    assert_eq!(
+        (&bad["add_service"], &bad["add_dest"], &bad["failed"]),
+        (&json!(1), &json!(2), &json!(1)),
+        "{bad}"
+    );
+    assert!(results.contains("BADEXIT 0"), "{results}");
+    assert!(results.contains("unknown IPVS scheduler"), "{results}");
+    assert!(results.contains("IPVS refused an operation"), "{results}");
+    let f3 = ipvsadm(&results, "f3");
+    assert_eq!(
+        f3.get("TCP 10.96.0.16:80 rr"),
+        Some(&[("10.1.1.2:8080".to_owned(), 1)].into()),
+        "{results}"
     );
 }

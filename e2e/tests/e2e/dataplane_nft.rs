@@ -98,6 +98,21 @@ async fn nftables_mode_balances_real_traffic_and_follows_changes() {
 
     // The agent acts with exactly the shipped RBAC.
     cp.apply_dataplane_rbac(&ns);
+    // A Service with 100 ports (and no endpoints): 100 reject entries, nothing else disturbed.
+    let ports: Vec<_> = (0..100)
+        .map(|i| json!({"name": format!("p{i}"), "port": 1000 + i, "protocol": "TCP"}))
+        .collect();
+    let many: Service =
+        serde_json::from_value(json!({"metadata": {"name": "many"}, "spec": {"ports": ports}})).unwrap();
+    let many_ip = services
+        .create(&PostParams::default(), &many)
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .cluster_ip
+        .unwrap();
+
     let kubeconfig = cp
         .service_account_kubeconfig(
             &client,
@@ -167,6 +182,10 @@ async fn nftables_mode_balances_real_traffic_and_follows_changes() {
     assert!(
         topo.refused(&format!("http://{empty_ip}/")).await,
         "no reject for {empty_ip}"
+    );
+    assert!(
+        topo.refused(&format!("http://{many_ip}:1099/")).await,
+        "no reject for {many_ip}:1099"
     );
 
     // Backend 3 leaves: within a second nothing reaches it.
