@@ -28,7 +28,7 @@ use svcplane_controllers::{
         desired::{DesiredState, Family, desired},
         input::{Problem, ServiceInfo, SliceInfo},
         ipvs::plan::{Op, SCHEDULERS},
-        nft::{IpvsSupport, Ruleset, ipvs_support, ipvs_support_transaction, ruleset, transaction},
+        nft::{IpvsSupport, Ruleset, TABLE, ipvs_support, ipvs_support_transaction, ruleset, transaction},
     },
     model::ObjectKey,
     runtime::{informer::Informer, store::Store},
@@ -272,7 +272,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = changed.notified() => {}
-            () = tokio::time::sleep(args.sync_period) => {}
+            () = tokio::time::sleep(args.sync_period) => {
+                // The periodic sync also notices a table someone else removed (a flushed
+                // ruleset, another tool's cleanup) and rebuilds it.
+                if backend == Backend::Nftables {
+                    forget_missing_tables(&args.nft, &mut state.applied).await;
+                }
+            }
         }
         let since = started.elapsed();
         if since < args.min_sync_period {
@@ -374,6 +380,22 @@ async fn sync(
     st.health_checks.sync(&state.health_checks).await;
     observe_programming_latency(&eps, &mut st.triggers, metrics);
     Ok(())
+}
+
+/// Forgets what was applied for a family whose table is gone, so the next sync rebuilds it.
+/// `nft list tables` names tables only: cheap however large svcplane's table is.
+async fn forget_missing_tables(nft: &Path, applied: &mut Applied) {
+    match nft::tables(nft).await {
+        Ok(tables) => {
+            for (family, slot) in [("ip", &mut applied.v4), ("ip6", &mut applied.v6)] {
+                if slot.is_some() && !tables.contains(&(family.to_owned(), TABLE.to_owned())) {
+                    warn!(family, table = TABLE, "svcplane's table is gone; rebuilding it");
+                    *slot = None;
+                }
+            }
+        }
+        Err(e) => warn!(error = format!("{e:#}"), "cannot list nftables tables"),
+    }
 }
 
 async fn apply_nftables(

@@ -32,3 +32,33 @@ pub async fn apply(nft: &Path, tx: &Transaction) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Every table in the kernel as `(family, name)`.
+pub async fn tables(nft: &Path) -> anyhow::Result<Vec<(String, String)>> {
+    let out = Command::new(nft)
+        .args(["-j", "list", "tables"])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("running {}", nft.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} list tables: {}",
+            nft.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("parsing nft's table list")?;
+    Ok(v.get("nftables")
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|o| {
+            let t = o.get("table")?;
+            Some((
+                t.get("family")?.as_str()?.to_owned(),
+                t.get("name")?.as_str()?.to_owned(),
+            ))
+        })
+        .collect())
+}

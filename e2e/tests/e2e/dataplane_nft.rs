@@ -135,6 +135,8 @@ async fn nftables_mode_balances_real_traffic_and_follows_changes() {
             NODE,
             "--http-bind-address",
             "127.0.0.1:10256",
+            "--sync-period",
+            "2s",
         ],
         &log,
         &[("RUST_LOG", "info,svcplane=debug")],
@@ -152,6 +154,32 @@ async fn nftables_mode_balances_real_traffic_and_follows_changes() {
     // This kernel has no IPVS: auto mode says so and uses nftables.
     assert!(
         read_log().contains("nftables mode: no IPVS on this node"),
+        "{}",
+        read_log()
+    );
+
+    // Someone deletes svcplane's table: the periodic sync notices and rebuilds it.
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &topo.ns("n"),
+            "nft",
+            "delete",
+            "table",
+            "ip",
+            "svcplane",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(topo.curl(&vip).await, None, "traffic flowed without the table");
+    eventually(Duration::from_secs(15), "the table to be rebuilt", || async {
+        topo.curl(&vip).await
+    })
+    .await;
+    assert!(
+        read_log().contains("table is gone; rebuilding it"),
         "{}",
         read_log()
     );
