@@ -44,6 +44,8 @@ for i in 1 2 3 4; do
   $IP addr add 10.1.$i.1/24 dev vb$i; $IP link set vb$i up
   $IP -n b$i link set lo up; $IP -n b$i addr add 10.1.$i.2/24 dev eth0; $IP -n b$i link set eth0 up
   [ $i = 4 ] || $IP -n b$i route add default via 10.1.$i.1
+  $IP -6 addr add fd00:1:$i::1/64 dev vb$i nodad; $IP -n b$i -6 addr add fd00:1:$i::2/64 dev eth0 nodad
+  $IP -n b$i -6 route add default via fd00:1:$i::1
   mkdir -p /www$i; echo "backend-$i" > /www$i/index.html
   $IP netns exec b$i httpd -p 8080 -h /www$i
 done
@@ -52,6 +54,9 @@ $IP link add vc type veth peer name eth0 netns c
 $IP addr add 10.2.0.1/24 dev vc; $IP link set vc up
 $IP -n c link set lo up; $IP -n c addr add 10.2.0.2/24 dev eth0; $IP -n c link set eth0 up
 $IP -n c route add default via 10.2.0.1
+$IP -6 addr add fd00:2::1/64 dev vc nodad; $IP -n c -6 addr add fd00:2::2/64 dev eth0 nodad
+$IP -n c -6 route add default via fd00:2::1
+sysctl -qw net.ipv6.conf.all.forwarding=1
 get() { printf 'GET / HTTP/1.0\r\n\r\n' | $IP netns exec c timeout 5 nc "$1" "$2" | tail -1; }
 run() { svcplane dataplane --node-name vm --mode auto --node-ip 10.2.0.1 --objects "/scenario/$1" 2>/tmp/log.txt | sed 's/^/SUMMARY /'; cat /tmp/log.txt | sed 's/^/LOG /'; }
 run f1.json
@@ -72,6 +77,9 @@ echo "LINK $($IP -o addr show dev svcplane-ipvs0 | awk '{print $4}' | sort | tr 
 svcplane dataplane --node-name vm --mode auto --node-ip 10.2.0.1 --scheduler bogus --objects /scenario/f3.json \
   2>/tmp/log3.txt | sed 's/^/BAD /'; echo "BADEXIT $?"; sed 's/^/LOG3 /' /tmp/log3.txt
 echo "== ipvsadm f3"; ipvsadm -Ln; echo "== end"
+# IPv6: a v6-only Service, balanced over the backends' IPv6 addresses.
+run f6.json
+for k in 1 2 3 4; do echo "V6 $(get fd00:96::10 80)"; done
 "#;
 
 /// `ipvsadm -Ln` between `== ipvsadm NAME` and `== end`: virtual server line → real servers
@@ -171,6 +179,22 @@ fn ipvs_mode_programs_a_real_kernel_and_balances_tcp() {
     }
     std::fs::write(dir.join("f2.json"), f2.to_string()).unwrap();
     std::fs::write(dir.join("f3.json"), f3.to_string()).unwrap();
+    let mut f6 = f2.clone();
+    if let Some(items) = f6["items"].as_array_mut() {
+        items.push(
+            json!({"kind": "Service", "metadata": {"namespace": "ns", "name": "v6"},
+            "spec": {"clusterIP": "fd00:96::10", "clusterIPs": ["fd00:96::10"], "ipFamilies": ["IPv6"],
+                     "ports": [{"name": "p", "port": 80, "protocol": "TCP"}]}}),
+        );
+        items.push(
+            json!({"kind": "EndpointSlice", "metadata": {"namespace": "ns", "name": "v6-1",
+                "labels": {"kubernetes.io/service-name": "v6"}},
+            "addressType": "IPv6", "ports": [{"name": "p", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["fd00:1:1::2"], "conditions": {"ready": true}},
+                          {"addresses": ["fd00:1:2::2"], "conditions": {"ready": true}}]}),
+        );
+    }
+    std::fs::write(dir.join("f6.json"), f6.to_string()).unwrap();
     std::fs::write(dir.join("scenario.sh"), SCENARIO).unwrap();
     let out = Command::new("bash")
         .arg(repo_root().join("hack/ipvs-vm.sh"))
@@ -242,7 +266,7 @@ fn ipvs_mode_programs_a_real_kernel_and_balances_tcp() {
     // The second fixture: one service gone, one new, backend 3 leaves web (drained at weight 0
     // while its connections finish, in both of web's virtual servers); nothing else touched.
     let s = summaries(&results);
-    assert_eq!(s.len(), 3, "{results}");
+    assert_eq!(s.len(), 4, "{results}");
     assert_eq!(s[0]["add_service"], 7);
     assert_eq!(s[0]["add_dest"], 11);
     assert_eq!(s[0]["addresses_added"], 5);
@@ -324,6 +348,13 @@ fn ipvs_mode_programs_a_real_kernel_and_balances_tcp() {
     assert_eq!(
         f3.get("TCP 10.96.0.16:80 rr"),
         Some(&[("10.1.1.2:8080".to_owned(), 1)].into()),
+        "{results}"
+    );
+    // IPv6 round robin over both IPv6 backends.
+    let v6 = answers(&results, "V6");
+    assert_eq!(
+        v6,
+        [("backend-1".to_owned(), 2), ("backend-2".to_owned(), 2)].into(),
         "{results}"
     );
 }
