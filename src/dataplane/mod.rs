@@ -242,6 +242,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut state = SyncState::default();
     loop {
         let started = Instant::now();
+        let mut wait = args.sync_period;
         let result = sync(&args, &backend, &services, &slices, &mut state, &metrics)
             .instrument(info_span!("sync"))
             .await;
@@ -262,17 +263,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
                 metrics.sync_failures.inc();
-                error!(
-                    error = format!("{e:#}"),
-                    "sync failed; the next one rebuilds the table"
-                );
+                // Retried soon, from scratch (the next nftables sync rebuilds the table).
+                wait = FAILED_SYNC_RETRY.min(args.sync_period);
+                error!(error = format!("{e:#}"), retry_in = ?wait, "sync failed");
             }
         }
         // Wait for a change (or the period), then at least the minimum interval between syncs.
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = changed.notified() => {}
-            () = tokio::time::sleep(args.sync_period) => {
+            () = tokio::time::sleep(wait) => {
                 // The periodic sync also notices a table someone else removed (a flushed
                 // ruleset, another tool's cleanup) and rebuilds it.
                 if backend == Backend::Nftables {
@@ -292,6 +292,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     info!("dataplane stopped; rules stay in place (svcplane cleanup removes them)");
     Ok(())
 }
+
+/// How soon a failed sync is tried again.
+const FAILED_SYNC_RETRY: Duration = Duration::from_secs(1);
 
 /// What one sync leaves for the next.
 #[derive(Default)]
