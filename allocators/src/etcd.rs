@@ -29,6 +29,7 @@ use std::{
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, Identity, TlsOptions, Txn, TxnOp, TxnOpResponse,
+    TxnResponse,
 };
 use rand::{SeedableRng, rngs::StdRng};
 use tokio::sync::{Mutex, oneshot};
@@ -242,6 +243,14 @@ where
         })
     }
 
+    async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
+        self.client
+            .kv_client()
+            .txn(txn)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))
+    }
+
     /// Writes `alloc` if the key is still at `revision` (0: the key must not exist). Used by the
     /// repair controller, which computed `alloc` from what it read at `revision`. Returns the new
     /// revision, or `None` when someone else wrote first.
@@ -254,12 +263,7 @@ where
                 revision,
             )])
             .and_then([TxnOp::put(self.key.as_bytes(), stored::encode(alloc), None)]);
-        let resp = self
-            .client
-            .kv_client()
-            .txn(txn)
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let resp = self.txn(txn).await?;
         if !resp.succeeded() {
             *guard = None;
             return Ok(None);
@@ -360,12 +364,7 @@ where
                 .when([Compare::mod_revision(self.key.as_bytes(), CompareOp::Equal, rev)])
                 .and_then([TxnOp::put(self.key.as_bytes(), stored::encode(&next), None)])
                 .or_else([TxnOp::get(self.key.as_bytes(), None)]);
-            let resp = self
-                .client
-                .kv_client()
-                .txn(txn)
-                .await
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            let resp = self.txn(txn).await?;
             if resp.succeeded() {
                 let new_rev = resp.header().map_or(0, |h| h.revision());
                 *cache = Some((next, new_rev));

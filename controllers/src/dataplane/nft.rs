@@ -381,11 +381,7 @@ impl Writer {
                     NO_ENDPOINT_IPS
                 };
                 vec![Statement::VerdictMap(VerdictMap {
-                    key: Expression::Named(NamedExpression::Concat(vec![
-                        payload(l3, "daddr"),
-                        meta(MetaKey::L4proto),
-                        payload("th", "dport"),
-                    ])),
+                    key: self.service_tuple(),
                     data: Expression::String(s(format!("@{map}"))),
                 })]
             }
@@ -528,6 +524,20 @@ impl Writer {
             self.batch.add(NfListObject::Chain(self.chain(jump)));
             self.add_rule(name, vec![Statement::Jump(JumpTarget { target: s(jump) })]);
         }
+        self.masquerade_chain();
+    }
+
+    /// `<daddr> . l4proto . th dport`: how a packet names a Service address and port.
+    fn service_tuple(&self) -> Expression<'static> {
+        Expression::Named(NamedExpression::Concat(vec![
+            payload(self.l3, "daddr"),
+            meta(MetaKey::L4proto),
+            payload("th", "dport"),
+        ]))
+    }
+
+    /// The postrouting chain masquerading what was marked for it.
+    fn masquerade_chain(&mut self) {
         self.batch.add(NfListObject::Chain(self.base_chain(
             "nat-postrouting",
             NfChainType::NAT,
@@ -764,14 +774,6 @@ pub fn ipvs_support_transaction(
         ip_key,
         rejects,
     ))));
-    let l3 = w.l3;
-    let ip_tuple = || {
-        Expression::Named(NamedExpression::Concat(vec![
-            payload(l3, "daddr"),
-            meta(MetaKey::L4proto),
-            payload("th", "dport"),
-        ]))
-    };
     // Marked before IPVS (LOCAL_IN) rewrites the destination.
     w.batch.add(NfListObject::Chain(w.base_chain(
         "mark-for-masquerade",
@@ -796,17 +798,14 @@ pub fn ipvs_support_transaction(
     w.add_rule(
         "mark-for-masquerade",
         vec![
-            eq(ip_tuple(), Expression::String(Cow::Borrowed("@masquerade-ips"))),
+            eq(
+                w.service_tuple(),
+                Expression::String(Cow::Borrowed("@masquerade-ips")),
+            ),
             mark_for_masquerade(),
         ],
     );
-    w.batch.add(NfListObject::Chain(w.base_chain(
-        "nat-postrouting",
-        NfChainType::NAT,
-        NfHook::Postrouting,
-        100,
-    )));
-    w.add_rule("nat-postrouting", masquerade_marked());
+    w.masquerade_chain();
     for (name, hook) in [
         ("filter-input", NfHook::Input),
         ("filter-forward", NfHook::Forward),
@@ -820,7 +819,10 @@ pub fn ipvs_support_transaction(
         w.add_rule(
             name,
             vec![
-                eq(ip_tuple(), Expression::String(Cow::Borrowed("@reject-ips"))),
+                eq(
+                    w.service_tuple(),
+                    Expression::String(Cow::Borrowed("@reject-ips")),
+                ),
                 Statement::Reject(None),
             ],
         );

@@ -38,6 +38,10 @@ fn slice(ns: &str, backends: &[(usize, &str)]) -> EndpointSlice {
     .unwrap()
 }
 
+fn cluster_ip_of(svc: &Service) -> String {
+    svc.spec.as_ref().unwrap().cluster_ip.clone().unwrap()
+}
+
 /// Which backends answer `n` requests to `url` (by index), with counts.
 async fn spread(topo: &Topology, url: &str, n: usize) -> BTreeMap<String, usize> {
     let mut seen = BTreeMap::new();
@@ -87,14 +91,7 @@ async fn nftables_mode_balances_real_traffic_and_follows_changes() {
         "spec": {"ports": [{"name": "http", "port": 80}]},
     }))
     .unwrap();
-    let empty_ip = services
-        .create(&PostParams::default(), &empty)
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .cluster_ip
-        .unwrap();
+    let empty_ip = cluster_ip_of(&services.create(&PostParams::default(), &empty).await.unwrap());
 
     // The agent acts with exactly the shipped RBAC.
     cp.apply_dataplane_rbac(&ns);
@@ -104,14 +101,7 @@ async fn nftables_mode_balances_real_traffic_and_follows_changes() {
         .collect();
     let many: Service =
         serde_json::from_value(json!({"metadata": {"name": "many"}, "spec": {"ports": ports}})).unwrap();
-    let many_ip = services
-        .create(&PostParams::default(), &many)
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .cluster_ip
-        .unwrap();
+    let many_ip = cluster_ip_of(&services.create(&PostParams::default(), &many).await.unwrap());
 
     let kubeconfig = cp
         .service_account_kubeconfig(
