@@ -58,6 +58,7 @@ fn service(i: usize) -> Service {
 /// Creates until it succeeds: a request that reached the replica being killed fails (the webhook
 /// fails closed), and the client tries again, as controllers and kubectl users do.
 async fn create_until_done(api: &Api<Service>, svc: &Service, failures: &AtomicUsize) -> Service {
+    let mut last = None;
     for _ in 0..100 {
         match api.create(&PostParams::default(), svc).await {
             Ok(s) => return s,
@@ -65,13 +66,17 @@ async fn create_until_done(api: &Api<Service>, svc: &Service, failures: &AtomicU
                 // Stored by an attempt whose answer was lost.
                 return api.get(svc.metadata.name.as_deref().unwrap()).await.unwrap();
             }
-            Err(_) => {
+            Err(e) => {
+                last = Some(e);
                 failures.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
     }
-    panic!("{:?} could not be created", svc.metadata.name);
+    panic!(
+        "{:?} could not be created; last error: {last:?}",
+        svc.metadata.name
+    );
 }
 
 fn webhook_requests(metrics: &str) -> f64 {
