@@ -21,7 +21,7 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 cmd=${1:-}; DIR=${2:-}
-[ -n "$cmd" ] && [ -n "$DIR" ] || { sed -n '2,20p' "$0" >&2; exit 2; }
+if [ -z "$cmd" ] || [ -z "$DIR" ]; then sed -n '2,20p' "$0" >&2; exit 2; fi
 
 ETCD_PORT=${ETCD_PORT:-2379}
 ETCD_PEER_PORT=${ETCD_PEER_PORT:-2380}

@@ -18,22 +18,15 @@ done
 [ -x /bin/busybox ] || { echo "ipvs-vm: busybox missing" >&2; exit 1; }
 
 # 1. The kernel: the ABI package behind linux-image-cloud-amd64, unpacked (no dpkg -i), cached.
-KPKG=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
-[ -n "$KPKG" ] || { echo "ipvs-vm: cannot resolve linux-image-cloud-amd64 (apt-get update?)" >&2; exit 1; }
-KV=${KPKG#linux-image-}
-CACHE=${SVCPLANE_CACHE:-$HOME/.cache/svcplane}/ipvs-vm/$KV
-if [ ! -f "$CACHE/ok" ]; then
-  rm -rf "$CACHE"; mkdir -p "$CACHE"
-  (cd "$CACHE" && apt-get download "$KPKG" >/dev/null 2>&1 && dpkg-deb -x ./*.deb k && depmod -b k "$KV" && rm -f ./*.deb)
-  touch "$CACHE/ok"
-fi
-K=$CACHE/k
+# shellcheck source=hack/lib/kernel.sh
+. "$ROOT/hack/lib/kernel.sh"
+kernel_fetch
 
 # 2. The root filesystem, fresh each run (it carries the svcplane under test).
 W=$(mktemp -d "${TMPDIR:-/tmp}/svcplane-ipvsvm.XXXXXX")
 trap 'rm -rf "$W"' EXIT
 R=$W/root
-mkdir -p "$R"/{bin,sbin,usr/sbin,usr/bin,etc,proc,sys,dev,tmp,run,var/run/netns,lib/modules/$KV,scenario}
+mkdir -p "$R"/{bin,sbin,usr/sbin,usr/bin,etc,proc,sys,dev,tmp,run,var/run/netns,lib/modules/"$KV",scenario}
 cp /bin/busybox "$R/bin/"
 for a in $(/bin/busybox --list); do [ -e "$R/bin/$a" ] || ln -s busybox "$R/bin/$a"; done
 strip -o "$R/usr/bin/svcplane" "$BIN"
@@ -45,7 +38,7 @@ done
 MODS="ip_vs ip_vs_rr ip_vs_wrr ip_vs_lc ip_vs_sh veth dummy nfnetlink nf_tables nft_chain_nat nft_nat
   nft_masq nft_fib_ipv4 nft_fib_ipv6 nft_reject_ipv4 nft_reject_ipv6 nft_ct nft_numgen"
 for m in $MODS; do
-  for f in $(modprobe -d "$K" -S "$KV" --show-depends "$m" | awk '$1=="insmod"{print $2}'); do
+  for f in $(kernel_module_files "$K" "$m"); do
     rel=${f#"$K"}; mkdir -p "$R$(dirname "$rel")"; cp "$f" "$R$rel"
   done
 done

@@ -113,7 +113,7 @@ spec:
 YAML
   local i node ready
   for i in 0 1 2; do
-    node=node-a; [ "$i" = 2 ] && node=node-b
+    node="node-a"; [ "$i" = 2 ] && node="node-b"
     kubectl apply --server-side --field-manager=svcplane-local-up -f - >/dev/null <<YAML
 apiVersion: v1
 kind: Pod

@@ -1,7 +1,13 @@
 //! Wiring of ClusterIP/NodePort allocation into the controller-manager: flags, the etcd ranges,
 //! the webhook server and the caBundle of its configuration.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::{Context, bail};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -20,12 +26,13 @@ use svcplane_controllers::allocation::{
     pool::RangeUsage,
     usage::{AllocatorMetrics, monitor},
 };
-use tokio::sync::watch;
+use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::webhook::{
     certs::{self, Source},
+    drain::Drain,
     handler::{WebhookMetrics, WebhookState, router},
     server,
 };
@@ -69,6 +76,13 @@ pub struct AllocationArgs {
     /// admission requests spread over every replica behind the webhook Service.
     #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
     pub webhook_max_connection_age: Duration,
+    /// On SIGTERM a replica keeps serving the webhook until it is out of the webhook Service's
+    /// endpoints (and node proxies have had a moment to follow), at most this long.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    pub webhook_shutdown_delay: Duration,
+    /// This Pod's IP (downward API), to find itself among the webhook Service's endpoints.
+    #[arg(long, env = "POD_IP")]
+    pub pod_ip: Option<IpAddr>,
     /// Names (DNS or IP) the generated serving certificate is valid for.
     #[arg(
         long,
@@ -95,7 +109,17 @@ pub struct Started {
     pub allocators: Arc<Allocators>,
     /// Every range's usage as last read from etcd.
     pub usage: watch::Receiver<Vec<RangeUsage>>,
+    /// The webhook server, stopped by `stop_webhook` once [`Started::drain`] says so.
+    pub webhook: JoinHandle<()>,
+    pub drain: Drain,
 }
+
+/// How long in-flight admission requests may take to finish once the webhook stops: longer
+/// than any request (the apiserver gives up after the configuration's 10 s timeout).
+const WEBHOOK_GRACE: Duration = Duration::from_secs(12);
+
+/// Time for node proxies to apply an endpoint's removal once the EndpointSlices show it.
+const DRAIN_SETTLE: Duration = Duration::from_secs(3);
 
 impl AllocationArgs {
     pub fn enabled(&self) -> bool {
@@ -103,12 +127,14 @@ impl AllocationArgs {
     }
 }
 
-/// Starts the webhook and the usage monitor (every replica).
+/// Starts the webhook and the usage monitor (every replica). `shutdown` stops the background
+/// loops; `stop_webhook` the webhook server (later: see [`Drain`]).
 pub async fn start(
     args: &AllocationArgs,
     client: &Client,
     registry: &Registry,
     shutdown: CancellationToken,
+    stop_webhook: CancellationToken,
 ) -> anyhow::Result<Started> {
     if args.etcd_servers.is_empty() {
         bail!("--service-cluster-ip-range needs --etcd-servers: the allocation bitmaps live in etcd");
@@ -207,14 +233,28 @@ pub async fn start(
         families,
         metrics: WebhookMetrics::register(registry).context("registering webhook metrics")?,
     });
-    let addr = args.webhook_bind_address;
+    let listener = server::bind(args.webhook_bind_address).await?;
     let max_age = args.webhook_max_connection_age;
-    tokio::spawn(async move {
-        if let Err(e) = server::serve(addr, tls, router(state), max_age, shutdown).await {
+    let webhook = tokio::spawn(async move {
+        if let Err(e) =
+            server::serve(listener, tls, router(state), max_age, stop_webhook, WEBHOOK_GRACE).await
+        {
             warn!(error = format!("{e:#}"), "admission webhook server stopped");
         }
     });
-    Ok(Started { allocators, usage })
+    let drain = Drain {
+        client: client.clone(),
+        configuration: args.webhook_configuration_name.clone(),
+        pod_ip: args.pod_ip,
+        max: args.webhook_shutdown_delay,
+        settle: DRAIN_SETTLE,
+    };
+    Ok(Started {
+        allocators,
+        usage,
+        webhook,
+        drain,
+    })
 }
 
 /// How often the configuration's caBundle is checked: it may be applied after the

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::{
-    health::{Checks, LeaderElectionWatchdog, RangesInitialized, spawn_apiserver_probe},
+    health::{Checks, LeaderElectionWatchdog, RangesInitialized, ShuttingDown, spawn_apiserver_probe},
     http::Server,
     kubeclient,
 };
@@ -158,7 +158,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         &args.endpoints.controllers,
         args.endpoints.endpoint_controller_coexistence,
     )?;
+    // SIGTERM stops the leader's work and the background loops at once (the lease is handed
+    // over), the webhook only once this replica is out of its Service's endpoints, and the
+    // health and metrics endpoints last.
     let shutdown = CancellationToken::new();
+    let stop_webhook = CancellationToken::new();
+    let stop_http = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
 
     let client = kubeclient::client(args.kubeconfig.as_deref()).await?;
@@ -169,11 +174,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ))
         .context("registering process metrics")?;
 
-    let mut readiness = Checks::default().with(spawn_apiserver_probe(
-        client.clone(),
-        args.apiserver_probe_period,
-        shutdown.clone(),
-    ));
+    let mut readiness = Checks::default()
+        .with(ShuttingDown(shutdown.clone()))
+        .with(spawn_apiserver_probe(
+            client.clone(),
+            args.apiserver_probe_period,
+            shutdown.clone(),
+        ));
     let mut liveness = Checks::default();
     let controller_metrics =
         ControllerMetrics::register(&registry).context("registering controller metrics")?;
@@ -234,9 +241,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         None
     };
 
+    let mut webhook = None;
     let allocation = if args.allocation.enabled() {
-        let crate::allocation::Started { allocators, usage } =
-            crate::allocation::start(&args.allocation, &client, &registry, shutdown.clone()).await?;
+        let crate::allocation::Started {
+            allocators,
+            usage,
+            webhook: server,
+            drain,
+        } = crate::allocation::start(
+            &args.allocation,
+            &client,
+            &registry,
+            shutdown.clone(),
+            stop_webhook.clone(),
+        )
+        .await?;
+        webhook = Some((server, drain));
         readiness = readiness.with(RangesInitialized::new(usage.clone()));
         let metrics = RepairMetrics::register(&registry).context("registering repair metrics")?;
         let events = EventSink::new(
@@ -278,13 +298,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
 
     let server = Server::bind(args.http_bind_address, registry, liveness, readiness).await?;
-    let http = tokio::spawn(server.serve(shutdown.clone()));
+    let http = tokio::spawn(server.serve(stop_http.clone()));
 
     match elector {
         Some(elector) => elector.run(shutdown.clone(), run_leader_work).await,
         None => run_leader_work(shutdown.clone()).await,
     }
     shutdown.cancel();
+    if let Some((server, drain)) = webhook {
+        drain.wait().await;
+        stop_webhook.cancel();
+        if let Err(e) = server.await {
+            warn!(error = %e, "the webhook server task failed");
+        }
+    }
+    stop_http.cancel();
     http.await.context("HTTP server task")??;
     info!("controller-manager stopped");
     Ok(())

@@ -72,6 +72,24 @@ impl Checks {
     }
 }
 
+/// Readiness fails from the moment the replica is told to stop, so load balancers that follow
+/// readiness rather than Pod termination move away while it drains.
+pub struct ShuttingDown(pub CancellationToken);
+
+impl Check for ShuttingDown {
+    fn name(&self) -> &'static str {
+        "shutdown"
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.0.is_cancelled() {
+            Err("shutting down".into())
+        } else {
+            Ok(())
+        }
+    }
+}
+
 /// Readiness of the webhook: every allocation range has been initialized in etcd by the leader's
 /// first repair pass, so nothing is allocated from a bitmap that has not been reconciled with the
 /// Services that exist. Latched: once the ranges were seen, a later etcd outage keeps the replica

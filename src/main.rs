@@ -36,6 +36,8 @@ enum Command {
     ControllerManager(Box<controller_manager::Args>),
     /// Runs the node agent: programs this node's kernel for Services (nftables; IPVS to come).
     Dataplane(Box<dataplane::Args>),
+    /// Sets the kernel settings the node agent relies on (run once per node start, privileged).
+    DataplaneInit(dataplane::sysctls::InitArgs),
     /// Removes every rule the node agent wrote.
     Cleanup(dataplane::CleanupArgs),
     /// Prints the CustomResourceDefinitions svcplane uses, for `kubectl apply -f -`.
@@ -80,6 +82,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::ControllerManager(args) => controller_manager::run(*args).await,
             Command::Dataplane(args) => dataplane::run(*args).await,
+            Command::DataplaneInit(args) => dataplane::sysctls::run(&args),
             Command::Cleanup(args) => dataplane::cleanup(args).await,
             Command::Crds => Ok(()),
         }

@@ -6,6 +6,7 @@ mod healthcheck;
 mod ipvs;
 mod metrics;
 mod nft;
+pub mod sysctls;
 
 use std::{
     collections::HashMap,

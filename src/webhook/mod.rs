@@ -3,5 +3,6 @@
 //! compare-and-swap.
 
 pub mod certs;
+pub mod drain;
 pub mod handler;
 pub mod server;

@@ -22,8 +22,8 @@ use rustls::{
 };
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, info};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{debug, info, warn};
 
 use super::certs::ServingCert;
 
@@ -42,22 +42,33 @@ pub fn tls_config(cert: &ServingCert) -> anyhow::Result<Arc<ServerConfig>> {
     Ok(Arc::new(config))
 }
 
-/// Binds now (so a port clash fails start-up), serves until `shutdown`.
+/// A bound webhook listener (binding first makes a port clash fail start-up).
+pub struct Listener(TcpListener);
+
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<Listener> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the webhook address {addr}"))?;
+    Ok(Listener(listener))
+}
+
+/// Serves until `shutdown`; then stops accepting, closes every connection gracefully (GOAWAY:
+/// the client sends its next request elsewhere, in-flight requests finish) and waits up to
+/// `grace` for them.
 pub async fn serve(
-    addr: SocketAddr,
+    Listener(listener): Listener,
     tls: Arc<ServerConfig>,
     router: Router,
     max_connection_age: Duration,
     shutdown: CancellationToken,
+    grace: Duration,
 ) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the webhook address {addr}"))?;
     info!(addr = %listener.local_addr()?, "serving the admission webhook over HTTPS");
     let acceptor = TlsAcceptor::from(tls);
+    let connections = TaskTracker::new();
     loop {
         let (tcp, peer) = tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
+            () = shutdown.cancelled() => break,
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
@@ -70,7 +81,7 @@ pub async fn serve(
         let router = router.clone();
         let shutdown = shutdown.clone();
         let age = jittered(max_connection_age);
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let tls = match acceptor.accept(tcp).await {
                 Ok(s) => s,
                 Err(e) => {
@@ -104,6 +115,19 @@ pub async fn serve(
             }
         });
     }
+    drop(listener);
+    connections.close();
+    let open = connections.len();
+    if tokio::time::timeout(grace, connections.wait()).await.is_err() {
+        warn!(
+            open = connections.len(),
+            ?grace,
+            "webhook connections still open after the grace period"
+        );
+    } else {
+        info!(closed = open, "webhook connections closed");
+    }
+    Ok(())
 }
 
 /// `age` ± 10 %, so connections opened together are not all closed together.

@@ -1,0 +1,328 @@
+#!/usr/bin/env bash
+# A real one-node Kubernetes cluster for svcplane: the control plane (etcd, kube-apiserver,
+# kube-controller-manager without its endpoint controllers, kube-scheduler, all of $KUBE_VERSION)
+# runs natively in a network namespace of its own; the node is a qemu VM booting Debian's cloud
+# kernel (IPVS, cgroup v2) with systemd, containerd, runc, Debian's CNI plugins and the kubelet,
+# joined over a tap link. There is no kube-proxy: svcplane's dataplane is the node's Service
+# proxy once applied, and the apiserver reaches Services (svcplane's webhook among them) by
+# routing the Service range to the node, as a control-plane host does through its own proxy.
+#
+#   control-plane netns ── tap 10.210.0.1/24 ── node VM eth0 10.210.0.2 (Pods 10.244.0.0/24)
+#        └ veth 10.211.<index>.2/30 ── this host 10.211.<index>.1 (kubectl, tests)
+#
+# The cluster is what kubeadm would give: CoreDNS (kube-dns 10.96.0.10), Service range
+# 10.96.0.0/12, NodePorts 30000-32767, and the two things a cluster without kube-proxy provides
+# for svcplane (README, "Running in a cluster"): the Secret kube-system/svcplane-etcd-client and
+# the ConfigMap kube-system/svcplane-apiserver-endpoint.
+#
+# usage:
+#   hack/cluster-up.sh up   [DIR]           start, wait until the node is Ready, print DIR/env
+#   hack/cluster-up.sh run  DIR             start, print READY, supervise: everything is torn down
+#                                           when WATCH_PID exits, when a component dies, or on TERM
+#   hack/cluster-up.sh load ARCHIVE...      import OCI archives into the node's containerd
+#   hack/cluster-up.sh ssh  CMD...          run a command on the node (as root)
+#   hack/cluster-up.sh status | down
+# DIR defaults to $SVCPLANE_CLUSTER_DIR or /tmp/svcplane-cluster; load/ssh/status/down use it too.
+# environment: CLUSTER_INDEX (0-63, default 0) picks the host link's subnet so that clusters can
+# run side by side; NODE_MEMORY (MiB, default 6144), NODE_CPUS (default 2).
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=hack/versions.env
+. "$HERE/versions.env"
+
+usage() { sed -n '18,28p' "$0" >&2; exit 2; }
+cmd=${1:-}; [ -n "$cmd" ] || usage; shift
+DIR=${SVCPLANE_CLUSTER_DIR:-/tmp/svcplane-cluster}
+case $cmd in up|run) [ $# -gt 0 ] && { DIR=$1; shift; } ;; esac
+mkdir -p "$(dirname "$DIR")"
+DIR=$(cd "$(dirname "$DIR")" && pwd)/$(basename "$DIR")
+INDEX=${CLUSTER_INDEX:-0}
+if ! [[ $INDEX =~ ^[0-9]+$ ]] || [ "$INDEX" -gt 63 ]; then echo "cluster: CLUSTER_INDEX must be 0-63" >&2; exit 2; fi
+ID=$(printf '%s' "$DIR" | sha256sum | cut -c1-6)
+NS=svcplane-cluster-$ID
+VETH=spc-$ID
+TAP=sptap0
+CP_IP=10.210.0.1 NODE_IP=10.210.0.2
+HOST_IP=10.211.$((INDEX * 4)).1 HOST_NS_IP=10.211.$((INDEX * 4)).2
+SERVICE_RANGE=10.96.0.0/12 POD_RANGE=10.244.0.0/24 NODEPORT_RANGE=30000-32767
+NODE_NAME=svcplane-node
+
+log() { echo "cluster: $(date +%T) $*" >&2; }
+in_ns() { ip netns exec "$NS" "$@"; }
+ssh_opts() {
+  printf '%s\n' -i "$DIR/ssh/id_ed25519" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
+    -o LogLevel=ERROR -o ConnectTimeout=5 -o ServerAliveInterval=5 -o BatchMode=yes
+}
+node_ssh() {
+  local opts; mapfile -t opts < <(ssh_opts)
+  in_ns ssh "${opts[@]}" "root@$NODE_IP" "$@"
+}
+
+# --- certificates (ECDSA P-256: quick to make, and every component takes them) -------------------
+# cert NAME SUBJECT EKU [SANS] [CA]  -> $P/NAME.{crt,key}, signed by CA (default: ca)
+cert() {
+  local name=$1 subj=$2 eku=$3 sans=${4:-} ca=${5:-ca} P=$DIR/pki
+  openssl ecparam -name prime256v1 -genkey -noout -out "$P/$name.key" 2>/dev/null
+  openssl req -new -key "$P/$name.key" -subj "$subj" -out "$P/$name.csr" 2>/dev/null
+  {
+    echo "basicConstraints=CA:FALSE"
+    echo "keyUsage=critical,digitalSignature,keyEncipherment"
+    echo "extendedKeyUsage=$eku"
+    [ -z "$sans" ] || echo "subjectAltName=$sans"
+  } > "$P/$name.ext"
+  openssl x509 -req -in "$P/$name.csr" -CA "$P/$ca.crt" -CAkey "$P/$ca.key" -CAcreateserial \
+    -days 30 -extfile "$P/$name.ext" -out "$P/$name.crt" 2>/dev/null
+  rm -f "$P/$name.csr" "$P/$name.ext"
+}
+ca() {
+  local name=$1 cn=$2 P=$DIR/pki
+  openssl ecparam -name prime256v1 -genkey -noout -out "$P/$name.key" 2>/dev/null
+  openssl req -x509 -new -key "$P/$name.key" -subj "/CN=$cn" -days 30 -out "$P/$name.crt" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+}
+gen_pki() {
+  local P=$DIR/pki
+  mkdir -p "$P"
+  ca ca svcplane-cluster-ca
+  ca etcd-ca svcplane-etcd-ca
+  cert apiserver /CN=kube-apiserver serverAuth \
+    "IP:$CP_IP,IP:$HOST_NS_IP,IP:10.96.0.1,IP:127.0.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,DNS:localhost"
+  cert apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" clientAuth
+  cert admin "/O=system:masters/CN=svcplane-cluster-admin" clientAuth
+  cert controller-manager /CN=system:kube-controller-manager clientAuth
+  cert scheduler /CN=system:kube-scheduler clientAuth
+  cert kubelet-client "/O=system:nodes/CN=system:node:$NODE_NAME" clientAuth
+  cert kubelet /CN="$NODE_NAME" serverAuth "IP:$NODE_IP,DNS:$NODE_NAME"
+  cert etcd-server /CN=etcd serverAuth "IP:$CP_IP,IP:127.0.0.1,DNS:localhost" etcd-ca
+  cert apiserver-etcd-client /CN=kube-apiserver-etcd-client clientAuth "" etcd-ca
+  # svcplane's own etcd identity (kubeadm clusters: see README, "Running in a cluster").
+  cert svcplane-etcd-client /CN=svcplane clientAuth "" etcd-ca
+  openssl ecparam -name prime256v1 -genkey -noout -out "$P/sa.key" 2>/dev/null
+  openssl ec -in "$P/sa.key" -pubout -out "$P/sa.pub" 2>/dev/null
+}
+
+# kubeconfig FILE SERVER USER CERT
+kubeconfig() {
+  local P=$DIR/pki
+  cat > "$1" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: svcplane
+  cluster:
+    server: $2
+    certificate-authority-data: $(base64 -w0 < "$P/ca.crt")
+users:
+- name: $3
+  user:
+    client-certificate-data: $(base64 -w0 < "$P/$4.crt")
+    client-key-data: $(base64 -w0 < "$P/$4.key")
+contexts:
+- name: svcplane
+  context: {cluster: svcplane, user: $3}
+current-context: svcplane
+EOF
+}
+
+# --- processes ----------------------------------------------------------------------------------
+COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler qemu)
+# spawn NAME CMD...: runs CMD in the control plane's namespace, log in DIR/logs/NAME.log.
+spawn() {
+  local name=$1; shift
+  in_ns "$@" > "$DIR/logs/$name.log" 2>&1 &
+  echo $! > "$DIR/$name.pid"
+}
+alive() { [ -f "$DIR/$1.pid" ] && kill -0 "$(cat "$DIR/$1.pid")" 2>/dev/null; }
+wait_for() { # wait_for WHAT SECONDS CMD...
+  local what=$1 secs=$2; shift 2
+  local end=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -lt $end ] || { log "$what: not ready after ${secs}s"; return 1; }
+    sleep 0.5
+  done
+}
+
+start_control_plane() {
+  local P=$DIR/pki
+  spawn etcd etcd --name node --data-dir "$DIR/etcd" \
+    --listen-client-urls "https://0.0.0.0:2379" --advertise-client-urls "https://$CP_IP:2379" \
+    --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
+    --initial-cluster node=http://127.0.0.1:2380 --initial-cluster-state new \
+    --cert-file "$P/etcd-server.crt" --key-file "$P/etcd-server.key" \
+    --client-cert-auth --trusted-ca-file "$P/etcd-ca.crt" --logger zap --log-level warn
+  spawn kube-apiserver "$KUBE_BIN/kube-apiserver" \
+    --advertise-address="$CP_IP" --bind-address=0.0.0.0 --secure-port=6443 \
+    --etcd-servers=https://127.0.0.1:2379 --etcd-cafile="$P/etcd-ca.crt" \
+    --etcd-certfile="$P/apiserver-etcd-client.crt" --etcd-keyfile="$P/apiserver-etcd-client.key" \
+    --tls-cert-file="$P/apiserver.crt" --tls-private-key-file="$P/apiserver.key" \
+    --client-ca-file="$P/ca.crt" \
+    --kubelet-client-certificate="$P/apiserver-kubelet-client.crt" \
+    --kubelet-client-key="$P/apiserver-kubelet-client.key" \
+    --kubelet-certificate-authority="$P/ca.crt" --kubelet-preferred-address-types=InternalIP \
+    --service-account-key-file="$P/sa.pub" --service-account-signing-key-file="$P/sa.key" \
+    --service-account-issuer=https://kubernetes.default.svc.cluster.local \
+    --authorization-mode=Node,RBAC --enable-admission-plugins=NodeRestriction \
+    --service-cluster-ip-range="$SERVICE_RANGE" --service-node-port-range="$NODEPORT_RANGE" \
+    --allow-privileged=true --profiling=false
+  wait_for kube-apiserver 120 curl -sf --cacert "$P/ca.crt" --cert "$P/admin.crt" --key "$P/admin.key" \
+    "https://$HOST_NS_IP:6443/readyz"
+  # svcplane replaces these three; everything else kube-controller-manager does stays.
+  spawn kube-controller-manager "$KUBE_BIN/kube-controller-manager" \
+    --kubeconfig="$DIR/controller-manager.conf" --authentication-kubeconfig="$DIR/controller-manager.conf" \
+    --authorization-kubeconfig="$DIR/controller-manager.conf" \
+    --controllers='*,-endpointslice-controller,-endpoints-controller,-endpointslice-mirroring-controller' \
+    --service-account-private-key-file="$P/sa.key" --root-ca-file="$P/ca.crt" \
+    --use-service-account-credentials=true --leader-elect=false \
+    --bind-address=127.0.0.1 --secure-port=10257
+  spawn kube-scheduler "$KUBE_BIN/kube-scheduler" --kubeconfig="$DIR/scheduler.conf" \
+    --authentication-kubeconfig="$DIR/scheduler.conf" --authorization-kubeconfig="$DIR/scheduler.conf" \
+    --leader-elect=false --bind-address=127.0.0.1 --secure-port=10259
+}
+
+# The node's credentials travel on a small second disk (node-setup reads it at boot).
+write_payload() {
+  local p=$DIR/payload P=$DIR/pki
+  mkdir -p "$p/pki" "$DIR/ssh"
+  cp "$P/ca.crt" "$P/kubelet.crt" "$P/kubelet.key" "$p/pki/"
+  kubeconfig "$p/kubelet.conf" "https://$CP_IP:6443" "system:node:$NODE_NAME" kubelet-client
+  ssh-keygen -q -t ed25519 -N '' -f "$DIR/ssh/id_ed25519"
+  cp "$DIR/ssh/id_ed25519.pub" "$p/authorized_keys"
+  mke2fs -q -t ext4 -L payload -d "$p" "$DIR/payload.img" 16M
+  rm -rf "$p"
+}
+
+boot_node() {
+  # qemu keeps the disk's writes in a temporary file next to the cluster's state.
+  TMPDIR=$DIR spawn qemu qemu-system-x86_64 -accel tcg,thread=multi -cpu max \
+    -smp "${NODE_CPUS:-2}" -m "${NODE_MEMORY:-6144}" -nographic -no-reboot -monitor none \
+    -serial "file:$DIR/logs/console.log" \
+    -drive "file=$NODE/disk.img,if=virtio,format=raw,snapshot=on" \
+    -drive "file=$DIR/payload.img,if=virtio,format=raw,readonly=on" \
+    -netdev "tap,id=n0,ifname=$TAP,script=no,downscript=no" -device virtio-net-pci,netdev=n0 \
+    -kernel "$NODE/vmlinuz" -initrd "$NODE/initrd.gz" \
+    -append "console=ttyS0 root=/dev/vda panic=-1 quiet systemd.show_status=0"
+}
+
+node_ready() {
+  [ "$(kubectl get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = True ]
+}
+
+apply_addons() {
+  local P=$DIR/pki
+  kubectl apply -f "$HERE/cluster/addons/" >/dev/null
+  # What a cluster without kube-proxy provides for svcplane (README, "Running in a cluster").
+  kubectl -n kube-system create secret generic svcplane-etcd-client \
+    --from-file=ca.crt="$P/etcd-ca.crt" --from-file=tls.crt="$P/svcplane-etcd-client.crt" \
+    --from-file=tls.key="$P/svcplane-etcd-client.key" --from-literal=endpoints="https://$CP_IP:2379" \
+    --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  kubectl -n kube-system create configmap svcplane-apiserver-endpoint \
+    --from-literal=KUBERNETES_SERVICE_HOST="$CP_IP" --from-literal=KUBERNETES_SERVICE_PORT=6443 \
+    --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+}
+
+kubectl() { "$KUBE_BIN/kubectl" --kubeconfig "$DIR/kubeconfig" "$@"; }
+
+up() {
+  local t0=$SECONDS
+  [ ! -e "$DIR/env" ] || { log "$DIR already holds a cluster (hack/cluster-up.sh down first)"; return 1; }
+  "$HERE/install-deps.sh"
+  KUBE_BIN=$("$HERE/build-kube.sh")
+  NODE=$("$HERE/cluster/node-image.sh")
+  local t_built=$SECONDS
+  mkdir -p "$DIR/logs"
+  gen_pki
+  kubeconfig "$DIR/kubeconfig" "https://$HOST_NS_IP:6443" admin admin
+  kubeconfig "$DIR/controller-manager.conf" "https://127.0.0.1:6443" system:kube-controller-manager controller-manager
+  kubeconfig "$DIR/scheduler.conf" "https://127.0.0.1:6443" system:kube-scheduler scheduler
+  write_payload
+
+  ip netns add "$NS"
+  echo "$NS" > "$DIR/netns"
+  in_ns ip link set lo up
+  ip link add "$VETH" type veth peer name host0 netns "$NS"
+  ip addr add "$HOST_IP/30" dev "$VETH"; ip link set "$VETH" up
+  in_ns ip addr add "$HOST_NS_IP/30" dev host0; in_ns ip link set host0 up
+  in_ns ip tuntap add dev "$TAP" mode tap
+  in_ns ip addr add "$CP_IP/24" dev "$TAP"; in_ns ip link set "$TAP" up
+  # Services and Pods live on the node.
+  in_ns ip route add "$SERVICE_RANGE" via "$NODE_IP"
+  in_ns ip route add "$POD_RANGE" via "$NODE_IP"
+
+  start_control_plane
+  local t_cp=$SECONDS
+  boot_node
+  local t_boot_start=$SECONDS
+  wait_for "node $NODE_NAME registered" 600 kubectl get node "$NODE_NAME"
+  local t_registered=$SECONDS
+  wait_for "node $NODE_NAME Ready" 300 node_ready
+  local t_ready=$SECONDS
+  wait_for "ssh to the node" 120 node_ssh true
+  apply_addons
+  cat > "$DIR/env" <<EOF
+export KUBECONFIG=$DIR/kubeconfig
+export KUBE_BIN=$KUBE_BIN
+export PATH=$KUBE_BIN:\$PATH
+export SVCPLANE_CLUSTER_DIR=$DIR
+EOF
+  log "times: build/cache $((t_built - t0))s, control plane $((t_cp - t_built))s," \
+    "node boot to registered $((t_registered - t_boot_start))s, to Ready $((t_ready - t_boot_start))s," \
+    "cluster ready $((SECONDS - t0))s in all"
+  log "ready: kubectl --kubeconfig $DIR/kubeconfig (source $DIR/env); node $NODE_NAME at $NODE_IP"
+}
+
+down() {
+  local c pid
+  for c in qemu kube-scheduler kube-controller-manager kube-apiserver etcd; do
+    [ -f "$DIR/$c.pid" ] || continue
+    pid=$(cat "$DIR/$c.pid")
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+    { kill -9 "$pid"; wait "$pid"; } 2>/dev/null || true
+    rm -f "$DIR/$c.pid"
+  done
+  # Deleting the namespace removes the tap, the veth pair and the routes with it.
+  ip netns del "$NS" 2>/dev/null || true
+  rm -rf "$DIR"
+}
+
+load() {
+  [ -f "$DIR/env" ] || { log "no cluster in $DIR (hack/cluster-up.sh up)"; return 1; }
+  local f
+  for f in "$@"; do
+    [ -f "$f" ] || { log "no such archive: $f"; return 1; }
+    log "loading $f into the node's containerd"
+    node_ssh ctr -n k8s.io images import - < "$f" >&2
+  done
+}
+
+up_failed() { [ "$1" -eq 0 ] || log "failed; logs in $DIR/logs (hack/cluster-up.sh down to clean up)"; }
+
+case $cmd in
+  up)
+    trap 'up_failed $?' EXIT
+    up
+    cat "$DIR/env"
+    ;;
+  run)
+    trap 'down' EXIT
+    trap 'exit 0' TERM INT
+    up
+    echo READY
+    while sleep 0.5; do
+      [ -n "${WATCH_PID:-}" ] && ! kill -0 "$WATCH_PID" 2>/dev/null && { log "owner $WATCH_PID exited"; break; }
+      for c in "${COMPONENTS[@]}"; do
+        alive "$c" || { log "$c exited; its log:"; tail -20 "$DIR/logs/$c.log" >&2; exit 1; }
+      done
+    done
+    ;;
+  load) [ $# -gt 0 ] || usage; load "$@" ;;
+  ssh) [ -f "$DIR/env" ] || { log "no cluster in $DIR"; exit 1; }; node_ssh "$@" ;;
+  status)
+    [ -f "$DIR/env" ] || { echo "no cluster in $DIR"; exit 1; }
+    for c in "${COMPONENTS[@]}"; do printf '%-24s %s\n' "$c" "$(alive "$c" && echo running || echo stopped)"; done
+    # shellcheck disable=SC1091
+    . "$DIR/env"; kubectl get nodes -o wide
+    ;;
+  down) down ;;
+  *) usage ;;
+esac

@@ -1,0 +1,177 @@
+//! How a terminating replica leaves the webhook Service without failing a request.
+//!
+//! The apiserver holds one long-lived connection to the webhook Service's address, and a Service
+//! proxy keeps existing connections on an endpoint that leaves (IPVS drains it at weight 0). So a
+//! replica told to stop keeps accepting and serving until its Pod is no longer a ready endpoint
+//! of that Service and the node proxies have had a moment to apply it; only then does it send
+//! GOAWAY on its connections (the apiserver reconnects, now to another replica) and finish what
+//! is in flight. Stopping at SIGTERM instead fails every Service write routed here during a
+//! rollout.
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::{
+    admissionregistration::v1::MutatingWebhookConfiguration, discovery::v1::EndpointSlice,
+};
+use kube::{Api, Client, api::ListParams};
+use tracing::{info, warn};
+
+/// Where a replica serves: which Service, and its own Pod IP.
+pub struct Drain {
+    pub client: Client,
+    /// The MutatingWebhookConfiguration naming the Service.
+    pub configuration: String,
+    /// This Pod's IP (downward API); unknown means the full delay is waited.
+    pub pod_ip: Option<IpAddr>,
+    /// The longest a stopping replica keeps serving.
+    pub max: Duration,
+    /// Time left to node proxies once the endpoint is gone from the slices.
+    pub settle: Duration,
+}
+
+/// Whether `ip` is still an endpoint traffic may be sent to: listed, and not marked unready.
+/// (A terminating Pod's endpoint is `ready: false`; proxies send it nothing new while others
+/// are ready.)
+pub fn still_routed(slices: &[EndpointSlice], ip: IpAddr) -> bool {
+    let ip = ip.to_string();
+    slices.iter().flat_map(|s| s.endpoints.iter().flatten()).any(|e| {
+        e.addresses.iter().any(|a| *a == ip) && e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true)
+    })
+}
+
+/// The Services (namespace, name) the configuration's webhooks call.
+pub fn services(config: &MutatingWebhookConfiguration) -> BTreeSet<(String, String)> {
+    config
+        .webhooks
+        .iter()
+        .flatten()
+        .filter_map(|w| w.client_config.service.as_ref())
+        .map(|s| (s.namespace.clone(), s.name.clone()))
+        .collect()
+}
+
+impl Drain {
+    /// Returns once this replica can stop serving without failing requests: out of the
+    /// endpoints plus `settle`, or after `max` when that cannot be known.
+    pub async fn wait(&self) {
+        let started = Instant::now();
+        let deadline = started + self.max;
+        let services = match Api::<MutatingWebhookConfiguration>::all(self.client.clone())
+            .get_opt(&self.configuration)
+            .await
+        {
+            Ok(Some(c)) => services(&c),
+            Ok(None) => BTreeSet::new(),
+            Err(e) => {
+                warn!(error = %e, "cannot read the webhook configuration; serving for the full shutdown delay");
+                tokio::time::sleep_until(deadline.into()).await;
+                return;
+            }
+        };
+        if services.is_empty() {
+            info!(configuration = %self.configuration, "no webhook Service routes here; stopping");
+            return;
+        }
+        let Some(ip) = self.pod_ip else {
+            info!(delay = ?self.max, "no POD_IP: serving the webhook for the full shutdown delay");
+            tokio::time::sleep_until(deadline.into()).await;
+            return;
+        };
+        while Instant::now() < deadline {
+            match self.routed_here(&services, ip).await {
+                Ok(false) => {
+                    info!(after = ?started.elapsed(), settle = ?self.settle, "out of the webhook Service's endpoints");
+                    let until = (Instant::now() + self.settle).min(deadline);
+                    tokio::time::sleep_until(until.into()).await;
+                    return;
+                }
+                Ok(true) => {}
+                Err(e) => warn!(error = %e, "cannot read the webhook Service's endpoints"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        warn!(delay = ?self.max, "still an endpoint of the webhook Service at the end of the shutdown delay");
+    }
+
+    async fn routed_here(
+        &self,
+        services: &BTreeSet<(String, String)>,
+        ip: IpAddr,
+    ) -> Result<bool, kube::Error> {
+        for (namespace, name) in services {
+            let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), namespace);
+            let slices = api
+                .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={name}")))
+                .await?;
+            if still_routed(&slices.items, ip) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions};
+
+    fn slice(endpoints: &[(&str, Option<bool>)]) -> EndpointSlice {
+        EndpointSlice {
+            address_type: "IPv4".into(),
+            endpoints: Some(
+                endpoints
+                    .iter()
+                    .map(|(ip, ready)| Endpoint {
+                        addresses: vec![(*ip).into()],
+                        conditions: Some(EndpointConditions {
+                            ready: *ready,
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_endpoint_is_routed_until_unready_or_gone() {
+        let me: IpAddr = "10.244.0.7".parse().unwrap();
+        assert!(still_routed(&[slice(&[("10.244.0.7", Some(true))])], me));
+        // No ready condition means ready (the API's rule).
+        assert!(still_routed(
+            &[slice(&[("10.244.0.8", Some(true)), ("10.244.0.7", None)])],
+            me
+        ));
+        assert!(!still_routed(
+            &[slice(&[("10.244.0.7", Some(false)), ("10.244.0.8", Some(true))])],
+            me
+        ));
+        assert!(!still_routed(&[slice(&[("10.244.0.8", Some(true))])], me));
+        assert!(!still_routed(&[], me));
+    }
+
+    #[test]
+    fn services_named_by_the_configuration() {
+        let config: MutatingWebhookConfiguration = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "svcplane"},
+            "webhooks": [
+                {"name": "a.svcplane.io", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+                 "clientConfig": {"service": {"namespace": "kube-system", "name": "svcplane-webhook"}}},
+                {"name": "b.svcplane.io", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+                 "clientConfig": {"url": "https://example.invalid/"}}
+            ]
+        }))
+        .unwrap();
+        assert_eq!(
+            services(&config).into_iter().collect::<Vec<_>>(),
+            [("kube-system".to_owned(), "svcplane-webhook".to_owned())]
+        );
+    }
+}
