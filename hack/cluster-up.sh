@@ -93,7 +93,8 @@ gen_pki() {
   cert scheduler /CN=system:kube-scheduler clientAuth
   cert kubelet-client "/O=system:nodes/CN=system:node:$NODE_NAME" clientAuth
   cert kubelet /CN="$NODE_NAME" serverAuth "IP:$NODE_IP,DNS:$NODE_NAME"
-  cert etcd-server /CN=etcd serverAuth "IP:$CP_IP,IP:127.0.0.1,DNS:localhost" etcd-ca
+  # etcd's gRPC gateway dials etcd itself with the server certificate: it needs clientAuth too.
+  cert etcd-server /CN=etcd serverAuth,clientAuth "IP:$CP_IP,IP:$HOST_NS_IP,IP:127.0.0.1,DNS:localhost" etcd-ca
   cert apiserver-etcd-client /CN=kube-apiserver-etcd-client clientAuth "" etcd-ca
   # svcplane's own etcd identity (kubeadm clusters: see README, "Running in a cluster").
   cert svcplane-etcd-client /CN=svcplane clientAuth "" etcd-ca
@@ -126,10 +127,12 @@ EOF
 
 # --- processes ----------------------------------------------------------------------------------
 COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler qemu)
-# spawn NAME CMD...: runs CMD in the control plane's namespace, log in DIR/logs/NAME.log.
+# spawn NAME CMD...: runs CMD in the control plane's namespace, log in DIR/logs/NAME.log. `ip
+# netns exec` execs CMD, so the recorded pid is CMD's own (a shell function here would record a
+# subshell's, and killing it would leave CMD running).
 spawn() {
   local name=$1; shift
-  in_ns "$@" > "$DIR/logs/$name.log" 2>&1 &
+  ip netns exec "$NS" "$@" > "$DIR/logs/$name.log" 2>&1 &
   echo $! > "$DIR/$name.pid"
 }
 alive() { [ -f "$DIR/$1.pid" ] && kill -0 "$(cat "$DIR/$1.pid")" 2>/dev/null; }
@@ -263,6 +266,7 @@ export KUBECONFIG=$DIR/kubeconfig
 export KUBE_BIN=$KUBE_BIN
 export PATH=$KUBE_BIN:\$PATH
 export SVCPLANE_CLUSTER_DIR=$DIR
+export ETCD_ENDPOINT=https://$HOST_NS_IP:2379
 EOF
   log "times: build/cache $((t_built - t0))s, control plane $((t_cp - t_built))s," \
     "node boot to registered $((t_registered - t_boot_start))s, to Ready $((t_ready - t_boot_start))s," \
@@ -280,8 +284,13 @@ down() {
     { kill -9 "$pid"; wait "$pid"; } 2>/dev/null || true
     rm -f "$DIR/$c.pid"
   done
+  # Anything else still running in the namespace (nothing should be) would keep it alive.
+  if [ -e "/run/netns/$NS" ]; then
+    for pid in $(ip netns pids "$NS" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done
+  fi
   # Deleting the namespace removes the tap, the veth pair and the routes with it.
   ip netns del "$NS" 2>/dev/null || true
+  ip link del "$VETH" 2>/dev/null || true
   rm -rf "$DIR"
 }
 
@@ -296,6 +305,17 @@ load() {
 }
 
 up_failed() { [ "$1" -eq 0 ] || log "failed; logs in $DIR/logs (hack/cluster-up.sh down to clean up)"; }
+# For `run`: a failure's logs are printed before everything is removed.
+run_exit() {
+  local f
+  if [ "$1" -ne 0 ] && [ -d "$DIR/logs" ]; then
+    for f in "$DIR"/logs/*.log; do
+      log "--- last lines of $(basename "$f")"
+      tail -n 15 "$f" >&2
+    done
+  fi
+  down
+}
 
 case $cmd in
   up)
@@ -304,7 +324,7 @@ case $cmd in
     cat "$DIR/env"
     ;;
   run)
-    trap 'down' EXIT
+    trap 'run_exit $?' EXIT
     trap 'exit 0' TERM INT
     up
     echo READY

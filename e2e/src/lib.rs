@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used)] // Test support: a failed unwrap is a failed test, with its message.
 
 pub mod balancer;
+pub mod cluster;
 pub mod etcd;
 pub mod http;
 pub mod netns;

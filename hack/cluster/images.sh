@@ -4,7 +4,7 @@
 #   pause.tar       svcplane.local/pause:1        the Pod sandbox (pause/pause.c, static)
 #   coredns.tar     svcplane.local/coredns:1      CoreDNS $COREDNS_VERSION from its Go module
 #   http.tar        svcplane.local/http:1         busybox httpd backend + curl client (Debian)
-#   prometheus.tar  svcplane.local/prometheus:1   Debian's prometheus
+#   prometheus.tar  svcplane.local/prometheus:1   Prometheus $PROMETHEUS_VERSION (hack/build-prometheus.sh)
 # These stand in for what a cluster pulls from registries; svcplane's own image is hack/image.sh.
 #
 # usage: hack/cluster/images.sh     -> prints the directory holding the archives
@@ -17,18 +17,19 @@ ROOT=$(cd "$HERE/../.." && pwd)
 . "$ROOT/hack/lib/debroot.sh"
 # shellcheck source=hack/lib/oci.sh
 . "$ROOT/hack/lib/oci.sh"
+# shellcheck source=hack/lib/gobuild.sh
+. "$ROOT/hack/lib/gobuild.sh"
 CACHE=${SVCPLANE_CACHE:-$HOME/.cache/svcplane}
 IMAGES=(pause coredns http prometheus)
 
-# Everything the images are made of: this script, the image directories, the CoreDNS version and
-# the Debian package versions apt would pick.
+# Everything the images are made of: this script, the image directories, the CoreDNS and
+# Prometheus versions and the Debian package versions apt would pick.
 HTTP_PKGS=(busybox-static curl)
-PROM_PKGS=(prometheus libc6)
 key=$( {
-  cat "$0" "$ROOT/hack/lib/debroot.sh" "$ROOT/hack/lib/oci.sh"
+  cat "$0" "$ROOT/hack/lib/debroot.sh" "$ROOT/hack/lib/oci.sh" "$ROOT/hack/lib/gobuild.sh"
   find "$HERE/images" -type f | sort | xargs cat
-  echo "$COREDNS_VERSION"
-  apt-cache policy "${HTTP_PKGS[@]}" "${PROM_PKGS[@]}" | grep -E '^[a-z]|Candidate'
+  echo "$COREDNS_VERSION $PROMETHEUS_VERSION"
+  apt-cache policy "${HTTP_PKGS[@]}" | grep -E '^[a-z]|Candidate'
 } | sha256sum | cut -c1-16)
 OUT=$CACHE/images/$key
 have_all() { for i in "${IMAGES[@]}"; do [ -f "$OUT/$i.tar" ] || return 1; done; }
@@ -47,22 +48,12 @@ build_pause() {
   oci_build "$c" "$HERE/images/pause/Containerfile" svcplane.local/pause:1 "$OUT/pause.tar"
 }
 
-# CoreDNS through the Go module proxy, in a throwaway module (its go.mod may carry replaces that
-# `go install pkg@version` refuses), cached by version.
+# CoreDNS through the Go module proxy, cached by version.
 coredns_binary() {
   local dir=$CACHE/coredns-$COREDNS_VERSION
   if [ ! -x "$dir/coredns" ]; then
-    command -v go >/dev/null || { log "go is not installed"; return 1; }
     log "building CoreDNS $COREDNS_VERSION"
-    local m=$WORK/coredns-build
-    mkdir -p "$m" "$dir"
-    (cd "$m" && export GOFLAGS=-mod=mod GOTOOLCHAIN=${GOTOOLCHAIN:-local} &&
-      go mod init svcplane.local/corednsbuild >/dev/null 2>&1 &&
-      go mod edit -require="github.com/coredns/coredns@$COREDNS_VERSION" &&
-      printf '//go:build tools\n\npackage tools\n\nimport _ "github.com/coredns/coredns"\n' > tools.go &&
-      go mod tidy >&2 &&
-      CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$m/coredns" github.com/coredns/coredns >&2)
-    cp "$m/coredns" "$dir/.coredns.partial" && mv "$dir/.coredns.partial" "$dir/coredns"
+    go_build_module "$dir" github.com/coredns/coredns "$COREDNS_VERSION" "" "" github.com/coredns/coredns
   fi
   echo "$dir/coredns"
 }
@@ -97,13 +88,12 @@ CGI
 }
 
 build_prometheus() {
-  local c=$WORK/prometheus
-  # The binary and the C library only: the package's other dependencies serve its maintainer
-  # scripts and the classic console pages.
-  debroot_unpack "$c/rootfs" "${PROM_PKGS[@]}"
-  debroot_users "$c/rootfs"
-  printf 'nobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin\n' >> "$c/rootfs/etc/passwd"
-  mkdir -p "$c/rootfs/prometheus" && chown 65534:65534 "$c/rootfs/prometheus"
+  local c=$WORK/prometheus dir
+  dir=$("$ROOT/hack/build-prometheus.sh")
+  mkdir -p "$c/rootfs/etc" "$c/rootfs/prometheus"
+  cp "$dir/prometheus" "$c/prometheus"
+  printf 'nobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin\n' > "$c/rootfs/etc/passwd"
+  chown 65534:65534 "$c/rootfs/prometheus"
   oci_build "$c" "$HERE/images/prometheus/Containerfile" svcplane.local/prometheus:1 "$OUT/prometheus.tar"
 }
 

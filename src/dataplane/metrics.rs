@@ -37,7 +37,7 @@ impl DataplaneMetrics {
             rules: IntGaugeVec::new(
                 Opts::new(
                     "svcplane_dataplane_rules",
-                    "Rules in svcplane's chains plus map elements, per IP family",
+                    "What svcplane holds in the kernel: rules in its chains plus map elements per IP family (nftables mode), virtual plus real servers (family IPVS)",
                 ),
                 &["family"],
             )?,

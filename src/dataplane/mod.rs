@@ -349,7 +349,7 @@ async fn sync(
             metrics
                 .rules
                 .with_label_values(&["IPVS"])
-                .set(i64::try_from(report.ops.len()).unwrap_or(i64::MAX));
+                .set(i64::try_from(report.entries).unwrap_or(i64::MAX));
             if report.failed > 0 {
                 metrics
                     .ipvs_failures

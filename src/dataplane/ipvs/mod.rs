@@ -38,6 +38,8 @@ pub struct Report {
     pub addresses_removed: usize,
     pub ops: Vec<Op>,
     pub failed: usize,
+    /// Virtual servers plus real servers the node should hold after this sync.
+    pub entries: usize,
 }
 
 /// Takes the node's IPVS table and dummy interface to `state`. A failing operation (say, a
@@ -47,6 +49,7 @@ pub async fn sync(state: &DesiredState, node_ips: &[IpAddr], scheduler: &str) ->
     let vips = vip_addresses(state);
     let (addresses_added, addresses_removed, before) = link::sync_addresses(&vips).await?;
     let desired = virtual_servers(state, node_ips, scheduler);
+    let entries = desired.values().map(|vs| 1 + vs.dests.len()).sum();
     let mut owned: BTreeSet<IpAddr> = before;
     owned.extend(vips.iter().copied());
     owned.extend(node_ips.iter().copied());
@@ -71,6 +74,7 @@ pub async fn sync(state: &DesiredState, node_ips: &[IpAddr], scheduler: &str) ->
             addresses_removed,
             ops,
             failed,
+            entries,
         })
     })
     .await

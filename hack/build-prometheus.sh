@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Builds Prometheus and promtool of a pinned release from the Go module
+# github.com/prometheus/prometheus, with Kubernetes service discovery only (Debian's package has
+# none: it was removed for client-go's dependencies), cached by version under
+# $SVCPLANE_CACHE/prometheus-<version>. A second run only prints the directory.
+#
+# usage: hack/build-prometheus.sh      -> prints the directory holding prometheus and promtool
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=hack/versions.env
+. "$HERE/versions.env"
+# shellcheck source=hack/lib/gobuild.sh
+. "$HERE/lib/gobuild.sh"
+OUT=${SVCPLANE_CACHE:-$HOME/.cache/svcplane}/prometheus-$PROMETHEUS_VERSION
+if [ ! -x "$OUT/prometheus" ] || [ ! -x "$OUT/promtool" ]; then
+  echo "build-prometheus: building Prometheus $PROMETHEUS_VERSION (module $PROMETHEUS_MODULE_VERSION)" >&2
+  go_build_module "$OUT" github.com/prometheus/prometheus "$PROMETHEUS_MODULE_VERSION" \
+    remove_all_sd,enable_kubernetes_sd "-X github.com/prometheus/common/version.Version=${PROMETHEUS_VERSION#v}" \
+    github.com/prometheus/prometheus/cmd/prometheus github.com/prometheus/prometheus/cmd/promtool
+fi
+echo "$OUT"
