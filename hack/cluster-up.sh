@@ -29,6 +29,8 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=hack/versions.env
 . "$HERE/versions.env"
+# shellcheck source=hack/lib/kubeconfig.sh
+. "$HERE/lib/kubeconfig.sh"
 
 usage() { sed -n '18,28p' "$0" >&2; exit 2; }
 cmd=${1:-}; [ -n "$cmd" ] || usage; shift
@@ -102,27 +104,9 @@ gen_pki() {
   openssl ec -in "$P/sa.key" -pubout -out "$P/sa.pub" 2>/dev/null
 }
 
-# kubeconfig FILE SERVER USER CERT
+# kubeconfig FILE SERVER USER CERT: signed by the cluster CA, certificate pki/CERT.{crt,key}
 kubeconfig() {
-  local P=$DIR/pki
-  cat > "$1" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: svcplane
-  cluster:
-    server: $2
-    certificate-authority-data: $(base64 -w0 < "$P/ca.crt")
-users:
-- name: $3
-  user:
-    client-certificate-data: $(base64 -w0 < "$P/$4.crt")
-    client-key-data: $(base64 -w0 < "$P/$4.key")
-contexts:
-- name: svcplane
-  context: {cluster: svcplane, user: $3}
-current-context: svcplane
-EOF
+  kubeconfig_write "$1" "$2" "$3" "$DIR/pki/ca.crt" "$DIR/pki/$4.crt" "$DIR/pki/$4.key"
 }
 
 # --- processes ----------------------------------------------------------------------------------

@@ -20,6 +20,8 @@
 # DIR/env afterwards holds KUBECONFIG, APISERVER_URL, ETCD_ENDPOINT, KUBE_BIN for `source`.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=hack/lib/kubeconfig.sh
+. "$HERE/lib/kubeconfig.sh"
 cmd=${1:-}; DIR=${2:-}
 if [ -z "$cmd" ] || [ -z "$DIR" ]; then sed -n '2,20p' "$0" >&2; exit 2; fi
 
@@ -59,25 +61,8 @@ EOF
 }
 
 write_kubeconfig() {
-  local d=$DIR/pki
-  cat > "$DIR/kubeconfig" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: svcplane-local
-  cluster:
-    server: https://127.0.0.1:$APISERVER_PORT
-    certificate-authority-data: $(base64 -w0 < "$d/ca.crt")
-users:
-- name: admin
-  user:
-    client-certificate-data: $(base64 -w0 < "$d/admin.crt")
-    client-key-data: $(base64 -w0 < "$d/admin.key")
-contexts:
-- name: svcplane-local
-  context: {cluster: svcplane-local, user: admin}
-current-context: svcplane-local
-EOF
+  kubeconfig_write "$DIR/kubeconfig" "https://127.0.0.1:$APISERVER_PORT" admin \
+    "$DIR/pki/ca.crt" "$DIR/pki/admin.crt" "$DIR/pki/admin.key"
 }
 
 start_etcd() {

@@ -11,6 +11,11 @@ PACKAGES=(
   busybox-static                    # httpd backends in the dataplane tests; the IPVS VM's userland
   qemu-system-x86 ipvsadm kmod cpio # the IPVS VM (hack/ipvs-vm.sh); ipvsadm only to inspect
   socat                             # carries the apiserver into a test's node namespace (unix socket)
+  buildah                           # builds images from Containerfiles, offline (hack/image.sh)
+  debootstrap e2fsprogs             # the real node's root filesystem and disk (hack/cluster/node-image.sh)
+  openssh-client                    # commands on the real node
+  gcc libc6-dev                     # the node's static pause binary
+  shellcheck                        # lint gate for hack/
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

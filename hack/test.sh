@@ -9,14 +9,28 @@ echo "test: kube-apiserver $("$KUBE_BIN/kube-apiserver" --version), $(etcd --ver
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-# The e2e suite runs the svcplane binary as separate processes.
+shellcheck -x hack/*.sh hack/lib/*.sh hack/cluster/*.sh hack/bench/*.sh .ci/run
+# The shipped alert rules load and behave as their unit tests say.
+PROM_BIN=$(hack/build-prometheus.sh)
+"$PROM_BIN/promtool" check rules manifests/monitoring/prometheus/svcplane.rules.yaml
+(cd manifests/monitoring/prometheus && "$PROM_BIN/promtool" test rules svcplane.rules.test.yaml)
+
+# The e2e suite runs the svcplane binary as separate processes; the real-node test runs the
+# image of the release build on a node booted from cached parts.
 cargo build --locked -p svcplane
+cargo build --locked --release -p svcplane
+SVCPLANE_IMAGE=$(hack/image.sh --binary target/release/svcplane)
+export SVCPLANE_IMAGE
+hack/cluster/node-image.sh >/dev/null
 log=$(mktemp); trap 'rm -f "$log"' EXIT
-cargo test --workspace --locked 2>&1 | tee "$log"
+cargo test --workspace --locked -- --skip svcplane_runs_as_users_run_it 2>&1 | tee "$log"
+# Alone, so that nothing else competes with the emulated node; its step times are printed.
+cargo test --locked -p svcplane-e2e --test real_node -- --nocapture svcplane_runs_as_users_run_it 2>&1 | tee -a "$log"
 
 # The suite's control plane must not outlive it: its supervisor tears it down within seconds of
 # the test process exiting.
 leftovers() {
+  # (The real-node test's processes, its VM included, run with svcplane-e2e-cluster-* paths.)
   pgrep -af "svcplane-e2e-|svcplane controller-manager|svcplane dataplane" | grep -v pgrep || true
   ip netns list 2>/dev/null | grep -E '^sp[0-9a-f]{4}-' || true   # the dataplane tests' namespaces
 }

@@ -3,16 +3,15 @@
 //! both; everything is torn down when the test process exits or the handle is dropped.
 
 use std::{
-    io::{BufRead, BufReader},
     path::PathBuf,
-    process::{Child, Command, Output, Stdio},
+    process::{Child, Command, Output},
     time::Instant,
 };
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use kube::Client;
 
-use crate::{client_from_kubeconfig, repo_root};
+use crate::{client_from_kubeconfig, repo_root, run_script};
 
 /// The node's address, as the cluster script gives it.
 pub const NODE_IP: &str = "10.210.0.2";
@@ -35,41 +34,10 @@ impl Cluster {
     pub fn start(index: u8) -> anyhow::Result<Self> {
         let started = Instant::now();
         let dir = std::env::temp_dir().join(format!("svcplane-e2e-cluster-{}", std::process::id()));
-        let mut supervisor = Command::new("bash")
-            .arg(repo_root().join("hack/cluster-up.sh"))
-            .arg("run")
-            .arg(&dir)
-            .env("CLUSTER_INDEX", index.to_string())
-            .env("WATCH_PID", std::process::id().to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting hack/cluster-up.sh")?;
-        let stdout = supervisor.stdout.take().context("cluster-up stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        loop {
-            match lines.next() {
-                Some(Ok(line)) if line.trim() == "READY" => break,
-                Some(Ok(_)) => {}
-                Some(Err(e)) => bail!("reading cluster-up output: {e}"),
-                None => bail!(
-                    "hack/cluster-up.sh exited before the cluster was ready: {:?}",
-                    supervisor.wait()
-                ),
-            }
-        }
-        let env = std::fs::read_to_string(dir.join("env")).context("reading the cluster's env")?;
-        let kube_bin = env
-            .lines()
-            .find_map(|l| l.strip_prefix("export KUBE_BIN="))
-            .map(PathBuf::from)
-            .context("KUBE_BIN missing from the cluster's env")?;
-        let etcd_endpoint = env
-            .lines()
-            .find_map(|l| l.strip_prefix("export ETCD_ENDPOINT="))
-            .map(str::to_owned)
-            .context("ETCD_ENDPOINT missing from the cluster's env")?;
+        let (supervisor, exports) =
+            run_script("cluster-up.sh", &dir, &[("CLUSTER_INDEX", index.to_string())])?;
+        let kube_bin = PathBuf::from(exports.get("KUBE_BIN")?);
+        let etcd_endpoint = exports.get("ETCD_ENDPOINT")?;
         let netns = std::fs::read_to_string(dir.join("netns"))
             .context("reading the cluster's netns")?
             .trim()

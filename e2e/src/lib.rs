@@ -106,40 +106,17 @@ impl Drop for OwnedControlPlane {
 }
 
 fn spawn(dir: PathBuf) -> anyhow::Result<(ControlPlane, std::process::Child)> {
-    let root = repo_root();
     let (apiserver_port, etcd_port, etcd_peer_port) = (free_port(), free_port(), free_port());
-    let mut child = Command::new("bash")
-        .arg(root.join("hack/control-plane.sh"))
-        .arg("run")
-        .arg(&dir)
-        .env("APISERVER_PORT", apiserver_port.to_string())
-        .env("ETCD_PORT", etcd_port.to_string())
-        .env("ETCD_PEER_PORT", etcd_peer_port.to_string())
-        .env("WATCH_PID", std::process::id().to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting hack/control-plane.sh")?;
-    let stdout = child.stdout.take().context("control-plane stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    loop {
-        match lines.next() {
-            Some(Ok(line)) if line.trim() == "READY" => break,
-            Some(Ok(_)) => {}
-            Some(Err(e)) => bail!("reading control-plane output: {e}"),
-            None => bail!(
-                "control-plane script exited before the apiserver was ready: {:?}",
-                child.wait()
-            ),
-        }
-    }
-    let env = std::fs::read_to_string(dir.join("env")).context("reading control-plane env")?;
-    let kube_bin = env
-        .lines()
-        .find_map(|l| l.strip_prefix("export KUBE_BIN="))
-        .map(PathBuf::from)
-        .context("KUBE_BIN missing from control-plane env")?;
+    let (child, exports) = run_script(
+        "control-plane.sh",
+        &dir,
+        &[
+            ("APISERVER_PORT", apiserver_port.to_string()),
+            ("ETCD_PORT", etcd_port.to_string()),
+            ("ETCD_PEER_PORT", etcd_peer_port.to_string()),
+        ],
+    )?;
+    let kube_bin = PathBuf::from(exports.get("KUBE_BIN")?);
     Ok((
         ControlPlane {
             kubeconfig: dir.join("kubeconfig"),
@@ -150,6 +127,53 @@ fn spawn(dir: PathBuf) -> anyhow::Result<(ControlPlane, std::process::Child)> {
         },
         child,
     ))
+}
+
+/// What a supervising script left in DIR/env (`export KEY=value` lines).
+pub(crate) struct Exports(String);
+
+impl Exports {
+    pub(crate) fn get(&self, key: &str) -> anyhow::Result<String> {
+        let prefix = format!("export {key}=");
+        self.0
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map(str::to_owned)
+            .with_context(|| format!("{key} missing from the script's env file"))
+    }
+}
+
+/// Starts `hack/<script> run DIR` with `env`, supervised against this process (it tears down
+/// what it started when this process exits), and waits until it prints READY.
+pub(crate) fn run_script(
+    script: &str,
+    dir: &Path,
+    env: &[(&str, String)],
+) -> anyhow::Result<(std::process::Child, Exports)> {
+    let mut child = Command::new("bash")
+        .arg(repo_root().join("hack").join(script))
+        .arg("run")
+        .arg(dir)
+        .envs(env.iter().map(|(k, v)| (*k, v)))
+        .env("WATCH_PID", std::process::id().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting hack/{script}"))?;
+    let stdout = child.stdout.take().with_context(|| format!("{script} stdout"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line.trim() == "READY" => break,
+            Some(Ok(_)) => {}
+            Some(Err(e)) => bail!("reading {script}'s output: {e}"),
+            None => bail!("{script} exited before it was ready: {:?}", child.wait()),
+        }
+    }
+    let env =
+        std::fs::read_to_string(dir.join("env")).with_context(|| format!("reading {script}'s env file"))?;
+    Ok((child, Exports(env)))
 }
 
 impl ControlPlane {

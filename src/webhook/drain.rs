@@ -38,9 +38,10 @@ pub struct Drain {
 /// are ready.)
 pub fn still_routed(slices: &[EndpointSlice], ip: IpAddr) -> bool {
     let ip = ip.to_string();
-    slices.iter().flat_map(|s| s.endpoints.iter().flatten()).any(|e| {
-        e.addresses.iter().any(|a| *a == ip) && e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true)
-    })
+    slices
+        .iter()
+        .flat_map(|s| s.endpoints.iter().flatten())
+        .any(|e| e.addresses.contains(&ip) && e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
 }
 
 /// The Services (namespace, name) the configuration's webhooks call.

@@ -235,7 +235,7 @@ fn dataplane_runs_ipvs(cluster: &Cluster) {
         "sysctls",
     ]);
     assert!(
-        init.contains("ipvs=true"),
+        init.contains("\"message\":\"node settings in place\"") && init.contains("\"ipvs\":true"),
         "the init container did not prepare IPVS:\n{init}"
     );
     assert_eq!(cluster.ssh_ok("cat /proc/sys/net/ipv4/vs/conntrack").trim(), "1");
