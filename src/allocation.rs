@@ -109,7 +109,7 @@ pub struct Started {
     pub allocators: Arc<Allocators>,
     /// Every range's usage as last read from etcd.
     pub usage: watch::Receiver<Vec<RangeUsage>>,
-    /// The webhook server, stopped by `stop_webhook` once [`Started::drain`] says so.
+    /// The webhook server task; it ends once [`Started::drain`] has stopped it.
     pub webhook: JoinHandle<()>,
     pub drain: Drain,
 }
@@ -118,8 +118,13 @@ pub struct Started {
 /// than any request (the apiserver gives up after the configuration's 10 s timeout).
 const WEBHOOK_GRACE: Duration = Duration::from_secs(12);
 
-/// Time for node proxies to apply an endpoint's removal once the EndpointSlices show it.
-const DRAIN_SETTLE: Duration = Duration::from_secs(3);
+/// Once the EndpointSlices no longer list this replica as ready, it keeps serving at least this
+/// long, and until no connection has come for [`DRAIN_QUIET`]: node proxies apply the change
+/// within a sync (seconds on a busy node), and whatever they still send here is served. (A
+/// proxy slower than that which sends no connection meanwhile is not seen; the settle time is
+/// what covers it.)
+const DRAIN_SETTLE: Duration = Duration::from_secs(5);
+const DRAIN_QUIET: Duration = Duration::from_secs(3);
 
 impl AllocationArgs {
     pub fn enabled(&self) -> bool {
@@ -128,13 +133,13 @@ impl AllocationArgs {
 }
 
 /// Starts the webhook and the usage monitor (every replica). `shutdown` stops the background
-/// loops; `stop_webhook` the webhook server (later: see [`Drain`]).
+/// loops; the webhook server stops later, steered by [`Started::drain`] through `webhook`.
 pub async fn start(
     args: &AllocationArgs,
     client: &Client,
     registry: &Registry,
     shutdown: CancellationToken,
-    stop_webhook: CancellationToken,
+    webhook: server::Control,
 ) -> anyhow::Result<Started> {
     if args.etcd_servers.is_empty() {
         bail!("--service-cluster-ip-range needs --etcd-servers: the allocation bitmaps live in etcd");
@@ -236,9 +241,7 @@ pub async fn start(
     let listener = server::bind(args.webhook_bind_address).await?;
     let max_age = args.webhook_max_connection_age;
     let webhook = tokio::spawn(async move {
-        if let Err(e) =
-            server::serve(listener, tls, router(state), max_age, stop_webhook, WEBHOOK_GRACE).await
-        {
+        if let Err(e) = server::serve(listener, tls, router(state), max_age, webhook, WEBHOOK_GRACE).await {
             warn!(error = format!("{e:#}"), "admission webhook server stopped");
         }
     });
@@ -248,6 +251,7 @@ pub async fn start(
         pod_ip: args.pod_ip,
         max: args.webhook_shutdown_delay,
         settle: DRAIN_SETTLE,
+        quiet: DRAIN_QUIET,
     };
     Ok(Started {
         allocators,

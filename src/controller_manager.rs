@@ -162,7 +162,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // over), the webhook only once this replica is out of its Service's endpoints, and the
     // health and metrics endpoints last.
     let shutdown = CancellationToken::new();
-    let stop_webhook = CancellationToken::new();
+    let webhook_control = crate::webhook::server::Control::new();
     let stop_http = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
 
@@ -253,7 +253,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             &client,
             &registry,
             shutdown.clone(),
-            stop_webhook.clone(),
+            webhook_control.clone(),
         )
         .await?;
         webhook = Some((server, drain));
@@ -306,8 +306,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     shutdown.cancel();
     if let Some((server, drain)) = webhook {
-        drain.wait().await;
-        stop_webhook.cancel();
+        drain.run(&webhook_control).await;
         if let Err(e) = server.await {
             warn!(error = %e, "the webhook server task failed");
         }

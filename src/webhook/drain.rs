@@ -1,12 +1,17 @@
 //! How a terminating replica leaves the webhook Service without failing a request.
 //!
-//! The apiserver holds one long-lived connection to the webhook Service's address, and a Service
-//! proxy keeps existing connections on an endpoint that leaves (IPVS drains it at weight 0). So a
-//! replica told to stop keeps accepting and serving until its Pod is no longer a ready endpoint
-//! of that Service and the node proxies have had a moment to apply it; only then does it send
-//! GOAWAY on its connections (the apiserver reconnects, now to another replica) and finish what
-//! is in flight. Stopping at SIGTERM instead fails every Service write routed here during a
-//! rollout.
+//! The apiserver holds long-lived connections to the webhook Service's address, and a Service
+//! proxy keeps existing connections on an endpoint that leaves (IPVS drains it at weight 0) while
+//! it may still send new ones until it has applied the change, which takes a while on a busy
+//! node. So a replica told to stop:
+//! 1. keeps serving until its Pod is no longer a ready endpoint of that Service;
+//! 2. then closes the connections it has gracefully (GOAWAY: the apiserver reconnects through
+//!    the proxy) and keeps accepting, each new connection briefly, for as long as proxies still
+//!    send any: until none has come for a quiet period;
+//! 3. then stops accepting and finishes what is in flight.
+//!
+//! All of it within a bound (`--webhook-shutdown-delay`). Stopping at SIGTERM instead fails the
+//! Service writes routed here during a rollout.
 
 use std::{
     collections::BTreeSet,
@@ -20,6 +25,8 @@ use k8s_openapi::api::{
 use kube::{Api, Client, api::ListParams};
 use tracing::{info, warn};
 
+use super::server::Control;
+
 /// Where a replica serves: which Service, and its own Pod IP.
 pub struct Drain {
     pub client: Client,
@@ -29,8 +36,10 @@ pub struct Drain {
     pub pod_ip: Option<IpAddr>,
     /// The longest a stopping replica keeps serving.
     pub max: Duration,
-    /// Time left to node proxies once the endpoint is gone from the slices.
+    /// Serving continues at least this long once the endpoint is gone from the slices ...
     pub settle: Duration,
+    /// ... and until no connection has come for this long.
+    pub quiet: Duration,
 }
 
 /// Whether `ip` is still an endpoint traffic may be sent to: listed, and not marked unready.
@@ -56,11 +65,37 @@ pub fn services(config: &MutatingWebhookConfiguration) -> BTreeSet<(String, Stri
 }
 
 impl Drain {
-    /// Returns once this replica can stop serving without failing requests: out of the
-    /// endpoints plus `settle`, or after `max` when that cannot be known.
-    pub async fn wait(&self) {
+    /// Runs the drain against the server `control` steers; returns once it has stopped
+    /// accepting (the server then finishes in-flight requests).
+    pub async fn run(&self, control: &Control) {
         let started = Instant::now();
         let deadline = started + self.max;
+        if !self.until_out_of_endpoints(deadline).await {
+            control.draining.cancel();
+            control.stop.cancel();
+            return;
+        }
+        let left = Instant::now();
+        control.draining.cancel();
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                warn!(quiet = ?control.quiet_for(), "connections still arriving at the end of the shutdown delay");
+                break;
+            }
+            if now - left >= self.settle && control.quiet_for() >= self.quiet {
+                info!(after = ?started.elapsed(), "no new webhook connections; stopping");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200).min(deadline - now)).await;
+        }
+        control.stop.cancel();
+    }
+
+    /// Waits until this replica's Pod is out of the webhook Service's ready endpoints (or the
+    /// deadline, when that cannot be known). `false`: no Service routes here, nothing to wait for.
+    async fn until_out_of_endpoints(&self, deadline: Instant) -> bool {
+        let started = Instant::now();
         let services = match Api::<MutatingWebhookConfiguration>::all(self.client.clone())
             .get_opt(&self.configuration)
             .await
@@ -70,25 +105,23 @@ impl Drain {
             Err(e) => {
                 warn!(error = %e, "cannot read the webhook configuration; serving for the full shutdown delay");
                 tokio::time::sleep_until(deadline.into()).await;
-                return;
+                return true;
             }
         };
         if services.is_empty() {
             info!(configuration = %self.configuration, "no webhook Service routes here; stopping");
-            return;
+            return false;
         }
         let Some(ip) = self.pod_ip else {
             info!(delay = ?self.max, "no POD_IP: serving the webhook for the full shutdown delay");
             tokio::time::sleep_until(deadline.into()).await;
-            return;
+            return true;
         };
         while Instant::now() < deadline {
             match self.routed_here(&services, ip).await {
                 Ok(false) => {
-                    info!(after = ?started.elapsed(), settle = ?self.settle, "out of the webhook Service's endpoints");
-                    let until = (Instant::now() + self.settle).min(deadline);
-                    tokio::time::sleep_until(until.into()).await;
-                    return;
+                    info!(after = ?started.elapsed(), "out of the webhook Service's endpoints");
+                    return true;
                 }
                 Ok(true) => {}
                 Err(e) => warn!(error = %e, "cannot read the webhook Service's endpoints"),
@@ -96,6 +129,7 @@ impl Drain {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         warn!(delay = ?self.max, "still an endpoint of the webhook Service at the end of the shutdown delay");
+        true
     }
 
     async fn routed_here(

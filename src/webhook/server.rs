@@ -7,7 +7,11 @@
 //! requests finish) after a jittered maximum age, and the next one may go to another replica: the
 //! same reasoning as kube-apiserver's `--goaway-chance`.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use anyhow::Context;
 use axum::Router;
@@ -52,15 +56,54 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<Listener> {
     Ok(Listener(listener))
 }
 
-/// Serves until `shutdown`; then stops accepting, closes every connection gracefully (GOAWAY:
-/// the client sends its next request elsewhere, in-flight requests finish) and waits up to
-/// `grace` for them.
+/// How a running server is wound down (see `drain`): `draining` closes the connections open at
+/// that moment gracefully and gives later ones a short life; `stop` stops accepting. The time of
+/// the last accepted connection tells the drain whether Service proxies still send new ones here.
+#[derive(Clone)]
+pub struct Control {
+    pub draining: CancellationToken,
+    pub stop: CancellationToken,
+    last_accept: Arc<Mutex<Instant>>,
+}
+
+impl Control {
+    pub fn new() -> Self {
+        Self {
+            draining: CancellationToken::new(),
+            stop: CancellationToken::new(),
+            last_accept: Arc::new(Mutex::new(Instant::now())),
+        }
+    }
+
+    /// Time since a connection was last accepted.
+    pub fn quiet_for(&self) -> Duration {
+        self.last_accept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .elapsed()
+    }
+
+    fn accepted(&self) {
+        *self
+            .last_accept
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Instant::now();
+    }
+}
+
+/// A connection accepted while draining serves briefly, then closes gracefully: its client may
+/// send a request or two, and the next connection goes wherever the proxy now sends it.
+const DRAINING_CONNECTION_AGE: Duration = Duration::from_secs(1);
+
+/// Serves until `control.stop`; then stops accepting, closes every connection gracefully
+/// (GOAWAY: the client sends its next request elsewhere, in-flight requests finish) and waits up
+/// to `grace` for them.
 pub async fn serve(
     Listener(listener): Listener,
     tls: Arc<ServerConfig>,
     router: Router,
     max_connection_age: Duration,
-    shutdown: CancellationToken,
+    control: Control,
     grace: Duration,
 ) -> anyhow::Result<()> {
     info!(addr = %listener.local_addr()?, "serving the admission webhook over HTTPS");
@@ -68,7 +111,7 @@ pub async fn serve(
     let connections = TaskTracker::new();
     loop {
         let (tcp, peer) = tokio::select! {
-            () = shutdown.cancelled() => break,
+            () = control.stop.cancelled() => break,
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
@@ -77,10 +120,18 @@ pub async fn serve(
                 }
             },
         };
+        control.accepted();
         let acceptor = acceptor.clone();
         let router = router.clone();
-        let shutdown = shutdown.clone();
-        let age = jittered(max_connection_age);
+        let control = control.clone();
+        // Connections open when draining starts are closed then; later ones live briefly.
+        let late = control.draining.is_cancelled();
+        let age = if late {
+            debug!(%peer, "connection while draining");
+            DRAINING_CONNECTION_AGE
+        } else {
+            jittered(max_connection_age)
+        };
         connections.spawn(async move {
             let tls = match acceptor.accept(tcp).await {
                 Ok(s) => s,
@@ -107,7 +158,11 @@ pub async fn serve(
                         closing = true;
                         conn.as_mut().graceful_shutdown();
                     }
-                    () = shutdown.cancelled(), if !closing => {
+                    () = control.draining.cancelled(), if !closing && !late => {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    () = control.stop.cancelled(), if !closing => {
                         closing = true;
                         conn.as_mut().graceful_shutdown();
                     }

@@ -508,8 +508,14 @@ async fn unready_backend_gets_nothing(cluster: &Cluster, client: &Client, ns: &s
     .await;
 }
 
-/// Creates Services one after another until `stop`; returns how many were created and the errors.
-async fn create_services(client: Client, ns: String, stop: Arc<AtomicBool>) -> (usize, Vec<String>) {
+/// Creates Services `<prefix>1`, `<prefix>2`, ... one after another until `stop`; returns how
+/// many were created and the errors.
+async fn create_services(
+    client: Client,
+    ns: String,
+    prefix: &str,
+    stop: Arc<AtomicBool>,
+) -> (usize, Vec<String>) {
     let api: Api<Service> = Api::namespaced(client, &ns);
     let (mut created, mut errors) = (0, Vec::new());
     let mut i = 0;
@@ -517,7 +523,7 @@ async fn create_services(client: Client, ns: String, stop: Arc<AtomicBool>) -> (
         i += 1;
         let svc = Service {
             metadata: ObjectMeta {
-                name: Some(format!("s{i}")),
+                name: Some(format!("{prefix}{i}")),
                 ..Default::default()
             },
             spec: Some(ServiceSpec {
@@ -532,7 +538,7 @@ async fn create_services(client: Client, ns: String, stop: Arc<AtomicBool>) -> (
         };
         match api.create(&PostParams::default(), &svc).await {
             Ok(_) => created += 1,
-            Err(e) => errors.push(format!("s{i}: {e}")),
+            Err(e) => errors.push(format!("{prefix}{i}: {e}")),
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -548,7 +554,18 @@ async fn rolling_update_under_load(cluster: &Cluster, client: &Client, version: 
     let ns = "rollout";
     cluster.kubectl_ok(&["create", "namespace", ns]);
     let stop = Arc::new(AtomicBool::new(false));
-    let creator = tokio::spawn(create_services(client.clone(), ns.to_owned(), stop.clone()));
+    // Two creators, so that requests are often in flight when a replica goes.
+    let creators: Vec<_> = ["a", "b"]
+        .into_iter()
+        .map(|prefix| {
+            tokio::spawn(create_services(
+                client.clone(),
+                ns.to_owned(),
+                prefix,
+                stop.clone(),
+            ))
+        })
+        .collect();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let started = Instant::now();
     cluster.kubectl_ok(&[
@@ -583,7 +600,12 @@ async fn rolling_update_under_load(cluster: &Cluster, client: &Client, version: 
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.store(true, Ordering::Relaxed);
-    let (created, errors) = creator.await.unwrap();
+    let (mut created, mut errors) = (0, Vec::new());
+    for c in creators {
+        let (n, e) = c.await.unwrap();
+        created += n;
+        errors.extend(e);
+    }
     eprintln!(
         "real-node: rollout took {:.0}s; {created} Services created meanwhile, {} failed",
         rollout.as_secs_f64(),
