@@ -98,6 +98,8 @@ async fn svcplane_runs_as_users_run_it() {
     clock.done("svcplane loaded and applied: controller-manager 2/2 Ready, dataplane Ready");
     let holder = one_leader(&cluster, &client).await;
     clock.done(&format!("exactly one Lease holder ({holder})"));
+    controller_manager_is_unprivileged(&cluster);
+    clock.done("controller-manager processes: user 65532, read-only root filesystem");
     dataplane_runs_ipvs(&cluster);
     clock.done("dataplane in IPVS mode");
     prometheus::deploy(&cluster).await;
@@ -211,6 +213,33 @@ async fn one_leader(cluster: &Cluster, client: &Client) -> String {
         (leaders == [holder.clone()]).then_some(holder)
     })
     .await
+}
+
+/// As the node's kernel sees them: every controller-manager process runs as 65532 on a
+/// read-only root filesystem.
+fn controller_manager_is_unprivileged(cluster: &Cluster) {
+    let out = cluster.ssh_ok(
+        "for p in $(pgrep -f '^/usr/bin/svcplane controller-manager'); do \
+           echo \"$p $(stat -c %u /proc/$p) $(awk '$2 == \"/\" {split($4, o, \",\"); print o[1]}' /proc/$p/mounts)\"; done",
+    );
+    let procs: Vec<Vec<&str>> = out.lines().map(|l| l.split_whitespace().collect()).collect();
+    assert_eq!(procs.len(), 2, "controller-manager processes on the node: {out}");
+    for p in &procs {
+        assert_eq!(
+            p.get(1),
+            Some(&"65532"),
+            "process {} runs as uid {:?}",
+            p[0],
+            p.get(1)
+        );
+        assert_eq!(
+            p.get(2),
+            Some(&"ro"),
+            "process {}'s root filesystem is {:?}",
+            p[0],
+            p.get(2)
+        );
+    }
 }
 
 fn dataplane_runs_ipvs(cluster: &Cluster) {
