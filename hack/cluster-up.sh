@@ -21,30 +21,45 @@
 #                                           when WATCH_PID exits, when a component dies, or on TERM
 #   hack/cluster-up.sh load ARCHIVE...      import OCI archives into the node's containerd
 #   hack/cluster-up.sh ssh  CMD...          run a command on the node (as root)
-#   hack/cluster-up.sh status | down
-# DIR defaults to $SVCPLANE_CLUSTER_DIR or /tmp/svcplane-cluster; load/ssh/status/down use it too.
-# environment: CLUSTER_INDEX (0-63, default 0) picks the host link's subnet so that clusters can
-# run side by side; NODE_MEMORY (MiB, default 6144), NODE_CPUS (default 2).
+#   hack/cluster-up.sh status [DIR] | down [DIR]
+# DIR defaults to $SVCPLANE_CLUSTER_DIR or /tmp/svcplane-cluster (load and ssh use that too); `up`
+# and `run` want it absent or empty. environment: CLUSTER_INDEX (0-63) picks the host link's
+# subnet (default: the first one no interface uses, so clusters can run side by side);
+# NODE_MEMORY (MiB, default 6144), NODE_CPUS (default 2).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=hack/versions.env
 . "$HERE/versions.env"
 # shellcheck source=hack/lib/kubeconfig.sh
 . "$HERE/lib/kubeconfig.sh"
+# shellcheck source=hack/lib/pki.sh
+. "$HERE/lib/pki.sh"
 
-usage() { sed -n '18,28p' "$0" >&2; exit 2; }
+usage() { sed -n '18,29p' "$0" >&2; exit 2; }
 cmd=${1:-}; [ -n "$cmd" ] || usage; shift
 DIR=${SVCPLANE_CLUSTER_DIR:-/tmp/svcplane-cluster}
-case $cmd in up|run) [ $# -gt 0 ] && { DIR=$1; shift; } ;; esac
+case $cmd in up|run|status|down) [ $# -gt 0 ] && { DIR=$1; shift; } ;; esac
 mkdir -p "$(dirname "$DIR")"
 DIR=$(cd "$(dirname "$DIR")" && pwd)/$(basename "$DIR")
-INDEX=${CLUSTER_INDEX:-0}
-if ! [[ $INDEX =~ ^[0-9]+$ ]] || [ "$INDEX" -gt 63 ]; then echo "cluster: CLUSTER_INDEX must be 0-63" >&2; exit 2; fi
+# Keys of the cluster (its CA, an admin certificate) live in DIR: readable by root only.
+umask 077
 ID=$(printf '%s' "$DIR" | sha256sum | cut -c1-6)
-NS=svcplane-cluster-$ID
+# The e2e suite's clusters are named for it, so that its leftover check can tell them apart.
+case $(basename "$DIR") in svcplane-e2e-*) NS=svcplane-e2e-cluster-$ID ;; *) NS=svcplane-cluster-$ID ;; esac
 VETH=spc-$ID
 TAP=sptap0
 CP_IP=10.210.0.1 NODE_IP=10.210.0.2
+# The host link's subnet: CLUSTER_INDEX, or the one a running cluster in DIR chose, or the first
+# free one.
+if [ -f "$DIR/index" ]; then
+  INDEX=$(cat "$DIR/index")
+elif [ -n "${CLUSTER_INDEX:-}" ]; then
+  INDEX=$CLUSTER_INDEX
+else
+  INDEX=0
+  while [ "$INDEX" -lt 63 ] && ip -4 addr show | grep -q "inet 10\.211\.$((INDEX * 4))\.1/"; do INDEX=$((INDEX + 1)); done
+fi
+if ! [[ $INDEX =~ ^[0-9]+$ ]] || [ "$INDEX" -gt 63 ]; then echo "cluster: CLUSTER_INDEX must be 0-63" >&2; exit 2; fi
 HOST_IP=10.211.$((INDEX * 4)).1 HOST_NS_IP=10.211.$((INDEX * 4)).2
 SERVICE_RANGE=10.96.0.0/12 POD_RANGE=10.244.0.0/24 NODEPORT_RANGE=30000-32767
 NODE_NAME=svcplane-node
@@ -60,48 +75,24 @@ node_ssh() {
   in_ns ssh "${opts[@]}" "root@$NODE_IP" "$@"
 }
 
-# --- certificates (ECDSA P-256: quick to make, and every component takes them) -------------------
-# cert NAME SUBJECT EKU [SANS] [CA]  -> $P/NAME.{crt,key}, signed by CA (default: ca)
-cert() {
-  local name=$1 subj=$2 eku=$3 sans=${4:-} ca=${5:-ca} P=$DIR/pki
-  openssl ecparam -name prime256v1 -genkey -noout -out "$P/$name.key" 2>/dev/null
-  openssl req -new -key "$P/$name.key" -subj "$subj" -out "$P/$name.csr" 2>/dev/null
-  {
-    echo "basicConstraints=CA:FALSE"
-    echo "keyUsage=critical,digitalSignature,keyEncipherment"
-    echo "extendedKeyUsage=$eku"
-    [ -z "$sans" ] || echo "subjectAltName=$sans"
-  } > "$P/$name.ext"
-  openssl x509 -req -in "$P/$name.csr" -CA "$P/$ca.crt" -CAkey "$P/$ca.key" -CAcreateserial \
-    -days 30 -extfile "$P/$name.ext" -out "$P/$name.crt" 2>/dev/null
-  rm -f "$P/$name.csr" "$P/$name.ext"
-}
-ca() {
-  local name=$1 cn=$2 P=$DIR/pki
-  openssl ecparam -name prime256v1 -genkey -noout -out "$P/$name.key" 2>/dev/null
-  openssl req -x509 -new -key "$P/$name.key" -subj "/CN=$cn" -days 30 -out "$P/$name.crt" \
-    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
-}
 gen_pki() {
-  local P=$DIR/pki
-  mkdir -p "$P"
-  ca ca svcplane-cluster-ca
-  ca etcd-ca svcplane-etcd-ca
-  cert apiserver /CN=kube-apiserver serverAuth \
+  PKI_DIR=$DIR/pki
+  pki_ca ca svcplane-cluster-ca
+  pki_ca etcd-ca svcplane-etcd-ca
+  pki_cert apiserver /CN=kube-apiserver serverAuth \
     "IP:$CP_IP,IP:$HOST_NS_IP,IP:10.96.0.1,IP:127.0.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,DNS:localhost"
-  cert apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" clientAuth
-  cert admin "/O=system:masters/CN=svcplane-cluster-admin" clientAuth
-  cert controller-manager /CN=system:kube-controller-manager clientAuth
-  cert scheduler /CN=system:kube-scheduler clientAuth
-  cert kubelet-client "/O=system:nodes/CN=system:node:$NODE_NAME" clientAuth
-  cert kubelet /CN="$NODE_NAME" serverAuth "IP:$NODE_IP,DNS:$NODE_NAME"
+  pki_cert apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" clientAuth
+  pki_cert admin "/O=system:masters/CN=svcplane-cluster-admin" clientAuth
+  pki_cert controller-manager /CN=system:kube-controller-manager clientAuth
+  pki_cert scheduler /CN=system:kube-scheduler clientAuth
+  pki_cert kubelet-client "/O=system:nodes/CN=system:node:$NODE_NAME" clientAuth
+  pki_cert kubelet /CN="$NODE_NAME" serverAuth "IP:$NODE_IP,DNS:$NODE_NAME"
   # etcd's gRPC gateway dials etcd itself with the server certificate: it needs clientAuth too.
-  cert etcd-server /CN=etcd serverAuth,clientAuth "IP:$CP_IP,IP:$HOST_NS_IP,IP:127.0.0.1,DNS:localhost" etcd-ca
-  cert apiserver-etcd-client /CN=kube-apiserver-etcd-client clientAuth "" etcd-ca
+  pki_cert etcd-server /CN=etcd serverAuth,clientAuth "IP:$CP_IP,IP:$HOST_NS_IP,IP:127.0.0.1,DNS:localhost" etcd-ca
+  pki_cert apiserver-etcd-client /CN=kube-apiserver-etcd-client clientAuth "" etcd-ca
   # svcplane's own etcd identity (kubeadm clusters: see README, "Running in a cluster").
-  cert svcplane-etcd-client /CN=svcplane clientAuth "" etcd-ca
-  openssl ecparam -name prime256v1 -genkey -noout -out "$P/sa.key" 2>/dev/null
-  openssl ec -in "$P/sa.key" -pubout -out "$P/sa.pub" 2>/dev/null
+  pki_cert svcplane-etcd-client /CN=svcplane clientAuth "" etcd-ca
+  pki_sa_keys
 }
 
 # kubeconfig FILE SERVER USER CERT: signed by the cluster CA, certificate pki/CERT.{crt,key}
@@ -125,6 +116,8 @@ wait_for() { # wait_for WHAT SECONDS CMD...
   local end=$((SECONDS + secs))
   until "$@" >/dev/null 2>&1; do
     [ $SECONDS -lt $end ] || { log "$what: not ready after ${secs}s"; return 1; }
+    # `run`: the owner may go while this waits.
+    if [ -n "${WATCH_PID:-}" ] && ! kill -0 "$WATCH_PID" 2>/dev/null; then log "owner $WATCH_PID exited"; return 1; fi
     sleep 0.5
   done
 }
@@ -211,12 +204,15 @@ kubectl() { "$KUBE_BIN/kubectl" --kubeconfig "$DIR/kubeconfig" "$@"; }
 
 up() {
   local t0=$SECONDS
-  [ ! -e "$DIR/env" ] || { log "$DIR already holds a cluster (hack/cluster-up.sh down first)"; return 1; }
+  if [ -e "$DIR" ] && [ -n "$(ls -A "$DIR")" ]; then
+    log "$DIR is not empty (a cluster? hack/cluster-up.sh down $DIR)"; return 1
+  fi
   "$HERE/install-deps.sh"
   KUBE_BIN=$("$HERE/build-kube.sh")
   NODE=$("$HERE/cluster/node-image.sh")
   local t_built=$SECONDS
   mkdir -p "$DIR/logs"
+  echo "$INDEX" > "$DIR/index"
   gen_pki
   kubeconfig "$DIR/kubeconfig" "https://$HOST_NS_IP:6443" admin admin
   kubeconfig "$DIR/controller-manager.conf" "https://127.0.0.1:6443" system:kube-controller-manager controller-manager
@@ -260,6 +256,8 @@ EOF
 
 down() {
   local c pid
+  # Only a directory this script made a cluster in (it writes `index` first) is torn down.
+  [ -f "$DIR/index" ] || { [ ! -e "$DIR" ] || log "$DIR holds no cluster; left alone"; return 0; }
   for c in qemu kube-scheduler kube-controller-manager kube-apiserver etcd; do
     [ -f "$DIR/$c.pid" ] || continue
     pid=$(cat "$DIR/$c.pid")
@@ -288,14 +286,15 @@ load() {
   done
 }
 
-up_failed() { [ "$1" -eq 0 ] || log "failed; logs in $DIR/logs (hack/cluster-up.sh down to clean up)"; }
+up_failed() { [ "$1" -eq 0 ] || log "failed; logs in $DIR/logs (hack/cluster-up.sh down $DIR to clean up)"; }
 # For `run`: a failure's logs are printed before everything is removed.
 run_exit() {
   local f
   if [ "$1" -ne 0 ] && [ -d "$DIR/logs" ]; then
     for f in "$DIR"/logs/*.log; do
+      [ -f "$f" ] || continue
       log "--- last lines of $(basename "$f")"
-      tail -n 15 "$f" >&2
+      tail -n 15 "$f" >&2 || true
     done
   fi
   down
@@ -310,6 +309,9 @@ case $cmd in
   run)
     trap 'run_exit $?' EXIT
     trap 'exit 0' TERM INT
+    # If the owner is gone before READY, writing it fails (and the EXIT trap cleans up) instead
+    # of SIGPIPE killing this shell before its trap runs.
+    trap '' PIPE
     up
     echo READY
     while sleep 0.5; do

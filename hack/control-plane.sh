@@ -22,6 +22,8 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=hack/lib/kubeconfig.sh
 . "$HERE/lib/kubeconfig.sh"
+# shellcheck source=hack/lib/pki.sh
+. "$HERE/lib/pki.sh"
 cmd=${1:-}; DIR=${2:-}
 if [ -z "$cmd" ] || [ -z "$DIR" ]; then sed -n '2,20p' "$0" >&2; exit 2; fi
 
@@ -36,28 +38,13 @@ FIRST_SERVICE_IP=${FIRST_SERVICE_IP:-10.96.0.1}
 log() { echo "control-plane: $*" >&2; }
 
 gen_certs() {
-  local d=$DIR/pki
-  [ -f "$d/admin.crt" ] && return 0
-  mkdir -p "$d"
-  openssl req -x509 -newkey rsa:2048 -nodes -keyout "$d/ca.key" -out "$d/ca.crt" -days 365 \
-    -subj "/CN=svcplane-local-ca" 2>/dev/null
-  cat > "$d/apiserver.ext" <<EOF
-basicConstraints=CA:FALSE
-keyUsage=digitalSignature,keyEncipherment
-extendedKeyUsage=serverAuth
-subjectAltName=IP:127.0.0.1,IP:$FIRST_SERVICE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
-EOF
-  openssl req -newkey rsa:2048 -nodes -keyout "$d/apiserver.key" -out "$d/apiserver.csr" \
-    -subj "/CN=kube-apiserver" 2>/dev/null
-  openssl x509 -req -in "$d/apiserver.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial \
-    -out "$d/apiserver.crt" -days 365 -extfile "$d/apiserver.ext" 2>/dev/null
-  printf 'basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n' > "$d/client.ext"
-  openssl req -newkey rsa:2048 -nodes -keyout "$d/admin.key" -out "$d/admin.csr" \
-    -subj "/O=system:masters/CN=svcplane-admin" 2>/dev/null
-  openssl x509 -req -in "$d/admin.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial \
-    -out "$d/admin.crt" -days 365 -extfile "$d/client.ext" 2>/dev/null
-  openssl genrsa -out "$d/sa.key" 2048 2>/dev/null
-  openssl rsa -in "$d/sa.key" -pubout -out "$d/sa.pub" 2>/dev/null
+  PKI_DIR=$DIR/pki
+  [ -f "$PKI_DIR/admin.crt" ] && return 0
+  pki_ca ca svcplane-local-ca
+  pki_cert apiserver /CN=kube-apiserver serverAuth \
+    "IP:127.0.0.1,IP:$FIRST_SERVICE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+  pki_cert admin /O=system:masters/CN=svcplane-admin clientAuth
+  pki_sa_keys
 }
 
 write_kubeconfig() {

@@ -32,7 +32,7 @@ cargo test --locked -p svcplane-e2e --test real_node -- --nocapture svcplane_run
 leftovers() {
   # (The real-node test's processes, its VM included, run with svcplane-e2e-cluster-* paths.)
   pgrep -af "svcplane-e2e-|svcplane controller-manager|svcplane dataplane" | grep -v pgrep || true
-  ip netns list 2>/dev/null | grep -E '^sp[0-9a-f]{4}-' || true   # the dataplane tests' namespaces
+  ip netns list 2>/dev/null | grep -E '^sp[0-9a-f]{4}-|^svcplane-e2e-' || true   # the e2e tests' namespaces
 }
 for _ in $(seq 100); do
   [ -z "$(leftovers)" ] && ! compgen -G "${TMPDIR:-/tmp}/svcplane-e2e-*" >/dev/null && break

@@ -299,17 +299,28 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let server = Server::bind(args.http_bind_address, registry, liveness, readiness).await?;
     let http = tokio::spawn(server.serve(stop_http.clone()));
+    // The webhook's drain starts at SIGTERM, beside the hand-over of the lease, so that the two
+    // together fit the Pod's termination grace period.
+    let webhook = webhook.map(|(server, drain)| {
+        let (shutdown, control) = (shutdown.clone(), webhook_control.clone());
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            drain.run(&control).await;
+            if let Err(e) = server.await {
+                warn!(error = %e, "the webhook server task failed");
+            }
+        })
+    });
 
     match elector {
         Some(elector) => elector.run(shutdown.clone(), run_leader_work).await,
         None => run_leader_work(shutdown.clone()).await,
     }
     shutdown.cancel();
-    if let Some((server, drain)) = webhook {
-        drain.run(&webhook_control).await;
-        if let Err(e) = server.await {
-            warn!(error = %e, "the webhook server task failed");
-        }
+    if let Some(webhook) = webhook
+        && let Err(e) = webhook.await
+    {
+        warn!(error = %e, "the webhook drain task failed");
     }
     stop_http.cancel();
     http.await.context("HTTP server task")??;

@@ -29,13 +29,11 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts a cluster whose host link uses subnet `index` (so that it does not meet a
-    /// developer's `hack/cluster-up.sh up`, which uses 0).
-    pub fn start(index: u8) -> anyhow::Result<Self> {
+    /// Starts a cluster (its host link on the first subnet no other cluster uses).
+    pub fn start() -> anyhow::Result<Self> {
         let started = Instant::now();
         let dir = std::env::temp_dir().join(format!("svcplane-e2e-cluster-{}", std::process::id()));
-        let (supervisor, exports) =
-            run_script("cluster-up.sh", &dir, &[("CLUSTER_INDEX", index.to_string())])?;
+        let (supervisor, exports) = run_script("cluster-up.sh", &dir, &[])?;
         let kube_bin = PathBuf::from(exports.get("KUBE_BIN")?);
         let etcd_endpoint = exports.get("ETCD_ENDPOINT")?;
         let netns = std::fs::read_to_string(dir.join("netns"))

@@ -25,11 +25,13 @@ IMAGES=(pause coredns http prometheus)
 # Everything the images are made of: this script, the image directories, the CoreDNS and
 # Prometheus versions and the Debian package versions apt would pick.
 HTTP_PKGS=(busybox-static curl)
+mapfile -t HTTP_CLOSURE < <(deb_closure "${HTTP_PKGS[@]}")
+[ ${#HTTP_CLOSURE[@]} -gt 0 ] || { echo "images: cannot resolve ${HTTP_PKGS[*]} (apt-get update?)" >&2; exit 1; }
 key=$( {
-  cat "$0" "$ROOT/hack/lib/debroot.sh" "$ROOT/hack/lib/oci.sh" "$ROOT/hack/lib/gobuild.sh"
+  cat "$0" "$ROOT/hack/lib/debroot.sh" "$ROOT/hack/lib/oci.sh" "$ROOT/hack/lib/gobuild.sh" \
+    "$ROOT/hack/build-prometheus.sh" "$ROOT/hack/versions.env"
   find "$HERE/images" -type f | sort | xargs cat
-  echo "$COREDNS_VERSION $PROMETHEUS_VERSION"
-  apt-cache policy "${HTTP_PKGS[@]}" | grep -E '^[a-z]|Candidate'
+  apt-cache policy "${HTTP_CLOSURE[@]}" | grep -E '^[a-z]|Candidate'
 } | sha256sum | cut -c1-16)
 OUT=$CACHE/images/$key
 have_all() { for i in "${IMAGES[@]}"; do [ -f "$OUT/$i.tar" ] || return 1; done; }
@@ -69,9 +71,7 @@ build_coredns() {
 
 build_http() {
   local c=$WORK/http a
-  local pkgs
-  mapfile -t pkgs < <(deb_closure "${HTTP_PKGS[@]}")
-  debroot_unpack "$c/rootfs" "${pkgs[@]}"
+  debroot_unpack "$c/rootfs" "${HTTP_CLOSURE[@]}"
   debroot_users "$c/rootfs"
   for a in $("$c/rootfs/bin/busybox" --list); do
     [ -e "$c/rootfs/usr/bin/$a" ] || [ -e "$c/rootfs/usr/sbin/$a" ] || ln -s busybox "$c/rootfs/usr/bin/$a"

@@ -31,13 +31,18 @@ KUBE_BIN=$("$ROOT/hack/build-kube.sh")
 IMAGES=$("$HERE/images.sh")
 
 # 1. The Debian base, cached by its package list and the versions apt picks for it.
-base_key=$( { printf '%s\n' "${PACKAGES[@]}"; apt-cache policy "${PACKAGES[@]}" | grep -E '^[a-z]|Candidate'; } | sha256sum | cut -c1-16)
+SUITE=bookworm VARIANT=minbase MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+base_key=$( {
+  echo "$SUITE $VARIANT $MIRROR"
+  printf '%s\n' "${PACKAGES[@]}"
+  apt-cache policy "${PACKAGES[@]}" | grep -E '^[a-z]|Candidate'
+} | sha256sum | cut -c1-16)
 BASE=$CACHE/node/base-$base_key
 if [ ! -f "$BASE/ok" ]; then
   log "debootstrap Debian 12 with ${PACKAGES[*]} (once per package set)"
   rm -rf "$BASE"; mkdir -p "$BASE"
-  debootstrap --variant=minbase --include="$(IFS=,; echo "${PACKAGES[*]}")" bookworm "$BASE/root" \
-    "${DEBIAN_MIRROR:-http://deb.debian.org/debian}" > "$BASE/debootstrap.log" 2>&1 \
+  debootstrap --variant="$VARIANT" --include="$(IFS=,; echo "${PACKAGES[*]}")" "$SUITE" "$BASE/root" \
+    "$MIRROR" > "$BASE/debootstrap.log" 2>&1 \
     || { log "debootstrap failed; see $BASE/debootstrap.log"; exit 1; }
   rm -rf "$BASE/root/var/cache/apt/archives"/*.deb "$BASE/root/var/lib/apt/lists"/*
   touch "$BASE/ok"

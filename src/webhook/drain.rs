@@ -42,15 +42,29 @@ pub struct Drain {
     pub quiet: Duration,
 }
 
-/// Whether `ip` is still an endpoint traffic may be sent to: listed, and not marked unready.
-/// (A terminating Pod's endpoint is `ready: false`; proxies send it nothing new while others
-/// are ready.)
+/// Whether proxies may still send new connections to `ip`, by the rule they pick endpoints with
+/// (kube-proxy's, and svcplane's dataplane's): ready endpoints; when none is ready, serving ones
+/// (terminating Pods that still pass readiness). A terminating Pod's endpoint is `ready: false`,
+/// so it stops being routed as soon as another replica is ready.
 pub fn still_routed(slices: &[EndpointSlice], ip: IpAddr) -> bool {
     let ip = ip.to_string();
-    slices
-        .iter()
-        .flat_map(|s| s.endpoints.iter().flatten())
-        .any(|e| e.addresses.contains(&ip) && e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+    let endpoints: Vec<_> = slices.iter().flat_map(|s| s.endpoints.iter().flatten()).collect();
+    let condition = |e: &&k8s_openapi::api::discovery::v1::Endpoint, serving: bool| {
+        let c = e.conditions.as_ref();
+        // Unset conditions mean ready (and so serving), as the API defines them.
+        let ready = c.and_then(|c| c.ready).unwrap_or(true);
+        if serving {
+            c.and_then(|c| c.serving).unwrap_or(ready)
+        } else {
+            ready
+        }
+    };
+    let mine = |e: &&&k8s_openapi::api::discovery::v1::Endpoint| e.addresses.contains(&ip);
+    if endpoints.iter().any(|e| condition(e, false)) {
+        endpoints.iter().filter(mine).any(|e| condition(e, false))
+    } else {
+        endpoints.iter().filter(mine).any(|e| condition(e, true))
+    }
 }
 
 /// The Services (namespace, name) the configuration's webhooks call.
@@ -96,15 +110,18 @@ impl Drain {
     /// deadline, when that cannot be known). `false`: no Service routes here, nothing to wait for.
     async fn until_out_of_endpoints(&self, deadline: Instant) -> bool {
         let started = Instant::now();
-        let services = match Api::<MutatingWebhookConfiguration>::all(self.client.clone())
-            .get_opt(&self.configuration)
-            .await
+        let api = Api::<MutatingWebhookConfiguration>::all(self.client.clone());
+        let services = match tokio::time::timeout_at(deadline.into(), api.get_opt(&self.configuration)).await
         {
-            Ok(Some(c)) => services(&c),
-            Ok(None) => BTreeSet::new(),
-            Err(e) => {
+            Ok(Ok(Some(c))) => services(&c),
+            Ok(Ok(None)) => BTreeSet::new(),
+            Ok(Err(e)) => {
                 warn!(error = %e, "cannot read the webhook configuration; serving for the full shutdown delay");
                 tokio::time::sleep_until(deadline.into()).await;
+                return true;
+            }
+            Err(_) => {
+                warn!("the webhook configuration could not be read within the shutdown delay");
                 return true;
             }
         };
@@ -118,15 +135,17 @@ impl Drain {
             return true;
         };
         while Instant::now() < deadline {
-            match self.routed_here(&services, ip).await {
-                Ok(false) => {
+            match tokio::time::timeout_at(deadline.into(), self.routed_here(&services, ip)).await {
+                Ok(Ok(false)) => {
                     info!(after = ?started.elapsed(), "out of the webhook Service's endpoints");
                     return true;
                 }
-                Ok(true) => {}
-                Err(e) => warn!(error = %e, "cannot read the webhook Service's endpoints"),
+                Ok(Ok(true)) => {}
+                Ok(Err(e)) => warn!(error = %e, "cannot read the webhook Service's endpoints"),
+                Err(_) => break,
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            let next = (Instant::now() + Duration::from_millis(500)).min(deadline);
+            tokio::time::sleep_until(next.into()).await;
         }
         warn!(delay = ?self.max, "still an endpoint of the webhook Service at the end of the shutdown delay");
         true
@@ -190,6 +209,47 @@ mod tests {
         ));
         assert!(!still_routed(&[slice(&[("10.244.0.8", Some(true))])], me));
         assert!(!still_routed(&[], me));
+    }
+
+    fn serving(ip: &str, ready: bool, serving: bool) -> EndpointSlice {
+        let mut s = slice(&[(ip, Some(ready))]);
+        if let Some(e) = s.endpoints.as_mut().and_then(|e| e.first_mut())
+            && let Some(c) = e.conditions.as_mut()
+        {
+            c.serving = Some(serving);
+            c.terminating = Some(!ready);
+        }
+        s
+    }
+
+    #[test]
+    fn with_no_ready_endpoint_a_serving_terminating_one_is_still_routed() {
+        let me: IpAddr = "10.244.0.7".parse().unwrap();
+        // Every replica terminating (scale to 0, a drain of the last node): proxies fall back
+        // to serving endpoints, this one among them.
+        assert!(still_routed(
+            &[
+                serving("10.244.0.7", false, true),
+                serving("10.244.0.8", false, true)
+            ],
+            me
+        ));
+        // Once it stops passing readiness it is not.
+        assert!(!still_routed(
+            &[
+                serving("10.244.0.7", false, false),
+                serving("10.244.0.8", false, true)
+            ],
+            me
+        ));
+        // Another replica ready: not routed, serving or not.
+        assert!(!still_routed(
+            &[
+                serving("10.244.0.7", false, true),
+                serving("10.244.0.8", true, true)
+            ],
+            me
+        ));
     }
 
     #[test]

@@ -91,6 +91,10 @@ impl Control {
     }
 }
 
+/// A client that does not finish its TLS handshake in this time is dropped (the apiserver's
+/// takes milliseconds), so that half-open connections neither pile up nor hold up a shutdown.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A connection accepted while draining serves briefly, then closes gracefully: its client may
 /// send a request or two, and the next connection goes wherever the proxy now sends it.
 const DRAINING_CONNECTION_AGE: Duration = Duration::from_secs(1);
@@ -133,10 +137,14 @@ pub async fn serve(
             jittered(max_connection_age)
         };
         connections.spawn(async move {
-            let tls = match acceptor.accept(tcp).await {
-                Ok(s) => s,
-                Err(e) => {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
                     debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "TLS handshake timed out");
                     return;
                 }
             };

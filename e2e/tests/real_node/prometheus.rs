@@ -209,10 +209,32 @@ pub async fn check(cluster: &Cluster, _client: &Client) {
         },
     )
     .await;
-    // And nothing fires on a healthy cluster.
-    let firing = query(cluster, r#"ALERTS{alertstate="firing"}"#).unwrap();
-    assert!(
-        firing.is_empty(),
-        "alerts firing on a healthy cluster: {firing:?}"
-    );
+    // On a healthy cluster the conditions of the alerts about state are false right now (most
+    // alerts wait minutes before firing, so their expressions are evaluated directly). The
+    // latency alerts measure speed, which on this emulated node says more about the emulation,
+    // and this test moves leadership on purpose (three times), which the flapping alert counts.
+    let rules: Value = serde_saphyr::from_str(&monitoring("prometheus/svcplane.rules.yaml")).unwrap();
+    let mut checked = 0;
+    for rule in rules["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+    {
+        let name = rule["alert"].as_str().unwrap();
+        if matches!(
+            name,
+            "SvcplaneWebhookSlow" | "SvcplaneNetworkProgrammingLatencyHigh" | "SvcplaneLeaderFlapping"
+        ) {
+            continue;
+        }
+        let expr = rule["expr"].as_str().unwrap();
+        let samples = query(cluster, expr).unwrap_or_else(|| panic!("{name}: {expr} did not evaluate"));
+        assert!(
+            samples.is_empty(),
+            "{name} holds on a healthy cluster: {samples:?}"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 7, "only {checked} alert conditions checked");
 }

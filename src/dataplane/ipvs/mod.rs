@@ -24,7 +24,7 @@ fn ensure_conntrack() {
         Ok(v) if v.trim() == "1" => {}
         Ok(_) => {
             if let Err(e) = std::fs::write(VS_CONNTRACK, "1") {
-                warn!(error = %e, "cannot set net.ipv4.vs.conntrack=1; node-port traffic is not masqueraded");
+                warn!(error = %e, "cannot set net.ipv4.vs.conntrack=1 (in a container, `svcplane dataplane-init` sets it); node-port traffic is not masqueraded");
             }
         }
         Err(e) => warn!(error = %e, "cannot read net.ipv4.vs.conntrack"),
