@@ -9,6 +9,8 @@ echo "test: kube-apiserver $("$KUBE_BIN/kube-apiserver" --version), $(etcd --ver
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The pure allocation core builds (and its tests pass) without etcd or a Kubernetes client.
+cargo test --locked -p svcplane-allocators --no-default-features --lib
 shellcheck -x hack/*.sh hack/lib/*.sh hack/cluster/*.sh hack/bench/*.sh .ci/run
 # The shipped alert rules load and behave as their unit tests say.
 PROM_BIN=$(hack/build-prometheus.sh)

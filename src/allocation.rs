@@ -18,13 +18,12 @@ use kube::{
 use prometheus::Registry;
 use svcplane_allocators::{
     IpRange, PortRange,
-    etcd::{EtcdOptions, RangeStore, connect},
-};
-use svcplane_controllers::allocation::{
     admission::{ClusterFamilies, Family},
-    allocators::Allocators,
+    etcd::{EtcdOptions, RangeStore, connect},
+    metrics::AllocatorMetrics,
     pool::RangeUsage,
-    usage::{AllocatorMetrics, monitor},
+    ranges::Ranges,
+    usage::monitor,
 };
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -106,7 +105,7 @@ pub struct AllocationArgs {
 /// What a running allocation hands the rest of the controller-manager.
 pub struct Started {
     /// For the leader-only repair and releases.
-    pub allocators: Arc<Allocators>,
+    pub allocators: Arc<Ranges>,
     /// Every range's usage as last read from etcd.
     pub usage: watch::Receiver<Vec<RangeUsage>>,
     /// The webhook server task; it ends once [`Started::drain`] has stopped it.
@@ -185,7 +184,7 @@ pub async fn start(
         .context("--service-node-port-range")?;
     let node_ports = RangeStore::new(etcd, &args.etcd_prefix, "nodeport", ports, "port");
     let families = ClusterFamilies(families);
-    let allocators = Arc::new(Allocators {
+    let allocators = Arc::new(Ranges {
         families: families.clone(),
         cluster_ips,
         node_ports,

@@ -8,12 +8,12 @@ use clap::ArgAction;
 use prometheus::Registry;
 use std::sync::Arc;
 
+use svcplane_allocators::controller::{
+    pools::write_pools,
+    release,
+    repair::{Repair, RepairMetrics},
+};
 use svcplane_controllers::{
-    allocation::{
-        releaser,
-        repair::{Repair, RepairMetrics},
-        usage::write_pools,
-    },
     endpoints::controller::Config as EndpointsConfig,
     endpointslice::controller::Config as SliceConfig,
     events::EventSink,
@@ -288,7 +288,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 if let Some((repair, allocators, usage)) = allocation {
                     tokio::join!(
                         repair.run(stop.clone()),
-                        releaser::run(client.clone(), allocators, stop.clone()),
+                        release::run(client.clone(), allocators, stop.clone()),
                         write_pools(client, usage, stop),
                     );
                 }

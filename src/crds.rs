@@ -3,7 +3,7 @@
 //! compares them).
 
 use kube::CustomResourceExt;
-use svcplane_controllers::allocation::pool::ServicePool;
+use svcplane_allocators::pool::ServicePool;
 
 /// Every CRD svcplane ships, as one multi-document YAML stream.
 pub fn yaml() -> Result<String, serde_saphyr::SerializeError> {

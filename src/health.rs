@@ -11,10 +11,8 @@ use std::{
 };
 
 use kube::Client;
-use svcplane_controllers::{
-    allocation::{pool::RangeUsage, usage::initialized},
-    leader::Leadership,
-};
+use svcplane_allocators::{pool::RangeUsage, usage::initialized};
+use svcplane_controllers::leader::Leadership;
 use tokio::{
     sync::watch,
     time::{Instant, MissedTickBehavior, interval, timeout},

@@ -36,7 +36,7 @@ use tokio::sync::{Mutex, oneshot};
 use tracing::debug;
 
 use crate::{
-    allocation::{AllocError, Allocation},
+    policy::{AllocError, Allocation},
     range::Range,
     stored::{self, StoredError},
 };

@@ -1,13 +1,36 @@
-//! ClusterIP and NodePort allocation: range arithmetic, bitmaps, the allocation policy and the
-//! stored form, all pure; the etcd-backed store builds on these.
+//! Everything about ClusterIP and NodePort allocation.
+//!
+//! Pure, with no I/O (and no feature needed): range arithmetic ([`range`]), bitmaps ([`bitmap`]),
+//! the allocation policy ([`policy`]), the stored form ([`stored`]), what the admission webhook
+//! must allocate for a Service ([`admission`]), what stored Services no longer hold
+//! ([`release`]), the repair pass ([`repair`]) and the `ServicePool` objects ([`pool`]).
+//!
+//! Feature `etcd`: the ranges kept atomically in etcd ([`etcd`]), carrying out an admission plan
+//! against them ([`ranges`]), their usage ([`usage`]) and kube-apiserver's allocator metrics
+//! ([`metrics`]). Feature `controller` (with `etcd`): the leader's loops that talk to the
+//! apiserver ([`controller`]).
 
-pub mod allocation;
+pub mod admission;
 pub mod bitmap;
-pub mod etcd;
+pub mod policy;
+pub mod pool;
 pub mod range;
+pub mod release;
 pub mod repair;
 pub mod stored;
 
-pub use allocation::{AllocError, Allocation};
+#[cfg(feature = "etcd")]
+pub mod etcd;
+#[cfg(feature = "etcd")]
+pub mod metrics;
+#[cfg(feature = "etcd")]
+pub mod ranges;
+#[cfg(feature = "etcd")]
+pub mod usage;
+
+#[cfg(feature = "controller")]
+pub mod controller;
+
 pub use bitmap::Bitmap;
+pub use policy::{AllocError, Allocation};
 pub use range::{IpRange, NotInRange, PortRange, Range, RangeError};

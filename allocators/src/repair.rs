@@ -10,7 +10,7 @@
 
 use std::{collections::HashMap, hash::Hash};
 
-use crate::{allocation::Allocation, range::Range};
+use crate::{policy::Allocation, range::Range};
 
 /// Consecutive passes a leak must be seen in before it is released.
 pub const LEAK_SIGHTINGS_BEFORE_RELEASE: u32 = 3;

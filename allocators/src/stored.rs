@@ -6,8 +6,8 @@ use base64::{Engine, engine::general_purpose::STANDARD};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    allocation::Allocation,
     bitmap::{Bitmap, DecodeError},
+    policy::Allocation,
     range::Range,
 };
 

@@ -1,10 +1,11 @@
-//! svcplane's controllers and the machinery that runs them only on the elected replica.
+//! svcplane's endpoint controllers (EndpointSlice, Endpoints, mirroring), the runtime they share
+//! (informers, caches, work queues: [`runtime`]) and leader election ([`leader`]), which decides
+//! which replica may run the writers at all.
 //!
 //! Each controller is split into pure functions that compute desired state and a thin layer that
-//! reads and writes the API; `leader` decides which replica may run the writers at all.
+//! reads and writes the API. Allocation lives in `svcplane-allocators`, the node agent's logic in
+//! `svcplane-dataplane`; both build on the words in `svcplane-core`.
 
-pub mod allocation;
-pub mod dataplane;
 pub mod endpoints;
 pub mod endpointslice;
 pub mod events;

@@ -13,13 +13,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use svcplane_controllers::{
-    dataplane::{
-        desired::{Family, desired},
-        input::{EndpointInfo, Policy, Protocol, ServiceInfo, ServicePortInfo, SliceInfo, SlicePort},
-        nft::{Transaction, ruleset, transaction},
-    },
-    model::ObjectKey,
+use svcplane_core::ObjectKey;
+use svcplane_dataplane::{
+    desired::{Family, desired},
+    input::{EndpointInfo, Policy, Protocol, ServiceInfo, ServicePortInfo, SliceInfo, SlicePort},
+    nft::{Transaction, ruleset, transaction},
 };
 
 fn services(n: usize) -> (Vec<ServiceInfo>, Vec<SliceInfo>) {

@@ -16,7 +16,7 @@ use axum::{
     routing::get,
 };
 use serde_json::json;
-use svcplane_controllers::dataplane::desired::HealthCheck;
+use svcplane_dataplane::desired::HealthCheck;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};

@@ -1,7 +1,8 @@
 //! `svcplane dataplane`: the node agent. Watches Services and EndpointSlices, computes the node's
-//! desired state (pure, `svcplane_controllers::dataplane`), and writes only the difference to the
+//! desired state (pure, `svcplane_dataplane`), and writes only the difference to the
 //! kernel. `svcplane cleanup` removes what it wrote.
 
+mod cache;
 mod healthcheck;
 mod ipvs;
 mod metrics;
@@ -23,22 +24,20 @@ use k8s_openapi::{
 };
 use kube::{Api, runtime::watcher};
 use prometheus::Registry;
-use svcplane_controllers::{
-    dataplane::{
-        cache::{Cached, cache_service, cache_slice},
-        desired::{DesiredState, Family, desired},
-        input::{Problem, ServiceInfo, SliceInfo},
-        ipvs::plan::{Op, SCHEDULERS},
-        nft::{IpvsSupport, Ruleset, TABLE, ipvs_support, ipvs_support_transaction, ruleset, transaction},
-    },
-    model::ObjectKey,
-    runtime::{informer::Informer, store::Store},
+use svcplane_controllers::runtime::{informer::Informer, store::Store};
+use svcplane_core::ObjectKey;
+use svcplane_dataplane::{
+    desired::{DesiredState, Family, desired},
+    input::{Problem, ServiceInfo, SliceInfo},
+    ipvs::plan::{Op, SCHEDULERS},
+    nft::{IpvsSupport, Ruleset, TABLE, ipvs_support, ipvs_support_transaction, ruleset, transaction},
 };
 use tokio::{signal::unix::SignalKind, sync::Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::{
+    dataplane::cache::{Cached, cache_service, cache_slice},
     health::{Check, Checks},
     http::Server,
     kubeclient,
@@ -533,7 +532,7 @@ fn family_label(f: Family) -> &'static str {
 
 /// `svcplane cleanup`: removes svcplane's nftables tables.
 pub async fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
-    let tx = svcplane_controllers::dataplane::nft::cleanup().context("rendering the cleanup batch")?;
+    let tx = svcplane_dataplane::nft::cleanup().context("rendering the cleanup batch")?;
     match nft::apply(&args.nft, &tx).await {
         Ok(()) => info!("removed svcplane's nftables tables"),
         // A node without nft never ran nftables mode.

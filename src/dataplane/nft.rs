@@ -5,7 +5,7 @@
 use std::{path::Path, process::Stdio};
 
 use anyhow::{Context, bail};
-use svcplane_controllers::dataplane::nft::Transaction;
+use svcplane_dataplane::nft::Transaction;
 use tokio::{io::AsyncWriteExt, process::Command};
 
 pub async fn apply(nft: &Path, tx: &Transaction) -> anyhow::Result<()> {

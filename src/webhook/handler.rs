@@ -11,14 +11,14 @@ use kube::core::{
     admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation},
 };
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry, exponential_buckets};
-use svcplane_controllers::allocation::{
+use svcplane_allocators::{
     admission::{ClusterFamilies, patch, plan_create, plan_update},
-    allocators::Allocators,
+    ranges::Ranges,
 };
 use tracing::{debug, info, warn};
 
 pub struct WebhookState {
-    pub allocators: Arc<Allocators>,
+    pub allocators: Arc<Ranges>,
     pub families: ClusterFamilies,
     pub metrics: WebhookMetrics,
 }

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, io, net::SocketAddr};
 use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 use netlink_packet_generic::GenlMessage;
 use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_GENERIC};
-use svcplane_controllers::dataplane::{
+use svcplane_dataplane::{
     input::Protocol,
     ipvs::{
         message::{

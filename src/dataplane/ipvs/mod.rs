@@ -8,7 +8,7 @@ pub mod probe;
 use std::{collections::BTreeSet, net::IpAddr};
 
 use anyhow::Context;
-use svcplane_controllers::dataplane::{
+use svcplane_dataplane::{
     desired::DesiredState,
     ipvs::plan::{Op, plan, vip_addresses, virtual_servers},
 };

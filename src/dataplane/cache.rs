@@ -3,8 +3,8 @@
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use super::input::{Problem, ServiceInfo, SliceInfo, service_info, slice_info};
-use crate::runtime::informer::Versioned;
+use svcplane_controllers::runtime::informer::Versioned;
+use svcplane_dataplane::input::{Problem, ServiceInfo, SliceInfo, service_info, slice_info};
 
 /// A reduced object, the resourceVersion it came from, and the problems found in it.
 #[derive(Clone, Debug)]

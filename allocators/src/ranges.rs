@@ -4,19 +4,17 @@
 
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
-use svcplane_allocators::{
-    IpRange, PortRange,
-    etcd::{Done, Op, RangeStore, StoreError},
-};
 use tracing::warn;
 
-use super::{
+use crate::{
+    IpRange, PortRange,
     admission::{Allocated, ClusterFamilies, Family, Plan, Want},
-    usage::{AllocatorMetrics, Scope},
+    etcd::{Done, Op, RangeStore, StoreError},
+    metrics::{AllocatorMetrics, Scope},
 };
 
 /// The ranges one controller-manager allocates from.
-pub struct Allocators {
+pub struct Ranges {
     pub families: ClusterFamilies,
     pub cluster_ips: BTreeMap<Family, Arc<RangeStore<IpRange>>>,
     pub node_ports: Arc<RangeStore<PortRange>>,
@@ -53,7 +51,7 @@ fn to_op<V>(want: Want<V>) -> (Op<V>, Scope) {
     }
 }
 
-impl Allocators {
+impl Ranges {
     pub async fn execute(&self, plan: &Plan) -> Result<Allocated, AllocationFailure> {
         let mut got = Allocated::default();
         let result = self.execute_into(plan, &mut got).await;

@@ -10,7 +10,7 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use crate::dataplane::{
+use crate::{
     desired::{Backends, DesiredState, Family},
     input::Protocol,
 };
@@ -163,10 +163,9 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::{
-        dataplane::desired::{PortState, ServicePortName},
-        model::ObjectKey,
-    };
+    use svcplane_core::ObjectKey;
+
+    use crate::desired::{PortState, ServicePortName};
 
     fn to(addrs: &[&str]) -> Backends {
         Backends::To(addrs.iter().map(|a| a.parse().unwrap()).collect())

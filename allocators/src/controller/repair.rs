@@ -14,21 +14,17 @@ use std::{
 use k8s_openapi::api::core::v1::Service;
 use kube::{Api, Client, api::ListParams};
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
-use svcplane_allocators::{
-    Allocation, Range,
-    etcd::{RangeStore, StoreError},
-    repair::{Finding, repair_pass},
-};
+use svcplane_controllers::events::{EventSink, reference};
+use svcplane_core::ObjectKey;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
-use super::{
-    admission::{Family, held_values},
-    allocators::Allocators,
-};
 use crate::{
-    events::{EventSink, reference},
-    model::ObjectKey,
+    Allocation, Range,
+    admission::{Family, held_values},
+    etcd::{RangeStore, StoreError},
+    ranges::Ranges,
+    repair::{Finding, repair_pass},
 };
 
 /// How often a lost compare-and-swap is retried within one pass.
@@ -79,7 +75,7 @@ impl RepairMetrics {
 
 pub struct Repair {
     client: Client,
-    allocators: Arc<Allocators>,
+    allocators: Arc<Ranges>,
     interval: Duration,
     metrics: RepairMetrics,
     events: EventSink,
@@ -98,7 +94,7 @@ enum Kind {
 impl Repair {
     pub fn new(
         client: Client,
-        allocators: Arc<Allocators>,
+        allocators: Arc<Ranges>,
         interval: Duration,
         metrics: RepairMetrics,
         events: EventSink,

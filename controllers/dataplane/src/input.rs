@@ -8,7 +8,10 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use k8s_openapi::jiff::Timestamp;
 
-use crate::model::{ANNOTATION_LAST_CHANGE_TRIGGER_TIME, LABEL_SERVICE_NAME, ObjectKey};
+use svcplane_core::{
+    ObjectKey,
+    wellknown::{ANNOTATION_LAST_CHANGE_TRIGGER_TIME, LABEL_SERVICE_NAME},
+};
 
 /// kube-proxy's default for `sessionAffinityConfig.clientIP.timeoutSeconds`.
 pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10800);

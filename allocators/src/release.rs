@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 use k8s_openapi::api::core::v1::Service;
 
-use super::admission::held_values;
+use crate::admission::held_values;
 
 /// Values held by `old` and not by `new` (all of `old`'s when the Service is gone).
 pub fn dropped(old: &Service, new: Option<&Service>) -> (Vec<IpAddr>, Vec<u16>) {

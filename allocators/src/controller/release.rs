@@ -9,17 +9,12 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use super::{allocators::Allocators, release::dropped};
-use crate::runtime::{Informer, Store, Versioned};
+use svcplane_controllers::runtime::{Informer, Store};
 
-impl Versioned for Service {
-    fn resource_version(&self) -> &str {
-        self.metadata.resource_version.as_deref().unwrap_or_default()
-    }
-}
+use crate::{ranges::Ranges, release::dropped};
 
 /// Watches Services until `stop`, releasing what deletions and updates drop.
-pub async fn run(client: Client, allocators: Arc<Allocators>, stop: CancellationToken) {
+pub async fn run(client: Client, allocators: Arc<Ranges>, stop: CancellationToken) {
     let store = Arc::new(Store::<Service>::default());
     let mut informer = Informer::new(
         "services (allocation releases)",

@@ -14,7 +14,7 @@ use std::{
 };
 
 use super::input::{EndpointInfo, Policy, Protocol, ServiceInfo, SliceInfo};
-use crate::model::ObjectKey;
+use svcplane_core::ObjectKey;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Family {
@@ -258,7 +258,7 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::dataplane::input::{service_info, slice_info};
+    use crate::input::{service_info, slice_info};
 
     const NODE: &str = "node-a";
 

@@ -847,10 +847,9 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::{
-        dataplane::desired::{Backends, ServicePortName},
-        model::ObjectKey,
-    };
+    use svcplane_core::ObjectKey;
+
+    use crate::desired::{Backends, ServicePortName};
 
     fn port(name: &str, cluster_ip: &str, internal: Backends) -> PortState {
         PortState {
