@@ -19,7 +19,7 @@ use prometheus::Registry;
 use svcplane_allocators::{
     IpRange, PortRange,
     admission::{ClusterFamilies, Family},
-    etcd::{EtcdOptions, RangeStore, connect},
+    etcd::{EpochKey, EtcdOptions, RangeStore, connect},
     metrics::AllocatorMetrics,
     pool::RangeUsage,
     ranges::Ranges,
@@ -182,6 +182,7 @@ pub async fn start(
         .service_node_port_range
         .parse()
         .context("--service-node-port-range")?;
+    let epoch = EpochKey::new(etcd.clone(), &args.etcd_prefix);
     let node_ports = RangeStore::new(etcd, &args.etcd_prefix, "nodeport", ports, "port");
     let families = ClusterFamilies(families);
     let allocators = Arc::new(Ranges {
@@ -189,6 +190,7 @@ pub async fn start(
         cluster_ips,
         node_ports,
         metrics: AllocatorMetrics::register(registry).context("registering allocator metrics")?,
+        epoch,
     });
     let (usage_tx, usage) = watch::channel(Vec::new());
     {

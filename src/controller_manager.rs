@@ -1,30 +1,37 @@
 //! `svcplane controller-manager`: leader election, the HTTP endpoints, and the controllers that run
 //! on the elected replica only.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::ArgAction;
+use kube::Client;
 use prometheus::Registry;
-use std::sync::Arc;
-
-use svcplane_allocators::controller::{
-    pools::write_pools,
-    release,
-    repair::{Repair, RepairMetrics},
+use svcplane_allocators::{
+    controller::{
+        pools::write_pools,
+        repair::{Repair, RepairMetrics},
+        run_term,
+    },
+    pool::RangeUsage,
+    ranges::Ranges,
 };
 use svcplane_controllers::{
     endpoints::controller::Config as EndpointsConfig,
     endpointslice::controller::Config as SliceConfig,
     events::EventSink,
-    leader::{ElectionConfig, Elector, LeaderMetrics},
+    leader::{Claim, ElectionConfig, Elector, Error as ElectorError, LeaderMetrics},
     manager::{self, ControllerMetrics, ManagerConfig},
     mirroring::controller::Config as MirroringConfig,
+    runtime::{Supervisor, TaskFailed},
     selection::ServiceSelection,
 };
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     health::{Checks, LeaderElectionWatchdog, RangesInitialized, ShuttingDown, spawn_apiserver_probe},
@@ -166,7 +173,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let stop_http = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
 
-    let client = kubeclient::client(args.kubeconfig.as_deref()).await?;
+    let kube_config = kubeclient::config(args.kubeconfig.as_deref()).await?;
+    let client = Client::try_from(kube_config.clone()).context("building the Kubernetes client")?;
     let registry = Registry::new();
     registry
         .register(Box::new(
@@ -213,17 +221,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         identity: election.identity.clone(),
     };
     info!(controllers = ?manager_cfg.controllers, "controllers enabled");
-    let run_controllers = {
-        let client = client.clone();
-        move |stop: CancellationToken| {
-            manager::run(
-                client.clone(),
-                manager_cfg.clone(),
-                controller_metrics.clone(),
-                stop,
-            )
-        }
-    };
 
     let elector = if args.leader.leader_elect {
         let cfg = election;
@@ -240,6 +237,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         warn!("leader election disabled: this replica runs the controllers unconditionally");
         None
     };
+    // Everything the leader writes through the API goes through this client, which re-checks the
+    // claim on the Lease right before each write.
+    let claim = elector
+        .as_ref()
+        .map_or_else(Claim::unconditional, |e| Claim::new(e.subscribe()));
+    let leader_client = kubeclient::fenced(kube_config, claim.clone())?;
 
     let mut webhook = None;
     let allocation = if args.allocation.enabled() {
@@ -260,42 +263,36 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         readiness = readiness.with(RangesInitialized::new(usage.clone()));
         let metrics = RepairMetrics::register(&registry).context("registering repair metrics")?;
         let events = EventSink::new(
-            client.clone(),
+            leader_client.clone(),
             "ipallocator-repair-controller",
             &election_identity,
         );
         let interval = args.allocation.allocation_repair_interval;
         let repair = Arc::new(Repair::new(
-            client.clone(),
+            leader_client.clone(),
             allocators.clone(),
             interval,
             metrics,
             events,
         ));
-        Some((repair, allocators, usage))
+        Some(LeaderAllocation {
+            repair,
+            ranges: allocators,
+            usage,
+        })
     } else {
         info!("ClusterIP/NodePort allocation off (no --service-cluster-ip-range)");
         None
     };
-    // The leader runs the controllers and, with allocation on, the repair loop and the releases.
-    let leader_client = client.clone();
-    let run_leader_work = move |stop: CancellationToken| {
-        let controllers = run_controllers(stop.clone());
-        let allocation = allocation.clone();
-        let client = leader_client.clone();
-        async move {
-            let allocation = async {
-                if let Some((repair, allocators, usage)) = allocation {
-                    tokio::join!(
-                        repair.run(stop.clone()),
-                        release::run(client.clone(), allocators, stop.clone()),
-                        write_pools(client, usage, stop),
-                    );
-                }
-            };
-            tokio::join!(controllers, allocation);
-        }
+    let leader = LeaderWork {
+        client: leader_client,
+        claim,
+        identity: election_identity,
+        manager: manager_cfg,
+        metrics: controller_metrics,
+        allocation,
     };
+    let run_leader_work = move |stop: CancellationToken| leader.clone().run(stop);
 
     let server = Server::bind(args.http_bind_address, registry, liveness, readiness).await?;
     let http = tokio::spawn(server.serve(stop_http.clone()));
@@ -312,9 +309,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         })
     });
 
-    match elector {
+    let outcome = match elector {
         Some(elector) => elector.run(shutdown.clone(), run_leader_work).await,
-        None => run_leader_work(shutdown.clone()).await,
+        None => run_leader_work(shutdown.clone())
+            .await
+            .map_err(ElectorError::WorkFailed),
+    };
+    // A failed leader term ends the process (after the usual drain), so that it restarts whole
+    // rather than serving on with part of its work dead; the lease is already released.
+    if let Err(e) = &outcome {
+        error!(error = %e, "stopping: leader-only work failed");
     }
     shutdown.cancel();
     if let Some(webhook) = webhook
@@ -324,8 +328,61 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     stop_http.cancel();
     http.await.context("HTTP server task")??;
+    outcome.context("leader-only work")?;
     info!("controller-manager stopped");
     Ok(())
+}
+
+/// What the allocation side of the leader runs.
+#[derive(Clone)]
+struct LeaderAllocation {
+    repair: Arc<Repair>,
+    ranges: Arc<Ranges>,
+    usage: watch::Receiver<Vec<RangeUsage>>,
+}
+
+/// Everything only the leader runs, started and stopped in one place: the endpoint controllers
+/// and, with allocation on, the repair loop, the releases and the `ServicePool` objects.
+#[derive(Clone)]
+struct LeaderWork {
+    /// Fenced: writes only while `claim` holds.
+    client: Client,
+    claim: Claim,
+    identity: String,
+    manager: ManagerConfig,
+    metrics: ControllerMetrics,
+    allocation: Option<LeaderAllocation>,
+}
+
+impl LeaderWork {
+    /// Runs one leadership term until `stop`; the first task to fail ends it.
+    async fn run(self, stop: CancellationToken) -> Result<(), TaskFailed> {
+        let mut group = Supervisor::new(&stop);
+        group.spawn_fallible(
+            "endpoint controllers",
+            manager::run(self.client.clone(), self.manager, self.metrics, group.token()),
+        );
+        if let Some(LeaderAllocation {
+            repair,
+            ranges,
+            usage,
+        }) = self.allocation
+        {
+            group.spawn_fallible(
+                "allocation",
+                run_term(
+                    self.client.clone(),
+                    ranges,
+                    repair,
+                    self.identity,
+                    self.claim,
+                    group.token(),
+                ),
+            );
+            group.spawn("servicepools", write_pools(self.client, usage, group.token()));
+        }
+        group.supervise().await
+    }
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {

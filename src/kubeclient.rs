@@ -5,11 +5,25 @@ use std::path::Path;
 use anyhow::Context;
 use kube::{
     Client, Config,
+    client::ClientBuilder,
     config::{KubeConfigOptions, Kubeconfig},
 };
+use svcplane_controllers::leader::{Claim, FenceLayer};
 
 pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
-    let config = match kubeconfig {
+    Client::try_from(config(kubeconfig).await?).context("building the Kubernetes client")
+}
+
+/// A client for the leader's work: its writes are sent only while `claim` holds.
+pub fn fenced(config: Config, claim: Claim) -> anyhow::Result<Client> {
+    Ok(ClientBuilder::try_from(config)
+        .context("building the Kubernetes client")?
+        .with_layer(&FenceLayer::new(claim))
+        .build())
+}
+
+pub async fn config(kubeconfig: Option<&Path>) -> anyhow::Result<Config> {
+    Ok(match kubeconfig {
         Some(path) => {
             let kc = Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
@@ -18,6 +32,5 @@ pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
                 .with_context(|| format!("loading kubeconfig {}", path.display()))?
         }
         None => Config::incluster().context("no --kubeconfig given and not running in a cluster")?,
-    };
-    Client::try_from(config).context("building the Kubernetes client")
+    })
 }

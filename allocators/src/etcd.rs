@@ -16,6 +16,13 @@
 //! a short random time first (also letting more operations join its batch), which hands the next
 //! round to a replica that is retrying; a lone commit does not wait.
 //!
+//! The leader's own writes (repair passes, releases) are fenced ([`Fence`]): each checks this
+//! replica's claim on the Lease right before it is sent, and its transaction also compares the
+//! leader-epoch key this replica wrote when its term began. A replica deposed while paused
+//! between the check and the transaction still fails, because the new leader has written its own
+//! epoch by then. Allocations are not leader-only (every replica's webhook allocates) and are not
+//! fenced.
+//!
 //! A range whose key does not exist yet is *not* initialised here: only the repair controller,
 //! which has compared the bitmap with every existing Service, creates it. Until then allocation
 //! is refused. A stored value that does not decode for this range stops allocation with an error
@@ -89,6 +96,10 @@ pub enum StoreError {
         "range {range} is changing too fast ({MAX_CONFLICTS} lost compare-and-swaps in a row); try again"
     )]
     Contention { range: String },
+    #[error(
+        "this replica no longer leads (its claim on the Lease lapsed, or another leader's term began in etcd); leader-only write not made"
+    )]
+    Deposed,
     #[error(transparent)]
     Alloc(#[from] AllocError),
 }
@@ -108,6 +119,7 @@ impl StoreError {
                 source: source.clone(),
             },
             Self::Contention { range } => Self::Contention { range: range.clone() },
+            Self::Deposed => Self::Deposed,
             Self::Alloc(e) => Self::Alloc(e.clone()),
         }
     }
@@ -141,6 +153,83 @@ pub async fn connect(opts: &EtcdOptions) -> Result<Client, StoreError> {
     Client::connect(&opts.endpoints, Some(co))
         .await
         .map_err(|e| StoreError::Unavailable(e.to_string()))
+}
+
+/// Whether this replica's claim on the Lease holds right now.
+pub type ClaimCheck = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// The key naming the current leader term, below `--etcd-prefix`.
+#[derive(Clone)]
+pub struct EpochKey {
+    client: Client,
+    key: String,
+}
+
+impl EpochKey {
+    pub fn new(client: Client, prefix: &str) -> Self {
+        Self {
+            client,
+            key: format!("{}/leader-epoch", prefix.trim_end_matches('/')),
+        }
+    }
+
+    /// Begins a leader term: writes a value no other term has, so that every earlier term's
+    /// fenced transaction fails from now on. Called by a replica that has just acquired the Lease,
+    /// its claim checked right before.
+    pub async fn begin(&self, identity: &str, claim: ClaimCheck) -> Result<Fence, StoreError> {
+        if !claim() {
+            return Err(StoreError::Deposed);
+        }
+        let value = format!("{identity}/{:016x}", rand::random::<u64>()).into_bytes();
+        self.client
+            .kv_client()
+            .put(self.key.as_bytes(), value.clone(), None)
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(Fence {
+            key: self.key.clone(),
+            value,
+            claim,
+        })
+    }
+}
+
+/// What the leader's transactions carry: a claim check made right before each is sent, and the
+/// epoch of this term, which the transaction compares.
+#[derive(Clone)]
+pub struct Fence {
+    key: String,
+    value: Vec<u8>,
+    claim: ClaimCheck,
+}
+
+impl Fence {
+    fn check(&self) -> Result<(), StoreError> {
+        if (self.claim)() {
+            Ok(())
+        } else {
+            Err(StoreError::Deposed)
+        }
+    }
+
+    fn compare(&self) -> Compare {
+        Compare::value(self.key.as_bytes(), CompareOp::Equal, self.value.clone())
+    }
+
+    fn read_back(&self) -> TxnOp {
+        TxnOp::get(self.key.as_bytes(), None)
+    }
+
+    /// Whether a failed transaction's read-back shows another term's epoch.
+    fn lost(&self, resp: &TxnResponse) -> bool {
+        !resp.op_responses().into_iter().any(|r| match r {
+            TxnOpResponse::Get(g) => g
+                .kvs()
+                .first()
+                .is_some_and(|kv| kv.key() == self.key.as_bytes() && kv.value() == self.value),
+            _ => false,
+        })
+    }
 }
 
 /// One change to a range.
@@ -251,21 +340,31 @@ where
             .map_err(|e| StoreError::Unavailable(e.to_string()))
     }
 
-    /// Writes `alloc` if the key is still at `revision` (0: the key must not exist). Used by the
-    /// repair controller, which computed `alloc` from what it read at `revision`. Returns the new
-    /// revision, or `None` when someone else wrote first.
-    pub async fn replace(&self, alloc: &Allocation<R>, revision: i64) -> Result<Option<i64>, StoreError> {
+    /// Writes `alloc` if the key is still at `revision` (0: the key must not exist) and this
+    /// replica's leader term is still current. Used by the repair controller, which computed
+    /// `alloc` from what it read at `revision`. Returns the new revision, or `None` when someone
+    /// else wrote first.
+    pub async fn replace(
+        &self,
+        alloc: &Allocation<R>,
+        revision: i64,
+        fence: &Fence,
+    ) -> Result<Option<i64>, StoreError> {
         let mut guard = self.commit.lock().await;
+        fence.check()?;
         let txn = Txn::new()
-            .when([Compare::mod_revision(
-                self.key.as_bytes(),
-                CompareOp::Equal,
-                revision,
-            )])
-            .and_then([TxnOp::put(self.key.as_bytes(), stored::encode(alloc), None)]);
+            .when([
+                Compare::mod_revision(self.key.as_bytes(), CompareOp::Equal, revision),
+                fence.compare(),
+            ])
+            .and_then([TxnOp::put(self.key.as_bytes(), stored::encode(alloc), None)])
+            .or_else([fence.read_back()]);
         let resp = self.txn(txn).await?;
         if !resp.succeeded() {
             *guard = None;
+            if fence.lost(&resp) {
+                return Err(StoreError::Deposed);
+            }
             return Ok(None);
         }
         let rev = resp.header().map_or(0, |h| h.revision());
@@ -299,6 +398,22 @@ where
         rx.await.unwrap_or_else(abandoned)
     }
 
+    /// Applies `op` for the leader (a release that follows the stored Services), in a transaction
+    /// of its own that is fenced by this replica's term.
+    pub async fn submit_as_leader(
+        &self,
+        op: Op<R::Value>,
+        fence: &Fence,
+    ) -> Result<Done<R::Value>, StoreError> {
+        let mut guard = self.commit.lock().await;
+        let results = self.commit_ops(&mut guard, vec![op], Some(fence)).await?;
+        // One result per operation.
+        match results.into_iter().next() {
+            Some(result) => result.map_err(StoreError::from),
+            None => Err(StoreError::Unavailable("the commit returned no result".into())),
+        }
+    }
+
     /// A random pause before a commit that follows directly on this replica's previous one.
     fn back_to_back_pause(&self) -> Option<Duration> {
         let last = *self
@@ -320,7 +435,7 @@ where
 
     async fn commit_batch(&self, cache: &mut Option<(Allocation<R>, i64)>, batch: Vec<Pending<R::Value>>) {
         match self
-            .commit_ops(cache, batch.iter().map(|(op, _)| *op).collect())
+            .commit_ops(cache, batch.iter().map(|(op, _)| *op).collect(), None)
             .await
         {
             Ok(results) => {
@@ -340,6 +455,7 @@ where
         &self,
         cache: &mut Option<(Allocation<R>, i64)>,
         ops: Vec<Op<R::Value>>,
+        fence: Option<&Fence>,
     ) -> Result<Vec<Result<Done<R::Value>, AllocError>>, StoreError> {
         for attempt in 0..MAX_CONFLICTS {
             let (base, rev) = match cache.take() {
@@ -360,20 +476,34 @@ where
                 *cache = Some((base, rev));
                 return Ok(results);
             }
+            let mut when = vec![Compare::mod_revision(self.key.as_bytes(), CompareOp::Equal, rev)];
+            let mut or_else = vec![TxnOp::get(self.key.as_bytes(), None)];
+            if let Some(fence) = fence {
+                fence.check()?;
+                when.push(fence.compare());
+                or_else.push(fence.read_back());
+            }
             let txn = Txn::new()
-                .when([Compare::mod_revision(self.key.as_bytes(), CompareOp::Equal, rev)])
+                .when(when)
                 .and_then([TxnOp::put(self.key.as_bytes(), stored::encode(&next), None)])
-                .or_else([TxnOp::get(self.key.as_bytes(), None)]);
+                .or_else(or_else);
             let resp = self.txn(txn).await?;
             if resp.succeeded() {
                 let new_rev = resp.header().map_or(0, |h| h.revision());
                 *cache = Some((next, new_rev));
                 return Ok(results);
             }
+            if fence.is_some_and(|f| f.lost(&resp)) {
+                return Err(StoreError::Deposed);
+            }
             // Lost the race: recompute from what won.
             debug!(key = %self.key, attempt, "compare-and-swap lost; reloading");
             let current = resp.op_responses().into_iter().find_map(|r| match r {
-                TxnOpResponse::Get(g) => g.kvs().first().map(|kv| (kv.value().to_vec(), kv.mod_revision())),
+                TxnOpResponse::Get(g) => g
+                    .kvs()
+                    .first()
+                    .filter(|kv| kv.key() == self.key.as_bytes())
+                    .map(|kv| (kv.value().to_vec(), kv.mod_revision())),
                 _ => None,
             });
             *cache = match current {

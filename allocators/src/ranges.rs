@@ -9,7 +9,7 @@ use tracing::warn;
 use crate::{
     IpRange, PortRange,
     admission::{Allocated, ClusterFamilies, Family, Plan, Want},
-    etcd::{Done, Op, RangeStore, StoreError},
+    etcd::{Done, EpochKey, Fence, Op, RangeStore, StoreError},
     metrics::{AllocatorMetrics, Scope},
 };
 
@@ -19,6 +19,8 @@ pub struct Ranges {
     pub cluster_ips: BTreeMap<Family, Arc<RangeStore<IpRange>>>,
     pub node_ports: Arc<RangeStore<PortRange>>,
     pub metrics: AllocatorMetrics,
+    /// Where the leader's term is recorded, for its fenced writes.
+    pub epoch: EpochKey,
 }
 
 /// Why a request got nothing.
@@ -64,6 +66,7 @@ impl Ranges {
                     .copied()
                     .chain(got.health_check_node_port)
                     .collect::<Vec<_>>(),
+                None,
             )
             .await;
         }
@@ -106,20 +109,37 @@ impl Ranges {
     }
 
     /// Releases values (best effort: what cannot be released now is a leak repair reclaims).
-    pub async fn release(&self, ips: &[IpAddr], ports: &[u16]) {
+    /// With a `fence` the releases are the leader's, each fenced by its term; without one they
+    /// undo what a failed request of this replica's webhook took.
+    pub async fn release(&self, ips: &[IpAddr], ports: &[u16], fence: Option<&Fence>) {
         for ip in ips {
             let family = if ip.is_ipv6() { Family::IPv6 } else { Family::IPv4 };
             if let Some(store) = self.cluster_ips.get(&family)
                 && store.range().contains(*ip)
-                && let Err(e) = store.submit(Op::Release(*ip)).await
+                && let Err(e) = submit(store, Op::Release(*ip), fence).await
             {
                 warn!(%ip, error = %e, "could not release a ClusterIP; repair will reclaim it");
             }
         }
         for port in ports {
-            if let Err(e) = self.node_ports.submit(Op::Release(*port)).await {
+            if let Err(e) = submit(&self.node_ports, Op::Release(*port), fence).await {
                 warn!(port, error = %e, "could not release a NodePort; repair will reclaim it");
             }
         }
+    }
+}
+
+async fn submit<R>(
+    store: &RangeStore<R>,
+    op: Op<R::Value>,
+    fence: Option<&Fence>,
+) -> Result<Done<R::Value>, StoreError>
+where
+    R: crate::Range + Clone + Send + Sync + 'static,
+    R::Value: Send + Sync + 'static,
+{
+    match fence {
+        Some(fence) => store.submit_as_leader(op, fence).await,
+        None => store.submit(op).await,
     }
 }

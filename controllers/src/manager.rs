@@ -25,7 +25,7 @@ use crate::{
     events::EventSink,
     mirroring::controller::{self as mirroring_controller, MirroringController, MirroringMetrics},
     model::{LABEL_MANAGED_BY, LABEL_SERVICE_NAME, NodeView, PodView, ServiceView},
-    runtime::{Informer, Store, Synced, WorkqueueMetrics, wait_for_sync},
+    runtime::{Informer, Store, Supervisor, Synced, TaskFailed, WorkqueueMetrics, wait_for_sync},
 };
 
 pub const ENDPOINTSLICE_CONTROLLER: &str = "endpointslice-controller";
@@ -120,12 +120,17 @@ pub struct ManagerConfig {
     pub identity: String,
 }
 
-/// Runs the enabled controllers until `stop`.
-pub async fn run(client: Client, cfg: ManagerConfig, metrics: ControllerMetrics, stop: CancellationToken) {
+/// Runs the enabled controllers until `stop`, or until one of them or their informers fails.
+pub async fn run(
+    client: Client,
+    cfg: ManagerConfig,
+    metrics: ControllerMetrics,
+    stop: CancellationToken,
+) -> Result<(), TaskFailed> {
     if cfg.controllers.is_empty() {
         warn!("no controllers enabled");
         stop.cancelled().await;
-        return;
+        return Ok(());
     }
     // Initial lists are served from the apiserver's watch cache (resourceVersion=0), as
     // client-go's informers do: one response instead of pages read from etcd; the watch that
@@ -269,55 +274,51 @@ pub async fn run(client: Client, cfg: ManagerConfig, metrics: ControllerMetrics,
         slice_informer.on_change(Box::new(move |o, n| h.on_slice(o, n)));
     }
 
-    let informers_stop = stop.child_token();
+    // One group for the term: the informers, and the controllers once every cache is complete.
+    // Any of them dying ends the whole term (see `Supervisor`).
+    let mut group = Supervisor::new(&stop);
+    let token = group.token();
     let mut synced: Vec<Synced> = vec![service_informer.synced(), pod_informer.synced()];
-    let mut tasks = vec![
-        tokio::spawn(service_informer.run(informers_stop.clone())),
-        tokio::spawn(pod_informer.run(informers_stop.clone())),
-    ];
+    group.spawn("services informer", service_informer.run(token.clone()));
+    group.spawn("pods informer", pod_informer.run(token.clone()));
     // Watch only what the enabled controllers read.
     if slice_ctl.is_some() {
         synced.push(node_informer.synced());
-        tasks.push(tokio::spawn(node_informer.run(informers_stop.clone())));
+        group.spawn("nodes informer", node_informer.run(token.clone()));
     }
     if slice_ctl.is_some() || mirroring_ctl.is_some() {
         synced.push(slice_informer.synced());
-        tasks.push(tokio::spawn(slice_informer.run(informers_stop.clone())));
+        group.spawn("endpointslices informer", slice_informer.run(token.clone()));
     }
     if endpoints_ctl.is_some() || mirroring_ctl.is_some() {
         synced.push(endpoints_informer.synced());
-        tasks.push(tokio::spawn(endpoints_informer.run(informers_stop.clone())));
+        group.spawn("endpoints informer", endpoints_informer.run(token.clone()));
     }
-    if !wait_for_sync(&mut synced, &stop, Duration::from_secs(10)).await {
-        informers_stop.cancel();
-        for t in tasks {
-            let _ = t.await;
+    group.spawn_fallible("endpoint controllers", async move {
+        if !wait_for_sync(&mut synced, &token, Duration::from_secs(10)).await {
+            return Ok(()); // stopped first
         }
-        return;
-    }
-    info!(
-        services = services.len(),
-        pods = pods.len(),
-        nodes = nodes.len(),
-        slices = slices.len(),
-        endpoints = endpoints.len(),
-        "caches synced"
-    );
-
-    if let Some(c) = slice_ctl {
-        tasks.push(tokio::spawn(c.run(stop.clone())));
-    }
-    if let Some(c) = endpoints_ctl {
-        tasks.push(tokio::spawn(c.run(stop.clone())));
-    }
-    if let Some(c) = mirroring_ctl {
-        tasks.push(tokio::spawn(c.run(stop.clone())));
-    }
-    stop.cancelled().await;
-    informers_stop.cancel();
-    for t in tasks {
-        let _ = t.await;
-    }
+        info!(
+            services = services.len(),
+            pods = pods.len(),
+            nodes = nodes.len(),
+            slices = slices.len(),
+            endpoints = endpoints.len(),
+            "caches synced"
+        );
+        let mut controllers = Supervisor::new(&token);
+        if let Some(c) = slice_ctl {
+            controllers.spawn_fallible(ENDPOINTSLICE_CONTROLLER, c.run(controllers.token()));
+        }
+        if let Some(c) = endpoints_ctl {
+            controllers.spawn_fallible(ENDPOINTS_CONTROLLER, c.run(controllers.token()));
+        }
+        if let Some(c) = mirroring_ctl {
+            controllers.spawn_fallible(MIRRORING_CONTROLLER, c.run(controllers.token()));
+        }
+        controllers.supervise().await
+    });
+    group.supervise().await
 }
 
 #[cfg(test)]

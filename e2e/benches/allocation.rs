@@ -25,7 +25,7 @@ use kube::{
 };
 use svcplane_allocators::{
     Allocation, IpRange,
-    etcd::{Done, Op, RangeStore},
+    etcd::{Done, EpochKey, Op, RangeStore},
 };
 use svcplane_e2e::{
     OwnedControlPlane,
@@ -66,8 +66,13 @@ async fn etcd_allocations(etcd_url: &str, replicas: usize, total: usize) -> (f64
         let client = etcd_client::Client::connect([etcd_url], None).await.unwrap();
         stores.push(RangeStore::new(client, &prefix, "clusterip", range.clone(), "IP"));
     }
+    let etcd = etcd_client::Client::connect([etcd_url], None).await.unwrap();
+    let term = EpochKey::new(etcd, &prefix)
+        .begin("bench", std::sync::Arc::new(|| true))
+        .await
+        .unwrap();
     stores[0]
-        .replace(&Allocation::new(range), 0)
+        .replace(&Allocation::new(range), 0, &term)
         .await
         .unwrap()
         .unwrap();

@@ -249,6 +249,31 @@ impl ControlPlane {
         );
     }
 
+    /// On a control plane of the test's own: the shipped controller-manager ServiceAccount and
+    /// RBAC unmodified (in kube-system) and the CRDs; returns a kubeconfig acting as that
+    /// ServiceAccount.
+    pub async fn install_controller_manager(&self, client: &Client) -> PathBuf {
+        let manifests = repo_root().join("manifests");
+        let mut yaml = String::new();
+        for f in [
+            "controller-manager/serviceaccount.yaml",
+            "controller-manager/rbac.yaml",
+        ] {
+            yaml.push_str(&std::fs::read_to_string(manifests.join(f)).unwrap());
+            yaml.push_str("\n---\n");
+        }
+        self.kubectl_apply(&yaml);
+        self.apply_crds();
+        self.service_account_kubeconfig(
+            client,
+            "kube-system",
+            "svcplane-controller-manager",
+            None,
+            &self.dir.join("sa.kubeconfig"),
+        )
+        .await
+    }
+
     /// The shipped dataplane ServiceAccount and RBAC, moved into `ns` the same way.
     pub fn apply_dataplane_rbac(&self, ns: &str) {
         self.kubectl_apply(&shipped_rbac("dataplane", ns, "svcplane:dataplane"));

@@ -81,6 +81,24 @@ impl Svcplane {
         c.wait().ok()
     }
 
+    /// SIGSTOP: the process stops where it is, mid-request or mid-reconcile, as a stalled node or
+    /// a paused VM stops it.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`Self::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let status = Command::new("kill").arg(sig).arg(c.id().to_string()).status();
+            assert!(status.is_ok_and(|s| s.success()), "kill {sig} {}", c.id());
+        }
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .as_mut()

@@ -6,3 +6,63 @@
 pub mod pools;
 pub mod release;
 pub mod repair;
+
+use std::{sync::Arc, time::Duration};
+
+use kube::Client;
+use svcplane_controllers::{
+    leader::Claim,
+    runtime::{Supervisor, TaskFailed},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{etcd::Fence, ranges::Ranges};
+
+/// How long to wait before trying again to begin a term while etcd is away.
+const BEGIN_RETRY: Duration = Duration::from_secs(2);
+
+/// The allocation side of one leader term: begins the term in etcd, then runs the repair loop and
+/// the releases, every write of both fenced by the term, until `stop` or until one fails.
+pub async fn run_term(
+    client: Client,
+    ranges: Arc<Ranges>,
+    repair: Arc<repair::Repair>,
+    identity: String,
+    claim: Claim,
+    stop: CancellationToken,
+) -> Result<(), TaskFailed> {
+    let Some(fence) = begin_term(&ranges, &identity, claim, &stop).await else {
+        return Ok(()); // stopped before the term could begin
+    };
+    let mut group = Supervisor::new(&stop);
+    let (token, term) = (group.token(), fence.clone());
+    group.spawn("allocation repair", async move { repair.run(&term, token).await });
+    group.spawn_fallible(
+        "allocation releases",
+        release::run(client, ranges, fence, group.token()),
+    );
+    group.supervise().await
+}
+
+async fn begin_term(
+    ranges: &Ranges,
+    identity: &str,
+    claim: Claim,
+    stop: &CancellationToken,
+) -> Option<Fence> {
+    let check = Arc::new(move || claim.check().is_ok());
+    loop {
+        match ranges.epoch.begin(identity, check.clone()).await {
+            Ok(fence) => {
+                info!("leader term begun in etcd; allocation repair and releases starting");
+                return Some(fence);
+            }
+            Err(e) => warn!(error = %e, "cannot begin the leader term in etcd; retrying"),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return None,
+            () = tokio::time::sleep(BEGIN_RETRY) => {}
+        }
+    }
+}

@@ -9,12 +9,18 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use svcplane_controllers::runtime::{Informer, Store};
+use svcplane_controllers::runtime::{Informer, Store, Supervisor, TaskFailed};
 
-use crate::{ranges::Ranges, release::dropped};
+use crate::{etcd::Fence, ranges::Ranges, release::dropped};
 
-/// Watches Services until `stop`, releasing what deletions and updates drop.
-pub async fn run(client: Client, allocators: Arc<Ranges>, stop: CancellationToken) {
+/// Watches Services until `stop`, releasing what deletions and updates drop; every release is
+/// fenced by this leader term. Ends early only if its watch or its release loop fails.
+pub async fn run(
+    client: Client,
+    allocators: Arc<Ranges>,
+    fence: Fence,
+    stop: CancellationToken,
+) -> Result<(), TaskFailed> {
     let store = Arc::new(Store::<Service>::default());
     let mut informer = Informer::new(
         "services (allocation releases)",
@@ -36,18 +42,22 @@ pub async fn run(client: Client, allocators: Arc<Ranges>, stop: CancellationToke
             }
         }
     }));
-    let watch = tokio::spawn(informer.run(stop.clone()));
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => break,
-            next = rx.recv() => match next {
-                Some((ips, ports)) => {
-                    info!(?ips, ?ports, "releasing what a Service no longer holds");
-                    allocators.release(&ips, &ports).await;
-                }
-                None => break,
-            },
+    let mut group = Supervisor::new(&stop);
+    group.spawn("services informer (releases)", informer.run(group.token()));
+    let token = group.token();
+    group.spawn("releases", async move {
+        loop {
+            tokio::select! {
+                () = token.cancelled() => break,
+                next = rx.recv() => match next {
+                    Some((ips, ports)) => {
+                        info!(?ips, ?ports, "releasing what a Service no longer holds");
+                        allocators.release(&ips, &ports, Some(&fence)).await;
+                    }
+                    None => break,
+                },
+            }
         }
-    }
-    let _ = watch.await;
+    });
+    group.supervise().await
 }

@@ -22,7 +22,7 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::{
     Allocation, Range,
     admission::{Family, held_values},
-    etcd::{RangeStore, StoreError},
+    etcd::{Fence, RangeStore, StoreError},
     ranges::Ranges,
     repair::{Finding, repair_pass},
 };
@@ -115,10 +115,10 @@ impl Repair {
         }
     }
 
-    /// Repairs now, then every interval, until `stop`.
-    pub async fn run(&self, stop: CancellationToken) {
+    /// Repairs now, then every interval, until `stop`; every write is fenced by this term.
+    pub async fn run(&self, fence: &Fence, stop: CancellationToken) {
         loop {
-            if let Err(e) = self.run_once().instrument(info_span!("repair")).await {
+            if let Err(e) = self.run_once(fence).instrument(info_span!("repair")).await {
                 warn!(error = %e, "repair pass failed; retrying at the next interval");
             }
             tokio::select! {
@@ -129,7 +129,7 @@ impl Repair {
     }
 
     /// One pass over every range.
-    pub async fn run_once(&self) -> Result<(), kube::Error> {
+    pub async fn run_once(&self, fence: &Fence) -> Result<(), kube::Error> {
         let services = Api::<Service>::all(self.client.clone())
             .list(&ListParams::default())
             .await?;
@@ -155,7 +155,10 @@ impl Repair {
             let Some(leaks) = self.ip_leaks.get(family) else {
                 continue;
             };
-            if let Err(e) = self.repair_range(store, &in_use, leaks, Kind::ClusterIp).await {
+            if let Err(e) = self
+                .repair_range(store, &in_use, leaks, Kind::ClusterIp, fence)
+                .await
+            {
                 self.metrics.ip_reconcile_errors.inc();
                 warn!(range = %store.range(), error = %e, "ClusterIP repair failed");
             }
@@ -166,6 +169,7 @@ impl Repair {
                 &ports,
                 &self.port_leaks,
                 Kind::NodePort,
+                fence,
             )
             .await
         {
@@ -181,6 +185,7 @@ impl Repair {
         in_use: &[(ObjectKey, R::Value, String)],
         leaks: &Mutex<HashMap<R::Value, u32>>,
         kind: Kind,
+        fence: &Fence,
     ) -> Result<(), StoreError>
     where
         R: Range + Clone + Send + Sync + 'static,
@@ -199,7 +204,7 @@ impl Repair {
                 .clone();
             let pass = repair_pass(&stored, &pairs, |_| true, &mut next_leaks);
             let unchanged = revision != 0 && pass.rebuilt.bitmap() == stored.bitmap();
-            if !unchanged && store.replace(&pass.rebuilt, revision).await?.is_none() {
+            if !unchanged && store.replace(&pass.rebuilt, revision, fence).await?.is_none() {
                 continue; // someone allocated meanwhile: look again
             }
             if revision == 0 {

@@ -22,7 +22,7 @@ use crate::{
     events::{EventSink, reference},
     model::{ANNOTATION_LEADER, ObjectKey, PodView, ServiceView},
     podchange,
-    runtime::{Backoff, Outcome, Store, WorkQueue, WorkqueueMetrics, run_workers},
+    runtime::{Backoff, Outcome, Store, TaskFailed, WorkQueue, WorkqueueMetrics, run_workers},
     selection::ServiceSelection,
 };
 
@@ -170,7 +170,7 @@ impl EndpointsController {
         }
     }
 
-    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) -> Result<(), TaskFailed> {
         for key in self.caches.services.keys() {
             self.queue.add(key);
         }
@@ -183,7 +183,7 @@ impl EndpointsController {
         }
         info!(workers = self.cfg.workers, "Endpoints controller started");
         let this = self.clone();
-        run_workers(
+        let result = run_workers(
             CONTROLLER,
             self.queue.clone(),
             self.cfg.workers,
@@ -196,6 +196,7 @@ impl EndpointsController {
         )
         .await;
         info!("Endpoints controller stopped");
+        result
     }
 
     async fn sync_and_report(&self, key: &ObjectKey) -> Outcome {

@@ -25,7 +25,7 @@ use crate::{
     events::{EventSink, reference},
     model::{NodeView, ObjectKey, PodView, ServiceView},
     podchange,
-    runtime::{Backoff, Outcome, Store, WorkQueue, WorkqueueMetrics, run_workers},
+    runtime::{Backoff, Outcome, Store, TaskFailed, WorkQueue, WorkqueueMetrics, run_workers},
     selection::ServiceSelection,
 };
 
@@ -203,13 +203,13 @@ impl EndpointSliceController {
     // === workers ===
 
     /// Syncs every Service once, then every change, until `stop`.
-    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) -> Result<(), TaskFailed> {
         for key in self.caches.services.keys() {
             self.queue.add(key);
         }
         info!(workers = self.cfg.workers, managed_by = %self.managed_by, "EndpointSlice controller started");
         let this = self.clone();
-        run_workers(
+        let result = run_workers(
             CONTROLLER,
             self.queue.clone(),
             self.cfg.workers,
@@ -222,6 +222,7 @@ impl EndpointSliceController {
         )
         .await;
         info!("EndpointSlice controller stopped");
+        result
     }
 
     async fn sync_and_report(&self, key: &ObjectKey) -> Outcome {

@@ -13,6 +13,8 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use crate::runtime::TaskFailed;
+
 use super::{
     ConfigError, Decision, ElectionConfig, LeaderMetrics, LeaseRecord, Observer, claim, decide, released,
 };
@@ -38,6 +40,10 @@ impl Leadership {
 pub enum Error {
     #[error("invalid leader election configuration: {0}")]
     Config(#[from] ConfigError),
+    /// The leader-only work failed while leading; the lease was released so another replica
+    /// takes over at once, and this one should not campaign again half-dead.
+    #[error("leader-only work failed: {0}")]
+    WorkFailed(#[source] TaskFailed),
 }
 
 /// Campaigns for one Lease and runs the leader-only work while it holds it.
@@ -81,7 +87,31 @@ impl Session {
 /// Leader-only work currently running, with the token that asks it to stop.
 struct Worker {
     stop: CancellationToken,
-    handle: JoinHandle<()>,
+    handle: JoinHandle<Result<(), TaskFailed>>,
+}
+
+/// Resolves when the running work ends by itself (it never should while leading).
+async fn work_ended(worker: &mut Option<Worker>) -> TaskFailed {
+    let Some(w) = worker.as_mut() else {
+        return std::future::pending().await;
+    };
+    let joined = (&mut w.handle).await;
+    *worker = None;
+    match joined {
+        Ok(Err(failed)) => failed,
+        Ok(Ok(())) => TaskFailed {
+            task: "leader-only work",
+            how: "ended unexpectedly".to_owned(),
+        },
+        Err(e) => TaskFailed {
+            task: "leader-only work",
+            how: if e.is_panic() {
+                "panicked".to_owned()
+            } else {
+                "was cancelled".to_owned()
+            },
+        },
+    }
 }
 
 impl Elector {
@@ -106,27 +136,32 @@ impl Elector {
     /// `work` is cancelled when leadership ends; work that has not finished `stop_grace` later is
     /// aborted, which still leaves it gone before the lease can pass to another replica. On
     /// shutdown the work is stopped first and the lease released after.
-    pub async fn run<W, F>(self, shutdown: CancellationToken, work: W)
+    ///
+    /// Work that ends by itself while leading (a task of it failed) ends the campaign: the lease
+    /// is released and the failure returned, so the process can exit and start afresh instead of
+    /// leading with part of its work dead.
+    pub async fn run<W, F>(self, shutdown: CancellationToken, work: W) -> Result<(), Error>
     where
         W: FnMut(CancellationToken) -> F,
-        F: Future<Output = ()> + Send + 'static,
+        F: Future<Output = Result<(), TaskFailed>> + Send + 'static,
     {
         let span = info_span!(
             "leader_election",
             lease = %format_args!("{}/{}", self.cfg.namespace, self.cfg.name),
             identity = %self.cfg.identity,
         );
-        self.campaign(shutdown, work).instrument(span).await;
+        self.campaign(shutdown, work).instrument(span).await
     }
 
-    async fn campaign<W, F>(self, shutdown: CancellationToken, mut work: W)
+    async fn campaign<W, F>(self, shutdown: CancellationToken, mut work: W) -> Result<(), Error>
     where
         W: FnMut(CancellationToken) -> F,
-        F: Future<Output = ()> + Send + 'static,
+        F: Future<Output = Result<(), TaskFailed>> + Send + 'static,
     {
         info!("campaigning for leadership");
         let mut session = Session::default();
         let mut worker: Option<Worker> = None;
+        let mut failure = None;
         loop {
             let start = Instant::now();
             // A leader's attempt may not outlive its fence; a follower's is bounded so a hung
@@ -146,15 +181,13 @@ impl Elector {
                     }
                     let fence = start + self.cfg.renew_deadline;
                     session.fence = Some(fence);
-                    if worker.as_ref().is_none_or(|w| w.handle.is_finished()) {
-                        if worker.is_some() {
-                            error!("leader-only work ended while leading; starting it again");
-                        }
+                    // Published first: the work's writes check this claim.
+                    self.publish(Some(self.cfg.identity.clone()), Some(fence));
+                    if worker.is_none() {
                         let stop = CancellationToken::new();
                         let handle = tokio::spawn(work(stop.clone()));
                         worker = Some(Worker { stop, handle });
                     }
-                    self.publish(Some(self.cfg.identity.clone()), Some(fence));
                 }
                 Ok(Ok(Outcome::Following { holder, recheck_at })) => {
                     if session.fence.take().is_some() {
@@ -186,6 +219,11 @@ impl Elector {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
+                failed = work_ended(&mut worker) => {
+                    error!(task = failed.task, reason = %failed.how, "leader-only work failed; giving up the lease");
+                    failure = Some(failed);
+                    break;
+                }
                 () = sleep_until(next) => {}
             }
         }
@@ -196,6 +234,7 @@ impl Elector {
         }
         self.publish(None, None);
         info!("left the election");
+        failure.map_or(Ok(()), |f| Err(Error::WorkFailed(f)))
     }
 
     async fn attempt(&self, s: &mut Session, start: Instant) -> kube::Result<Outcome> {

@@ -14,18 +14,22 @@
 //!   since the start of its last successful renewal, which is at least
 //!   `lease_duration - renew_deadline` before any other replica may take the lease;
 //! - a clean shutdown stops the work first and then releases the lease, so a successor takes over
-//!   at its next retry instead of waiting out the lease.
+//!   at its next retry instead of waiting out the lease;
+//! - every write of the leader's work re-checks the claim right before it is sent ([`Claim`],
+//!   [`FenceLayer`]), so a replica that wakes from a pause past its fence sends nothing.
 //!
 //! [`decision`] is the pure part (what to write, when a lease is expired); [`elector`] does the I/O.
 
 mod config;
 mod decision;
 mod elector;
+mod fence;
 mod metrics;
 mod record;
 
 pub use config::{ConfigError, ElectionConfig};
 pub use decision::{Decision, Observation, Observer, claim, decide, released};
 pub use elector::{Elector, Error, Leadership};
+pub use fence::{Claim, FenceLayer, Fenced, NotLeading};
 pub use metrics::LeaderMetrics;
 pub use record::LeaseRecord;

@@ -27,7 +27,7 @@ use crate::{
     },
     events::{EventSink, reference},
     model::{ANNOTATION_LEADER, ObjectKey, ServiceView},
-    runtime::{Backoff, GaugeShares, Outcome, Store, WorkQueue, WorkqueueMetrics, run_workers},
+    runtime::{Backoff, GaugeShares, Outcome, Store, TaskFailed, WorkQueue, WorkqueueMetrics, run_workers},
     selection::ServiceSelection,
 };
 
@@ -224,7 +224,7 @@ impl MirroringController {
         }
     }
 
-    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) -> Result<(), TaskFailed> {
         for ep in self.caches.endpoints.list_all(|_| true) {
             self.on_endpoints(None, Some(&ep));
         }
@@ -240,7 +240,7 @@ impl MirroringController {
         }
         info!(workers = self.cfg.workers, managed_by = %self.managed_by, "EndpointSlice mirroring controller started");
         let this = self.clone();
-        run_workers(
+        let result = run_workers(
             CONTROLLER,
             self.queue.clone(),
             self.cfg.workers,
@@ -253,6 +253,7 @@ impl MirroringController {
         )
         .await;
         info!("EndpointSlice mirroring controller stopped");
+        result
     }
 
     async fn sync_and_report(&self, key: &ObjectKey) -> Outcome {

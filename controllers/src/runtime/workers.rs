@@ -6,7 +6,10 @@ use std::{future::Future, sync::Arc, time::Duration};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span, warn};
 
-use super::WorkQueue;
+use super::{
+    WorkQueue,
+    supervisor::{Supervisor, TaskFailed},
+};
 use crate::model::ObjectKey;
 
 /// How one sync ended.
@@ -22,7 +25,8 @@ pub enum Outcome {
 }
 
 /// Runs `workers` concurrent workers over `queue` until `stop`, then shuts the queue down and
-/// waits for syncs in progress.
+/// waits for syncs in progress. A worker that panics stops the others and is returned: the
+/// controller must not go on with fewer workers (or none) while its replica keeps the Lease.
 pub async fn run_workers<S, F>(
     controller: &'static str,
     queue: Arc<WorkQueue<ObjectKey>>,
@@ -30,15 +34,16 @@ pub async fn run_workers<S, F>(
     max_retries: u32,
     stop: CancellationToken,
     sync: S,
-) where
+) -> Result<(), TaskFailed>
+where
     S: Fn(ObjectKey) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Outcome> + Send,
 {
-    let mut handles = Vec::with_capacity(workers.max(1));
+    let mut group = Supervisor::new(&stop);
     for _ in 0..workers.max(1) {
         let queue = queue.clone();
         let sync = sync.clone();
-        handles.push(tokio::spawn(async move {
+        group.spawn(controller, async move {
             while let Some(key) = queue.get().await {
                 let span = info_span!("sync", controller, key = %key);
                 match sync(key.clone()).instrument(span).await {
@@ -55,13 +60,15 @@ pub async fn run_workers<S, F>(
                 }
                 queue.done(&key);
             }
-        }));
+        });
     }
-    stop.cancelled().await;
-    queue.shut_down();
-    for h in handles {
-        let _ = h.await;
-    }
+    // The workers leave their loop once the queue is shut down: on stop, or when one failed.
+    let token = group.token();
+    group.spawn(controller, async move {
+        token.cancelled().await;
+        queue.shut_down();
+    });
+    group.supervise().await
 }
 
 #[cfg(test)]
@@ -104,12 +111,39 @@ mod tests {
         ));
         tokio::time::sleep(Duration::from_secs(5)).await;
         stop.cancel();
-        task.await.unwrap();
+        task.await.unwrap().unwrap();
         let seen = seen.lock().unwrap();
         let count = |n: &str| seen.iter().filter(|s| *s == n).count();
         assert_eq!(count("ok"), 1);
         assert_eq!(count("later"), 2);
         assert_eq!(count("fail"), 4, "first try + 3 retries, then dropped");
         assert_eq!(queue.pending(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_sync_ends_the_controller_with_its_reason() {
+        let queue = Arc::new(WorkQueue::new(Backoff {
+            base: Duration::from_millis(10),
+            max: Duration::from_secs(1),
+        }));
+        queue.add(ObjectKey::new("ns", "fine"));
+        queue.add(ObjectKey::new("ns", "poison"));
+        let stop = CancellationToken::new();
+        let result = run_workers(
+            "test",
+            queue.clone(),
+            4,
+            3,
+            stop.clone(),
+            |key: ObjectKey| async move {
+                assert_ne!(key.name, "poison", "a bug in a reconcile");
+                Outcome::Done
+            },
+        )
+        .await;
+        let failed = result.unwrap_err();
+        assert_eq!(failed.task, "test");
+        assert!(failed.how.contains("a bug in a reconcile"), "{failed}");
+        assert!(!stop.is_cancelled(), "the caller decides what a failure means");
     }
 }

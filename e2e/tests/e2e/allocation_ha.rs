@@ -25,7 +25,7 @@ use kube::{
 use svcplane_allocators::{IpRange, PortRange, etcd::RangeStore};
 use svcplane_e2e::{
     OwnedControlPlane, balancer::Balancer, eventually, free_port, http::metric_value, process::Svcplane,
-    repo_root, test_namespace, webhook,
+    test_namespace, webhook,
 };
 
 const V4: &str = "10.96.0.0/16";
@@ -138,18 +138,6 @@ async fn two_replicas_behind_one_address_never_duplicate_even_when_the_leader_di
     let owned = OwnedControlPlane::start("alloc-ha").unwrap();
     let cp = &owned.cp;
     let client = cp.client().await;
-    let manifests = repo_root().join("manifests");
-    let mut yaml = String::new();
-    for f in [
-        "controller-manager/serviceaccount.yaml",
-        "controller-manager/rbac.yaml",
-    ] {
-        yaml.push_str(&std::fs::read_to_string(manifests.join(f)).unwrap());
-        yaml.push_str("\n---\n");
-    }
-    cp.kubectl_apply(&yaml);
-    cp.apply_crds();
-
     let ports = [free_port(), free_port()];
     let balancer = Balancer::start(
         ports
@@ -181,15 +169,7 @@ async fn two_replicas_behind_one_address_never_duplicate_even_when_the_leader_di
         .await
         .unwrap();
 
-    let kubeconfig = cp
-        .service_account_kubeconfig(
-            &client,
-            "kube-system",
-            "svcplane-controller-manager",
-            None,
-            &cp.dir.join("sa.kubeconfig"),
-        )
-        .await;
+    let kubeconfig = cp.install_controller_manager(&client).await;
     let replica = |name: &str, port: u16| {
         let args = [
             "--controllers=".to_owned(),

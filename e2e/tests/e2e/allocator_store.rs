@@ -1,12 +1,21 @@
 //! The etcd-backed range store against the control plane's real etcd: compare-and-swap under
-//! concurrent writers, the range-full message, refusal before initialization, and a corrupt
-//! bitmap that stops allocation instead of being reset.
+//! concurrent writers, the range-full message, refusal before initialization, a corrupt bitmap
+//! that stops allocation instead of being reset, and the leader-epoch fence of the leader's own
+//! writes.
 
-use std::{collections::HashSet, net::IpAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashSet,
+    net::IpAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use svcplane_allocators::{
     Allocation, IpRange,
-    etcd::{Done, EtcdOptions, Op, RangeStore, StoreError, connect},
+    etcd::{ClaimCheck, Done, EpochKey, EtcdOptions, Fence, Op, RangeStore, StoreError, connect},
 };
 use svcplane_e2e::control_plane;
 
@@ -26,10 +35,29 @@ fn unique_prefix() -> String {
     format!("/svcplane-test-{:08x}", rand::random::<u32>())
 }
 
+fn holds() -> ClaimCheck {
+    Arc::new(|| true)
+}
+
+/// A leader term of its own under `prefix`, as the repair controller begins one.
+async fn term(prefix: &str) -> Fence {
+    EpochKey::new(client().await, prefix)
+        .begin("test", holds())
+        .await
+        .unwrap()
+}
+
 async fn initialized(client: etcd_client::Client, prefix: &str, cidr: &str) -> Arc<RangeStore<IpRange>> {
     let range: IpRange = cidr.parse().unwrap();
     let store = RangeStore::new(client, prefix, "clusterip", range.clone(), "IP");
-    assert!(store.replace(&Allocation::new(range), 0).await.unwrap().is_some());
+    let fence = term(prefix).await;
+    assert!(
+        store
+            .replace(&Allocation::new(range), 0, &fence)
+            .await
+            .unwrap()
+            .is_some()
+    );
     store
 }
 
@@ -96,10 +124,17 @@ async fn refuses_before_initialization_and_reports_a_full_range() {
     let store = RangeStore::new(client().await, &prefix, "clusterip", range.clone(), "IP");
     let err = store.submit(Op::AllocateNext).await.unwrap_err();
     assert!(matches!(err, StoreError::NotInitialized { .. }), "{err}");
-    assert!(store.replace(&Allocation::new(range), 0).await.unwrap().is_some());
+    let fence = term(&prefix).await;
     assert!(
         store
-            .replace(&Allocation::new("10.101.0.0/28".parse().unwrap()), 0)
+            .replace(&Allocation::new(range), 0, &fence)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        store
+            .replace(&Allocation::new("10.101.0.0/28".parse().unwrap()), 0, &fence)
             .await
             .unwrap()
             .is_none(),
@@ -141,4 +176,83 @@ async fn a_corrupt_bitmap_stops_allocation_and_is_left_alone() {
         err.to_string().contains("belongs to range 10.103.0.0/24"),
         "{err}"
     );
+}
+
+/// A deposed leader's repair and release transactions fail once a new term has begun, even when
+/// its own claim check still passes (it was paused after the check), and they change nothing; a
+/// lapsed claim stops the write before it is sent. Allocations, which every replica's webhook
+/// makes, are not fenced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_terms_writes_fail_and_change_nothing() {
+    let prefix = unique_prefix();
+    let old_term = term(&prefix).await;
+    let range: IpRange = "10.104.0.0/24".parse().unwrap();
+    let store = RangeStore::new(client().await, &prefix, "clusterip", range.clone(), "IP");
+    store
+        .replace(&Allocation::new(range.clone()), 0, &old_term)
+        .await
+        .unwrap()
+        .expect("the first write creates the range");
+    let ip: IpAddr = "10.104.0.7".parse().unwrap();
+    assert_eq!(store.submit(Op::Allocate(ip)).await.unwrap(), Done::Allocated(ip));
+    assert_eq!(
+        store.submit_as_leader(Op::Release(ip), &old_term).await.unwrap(),
+        Done::Released(true),
+        "the current term releases"
+    );
+    store.submit(Op::Allocate(ip)).await.unwrap();
+
+    // Another replica takes over and begins its term.
+    let new_term = EpochKey::new(client().await, &prefix)
+        .begin("other", holds())
+        .await
+        .unwrap();
+    let (_, before) = store.read().await.unwrap().unwrap();
+    let err = store
+        .submit_as_leader(Op::Release(ip), &old_term)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Deposed), "{err}");
+    let err = store
+        .replace(&Allocation::new(range.clone()), before, &old_term)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Deposed), "{err}");
+    let (held, after) = store.read().await.unwrap().unwrap();
+    assert_eq!(after, before, "nothing written");
+    assert!(held.values().any(|v| v == ip), "{ip} still held");
+
+    // The new term's writes go through; webhook allocations never needed a term.
+    assert_eq!(
+        store.submit_as_leader(Op::Release(ip), &new_term).await.unwrap(),
+        Done::Released(true)
+    );
+    assert!(matches!(
+        store.submit(Op::AllocateNext).await.unwrap(),
+        Done::Allocated(_)
+    ));
+
+    // The current term, but its claim on the Lease has lapsed: refused before anything is sent.
+    let leading = Arc::new(AtomicBool::new(true));
+    let flag = leading.clone();
+    let lapsing = EpochKey::new(client().await, &prefix)
+        .begin("lapsing", Arc::new(move || flag.load(Ordering::SeqCst)))
+        .await
+        .unwrap();
+    store.submit(Op::Allocate(ip)).await.unwrap();
+    leading.store(false, Ordering::SeqCst);
+    let (_, before) = store.read().await.unwrap().unwrap();
+    let err = store
+        .submit_as_leader(Op::Release(ip), &lapsing)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Deposed), "{err}");
+    assert_eq!(store.read().await.unwrap().unwrap().1, before, "nothing written");
+    let refused: ClaimCheck = Arc::new(|| false);
+    let err = EpochKey::new(client().await, &prefix)
+        .begin("never", refused)
+        .await
+        .err()
+        .expect("a replica that does not lead cannot begin a term");
+    assert!(matches!(err, StoreError::Deposed), "{err}");
 }

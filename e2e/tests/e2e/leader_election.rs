@@ -284,3 +284,70 @@ async fn partitioned_leader_fences_itself_and_readiness_follows_the_apiserver() 
     assert_eq!(b.leader_status(LEASE).await, Some(1.0));
     assert_eq!(s.holder().await.as_deref(), Some("replica-b"));
 }
+
+/// A task of the leader's work that panics ends the term: the lease is released at once (so the
+/// other replica takes over at its next retry) and the campaign returns the failure, so the
+/// process exits instead of leading with part of its work dead; the work is not restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_leader_task_gives_up_the_lease_and_ends_the_campaign() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+    use svcplane_controllers::{
+        leader::{ElectionConfig, Elector, Error, LeaderMetrics},
+        runtime::Supervisor,
+    };
+    use tokio_util::sync::CancellationToken;
+
+    let s = Setup::new("le-panic").await;
+    let cfg = ElectionConfig {
+        namespace: s.ns.clone(),
+        name: LEASE.into(),
+        identity: "panicking".into(),
+        lease_duration: Duration::from_secs(15),
+        renew_deadline: Duration::from_secs(10),
+        retry_period: Duration::from_secs(2),
+    };
+    let metrics = LeaderMetrics::register(&prometheus::Registry::new()).unwrap();
+    let elector = Elector::new(s.client.clone(), cfg, metrics).unwrap();
+    let terms = Arc::new(AtomicUsize::new(0));
+    let counted = terms.clone();
+    let campaign = elector.run(CancellationToken::new(), move |stop| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let mut group = Supervisor::new(&stop);
+            let token = group.token();
+            group.spawn("informer", async move { token.cancelled().await });
+            group.spawn("reconcile", async {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                panic!("a bug in a reconcile");
+            });
+            group.supervise().await
+        }
+    });
+    let outcome = tokio::time::timeout(Duration::from_secs(60), campaign)
+        .await
+        .expect("the campaign ends by itself");
+    let ended = Timestamp::now();
+    match outcome {
+        Err(Error::WorkFailed(f)) => {
+            assert_eq!(f.task, "reconcile");
+            assert!(f.how.contains("a bug in a reconcile"), "{}", f.how);
+        }
+        other => panic!("expected the work's failure, got {other:?}"),
+    }
+    assert_eq!(
+        terms.load(Ordering::SeqCst),
+        1,
+        "the failed work was not restarted"
+    );
+    let lease = s.lease().await.unwrap();
+    assert_eq!(s.holder().await, None, "the lease was released: {lease:?}");
+    if let (_, Some(released), _) = spec_times(&lease) {
+        eprintln!(
+            "panic: lease released {:.2}s before the campaign returned",
+            seconds_between(released, ended)
+        );
+    }
+}

@@ -10,6 +10,7 @@ mod control_plane;
 mod dataplane_ipvs;
 mod dataplane_nft;
 mod endpointslices;
+mod fencing;
 mod leader_election;
 mod manifests;
 mod upstream;

@@ -1,0 +1,188 @@
+//! Fencing of the leader's API writes: right before any write leaves the process, the replica's
+//! claim on the Lease must still be good *now*.
+//!
+//! Stopping the leader's work when the lease cannot be renewed is not enough on its own: a
+//! replica that was paused (SIGSTOP, a VM migration, a stalled node) wakes up with tasks in the
+//! middle of a reconcile and would send what they planned before anything noticed that another
+//! replica has taken over. The check sits in the client's middleware ([`FenceLayer`]), so every
+//! write of the leader's work (endpoint objects, `ServicePool`s, Events) passes it without each
+//! writer having to remember; reads and watches are not fenced.
+//!
+//! The window left is the time between the check and the apiserver receiving the request.
+//! Leader-only etcd transactions close it completely with a leader-epoch compare
+//! (`svcplane_allocators::etcd`).
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use http::{Method, Request};
+use tokio::{sync::watch, time::Instant};
+use tower::{BoxError, Layer, Service};
+
+use super::Leadership;
+
+/// A write refused because this replica no longer leads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("this replica no longer holds the leader lease; the write was not sent")]
+pub struct NotLeading;
+
+/// This replica's claim on the Lease, as the elector publishes it.
+#[derive(Clone, Debug)]
+pub struct Claim(Option<watch::Receiver<Leadership>>);
+
+impl Claim {
+    pub fn new(leadership: watch::Receiver<Leadership>) -> Self {
+        Self(Some(leadership))
+    }
+
+    /// With leader election off, the one replica is the leader by configuration.
+    pub fn unconditional() -> Self {
+        Self(None)
+    }
+
+    /// Whether this replica may write now: it leads and its fence has not passed.
+    pub fn check(&self) -> Result<(), NotLeading> {
+        match &self.0 {
+            None => Ok(()),
+            Some(rx) if rx.borrow().is_leading_at(Instant::now()) => Ok(()),
+            Some(_) => Err(NotLeading),
+        }
+    }
+}
+
+/// Adds the claim check to a client's stack
+/// (`kube::client::ClientBuilder::with_layer`).
+#[derive(Clone, Debug)]
+pub struct FenceLayer(Claim);
+
+impl FenceLayer {
+    pub fn new(claim: Claim) -> Self {
+        Self(claim)
+    }
+}
+
+impl<S> Layer<S> for FenceLayer {
+    type Service = Fenced<S>;
+
+    fn layer(&self, inner: S) -> Fenced<S> {
+        Fenced {
+            inner,
+            claim: self.0.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Fenced<S> {
+    inner: S,
+    claim: Claim,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Reads (and watches) go through unchecked; everything else is a write.
+fn is_write(method: &Method) -> bool {
+    !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+impl<S, B> Service<Request<B>> for Fenced<S>
+where
+    S: Service<Request<B>>,
+    S::Response: Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = BoxFuture<Result<S::Response, BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        if is_write(req.method())
+            && let Err(e) = self.claim.check()
+        {
+            return Box::pin(std::future::ready(Err(e.into())));
+        }
+        let sent = self.inner.call(req);
+        Box::pin(async move { sent.await.map_err(Into::into) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::{Arc, Mutex},
+        time::Duration,
+    };
+
+    use tower::{ServiceExt, service_fn};
+
+    use super::*;
+
+    /// A stand-in for the HTTP connection that records what reached it.
+    fn recorder(
+        sent: &Arc<Mutex<Vec<Method>>>,
+    ) -> impl Service<Request<()>, Response = (), Error = BoxError, Future: Send + 'static> + Clone + use<>
+    {
+        let sent = sent.clone();
+        service_fn(move |req: Request<()>| {
+            sent.lock().unwrap().push(req.method().clone());
+            std::future::ready(Ok::<(), BoxError>(()))
+        })
+    }
+
+    fn request(method: Method) -> Request<()> {
+        Request::builder()
+            .method(method)
+            .uri("/api/v1/namespaces/ns/endpoints")
+            .body(())
+            .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_pass_only_while_the_claim_holds() {
+        let (tx, rx) = watch::channel(Leadership {
+            holder: Some("me".into()),
+            leading_until: Some(Instant::now() + Duration::from_secs(10)),
+        });
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let svc = FenceLayer::new(Claim::new(rx)).layer(recorder(&sent));
+
+        svc.clone().oneshot(request(Method::POST)).await.unwrap();
+        // The fence passes while nothing renews (a paused replica): the claim lapses by itself.
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        for m in [Method::POST, Method::PUT, Method::PATCH, Method::DELETE] {
+            let err = svc.clone().oneshot(request(m)).await.unwrap_err();
+            assert_eq!(err.downcast_ref::<NotLeading>(), Some(&NotLeading));
+        }
+        svc.clone().oneshot(request(Method::GET)).await.unwrap();
+        // Leading again (a new term): writes go out again.
+        tx.send_replace(Leadership {
+            holder: Some("me".into()),
+            leading_until: Some(Instant::now() + Duration::from_secs(10)),
+        });
+        svc.clone().oneshot(request(Method::DELETE)).await.unwrap();
+        // Another replica took over.
+        tx.send_replace(Leadership {
+            holder: Some("other".into()),
+            leading_until: None,
+        });
+        assert!(svc.clone().oneshot(request(Method::PUT)).await.is_err());
+
+        assert_eq!(*sent.lock().unwrap(), [Method::POST, Method::GET, Method::DELETE]);
+    }
+
+    #[tokio::test]
+    async fn without_leader_election_every_write_passes() {
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let svc = FenceLayer::new(Claim::unconditional()).layer(recorder(&sent));
+        svc.oneshot(request(Method::POST)).await.unwrap();
+        assert_eq!(sent.lock().unwrap().len(), 1);
+    }
+}
