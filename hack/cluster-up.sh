@@ -34,8 +34,10 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 . "$HERE/lib/kubeconfig.sh"
 # shellcheck source=hack/lib/pki.sh
 . "$HERE/lib/pki.sh"
+LOG_TAG=cluster LOG_TIMESTAMPS=1
+# shellcheck source=hack/lib/proc.sh
+. "$HERE/lib/proc.sh"
 
-usage() { sed -n '18,29p' "$0" >&2; exit 2; }
 cmd=${1:-}; [ -n "$cmd" ] || usage; shift
 DIR=${SVCPLANE_CLUSTER_DIR:-/tmp/svcplane-cluster}
 case $cmd in up|run|status|down) [ $# -gt 0 ] && { DIR=$1; shift; } ;; esac
@@ -64,7 +66,6 @@ HOST_IP=10.211.$((INDEX * 4)).1 HOST_NS_IP=10.211.$((INDEX * 4)).2
 SERVICE_RANGE=10.96.0.0/12 POD_RANGE=10.244.0.0/24 NODEPORT_RANGE=30000-32767
 NODE_NAME=svcplane-node
 
-log() { echo "cluster: $(date +%T) $*" >&2; }
 in_ns() { ip netns exec "$NS" "$@"; }
 ssh_opts() {
   printf '%s\n' -i "$DIR/ssh/id_ed25519" -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
@@ -110,17 +111,7 @@ spawn() {
   ip netns exec "$NS" "$@" > "$DIR/logs/$name.log" 2>&1 &
   echo $! > "$DIR/$name.pid"
 }
-alive() { [ -f "$DIR/$1.pid" ] && kill -0 "$(cat "$DIR/$1.pid")" 2>/dev/null; }
-wait_for() { # wait_for WHAT SECONDS CMD...
-  local what=$1 secs=$2; shift 2
-  local end=$((SECONDS + secs))
-  until "$@" >/dev/null 2>&1; do
-    [ $SECONDS -lt $end ] || { log "$what: not ready after ${secs}s"; return 1; }
-    # `run`: the owner may go while this waits.
-    if [ -n "${WATCH_PID:-}" ] && ! kill -0 "$WATCH_PID" 2>/dev/null; then log "owner $WATCH_PID exited"; return 1; fi
-    sleep 0.5
-  done
-}
+alive() { pid_alive "$DIR/$1.pid"; }
 
 start_control_plane() {
   local P=$DIR/pki
@@ -258,14 +249,7 @@ down() {
   local c pid
   # Only a directory this script made a cluster in (it writes `index` first) is torn down.
   [ -f "$DIR/index" ] || { [ ! -e "$DIR" ] || log "$DIR holds no cluster; left alone"; return 0; }
-  for c in qemu kube-scheduler kube-controller-manager kube-apiserver etcd; do
-    [ -f "$DIR/$c.pid" ] || continue
-    pid=$(cat "$DIR/$c.pid")
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
-    { kill -9 "$pid"; wait "$pid"; } 2>/dev/null || true
-    rm -f "$DIR/$c.pid"
-  done
+  for c in qemu kube-scheduler kube-controller-manager kube-apiserver etcd; do pid_stop "$DIR/$c.pid"; done
   # Anything else still running in the namespace (nothing should be) would keep it alive.
   if [ -e "/run/netns/$NS" ]; then
     for pid in $(ip netns pids "$NS" 2>/dev/null); do kill -9 "$pid" 2>/dev/null || true; done

@@ -24,8 +24,11 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 . "$HERE/lib/kubeconfig.sh"
 # shellcheck source=hack/lib/pki.sh
 . "$HERE/lib/pki.sh"
+LOG_TAG=control-plane
+# shellcheck source=hack/lib/proc.sh
+. "$HERE/lib/proc.sh"
 cmd=${1:-}; DIR=${2:-}
-if [ -z "$cmd" ] || [ -z "$DIR" ]; then sed -n '2,20p' "$0" >&2; exit 2; fi
+if [ -z "$cmd" ] || [ -z "$DIR" ]; then usage; fi
 
 ETCD_PORT=${ETCD_PORT:-2379}
 ETCD_PEER_PORT=${ETCD_PEER_PORT:-2380}
@@ -34,8 +37,6 @@ SERVICE_CLUSTER_IP_RANGE=${SERVICE_CLUSTER_IP_RANGE:-10.96.0.0/16,fd00:10:96::/1
 SERVICE_NODE_PORT_RANGE=${SERVICE_NODE_PORT_RANGE:-30000-32767}
 # The apiserver's own `kubernetes` Service takes the first address of the first range.
 FIRST_SERVICE_IP=${FIRST_SERVICE_IP:-10.96.0.1}
-
-log() { echo "control-plane: $*" >&2; }
 
 gen_certs() {
   PKI_DIR=$DIR/pki
@@ -63,7 +64,7 @@ start_etcd() {
   echo $! > "$DIR/etcd.pid"
   for _ in $(seq 300); do
     curl -sf "http://127.0.0.1:$ETCD_PORT/health" 2>/dev/null | grep -q '"health":"true"' && return 0
-    kill -0 "$(cat "$DIR/etcd.pid")" 2>/dev/null || break
+    pid_alive "$DIR/etcd.pid" || break
     sleep 0.05
   done
   log "etcd did not become healthy; its log:"; tail -20 "$DIR/etcd.log" >&2; return 1
@@ -88,7 +89,7 @@ start_apiserver() {
   echo $! > "$DIR/apiserver.pid"
   for _ in $(seq 1200); do
     curl -sf --cacert "$d/ca.crt" "https://127.0.0.1:$APISERVER_PORT/readyz" >/dev/null 2>&1 && return 0
-    kill -0 "$(cat "$DIR/apiserver.pid")" 2>/dev/null || break
+    pid_alive "$DIR/apiserver.pid" || break
     sleep 0.1
   done
   log "kube-apiserver did not become ready; its log:"; tail -30 "$DIR/apiserver.log" >&2; return 1
@@ -97,15 +98,7 @@ start_apiserver() {
 stop_all() {
   # The apiserver drains for a while on SIGTERM; nothing here needs a graceful drain, so it gets
   # two seconds before SIGKILL. etcd stops at once.
-  for p in apiserver etcd; do
-    [ -f "$DIR/$p.pid" ] || continue
-    local pid; pid=$(cat "$DIR/$p.pid")
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
-    # Reap it here, quietly: otherwise the shell reports the SIGKILL on stderr.
-    { kill -9 "$pid"; wait "$pid"; } 2>/dev/null || true
-    rm -f "$DIR/$p.pid"
-  done
+  for p in apiserver etcd; do pid_stop "$DIR/$p.pid"; done
 }
 
 start() {
@@ -139,8 +132,8 @@ case $cmd in
     echo READY
     while sleep 0.2; do
       [ -n "${WATCH_PID:-}" ] && ! kill -0 "$WATCH_PID" 2>/dev/null && { log "owner $WATCH_PID exited"; break; }
-      kill -0 "$(cat "$DIR/etcd.pid")" 2>/dev/null || { log "etcd exited"; tail -20 "$DIR/etcd.log" >&2; break; }
-      kill -0 "$(cat "$DIR/apiserver.pid")" 2>/dev/null || { log "kube-apiserver exited"; tail -20 "$DIR/apiserver.log" >&2; break; }
+      pid_alive "$DIR/etcd.pid" || { log "etcd exited"; tail -20 "$DIR/etcd.log" >&2; break; }
+      pid_alive "$DIR/apiserver.pid" || { log "kube-apiserver exited"; tail -20 "$DIR/apiserver.log" >&2; break; }
     done
     ;;
   down)
@@ -149,5 +142,5 @@ case $cmd in
     stop_all
     rm -rf "$DIR"
     ;;
-  *) sed -n '2,20p' "$0" >&2; exit 2 ;;
+  *) usage ;;
 esac

@@ -15,8 +15,10 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 . "$ROOT/hack/lib/debroot.sh"
 # shellcheck source=hack/lib/oci.sh
 . "$ROOT/hack/lib/oci.sh"
+LOG_TAG=image
+# shellcheck source=hack/lib/proc.sh
+. "$ROOT/hack/lib/proc.sh"
 
-usage() { sed -n '2,11p' "$0" >&2; exit 2; }
 BIN='' TAG='' OUT='' CONTEXT=''
 while [ $# -gt 0 ]; do
   case $1 in
@@ -28,7 +30,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 VERSION=$(awk -F'"' '/^\[workspace.package\]/ {w=1} w && $1 ~ /^version *= */ {print $2; exit}' "$ROOT/Cargo.toml")
-[ -n "$VERSION" ] || { echo "image: no workspace version in Cargo.toml" >&2; exit 1; }
+[ -n "$VERSION" ] || { log "no workspace version in Cargo.toml"; exit 1; }
 TAG=${TAG:-$VERSION}
 OUT=${OUT:-$ROOT/target/images/svcplane-$TAG.tar}
 # What kubelet asks for when a manifest says `image: svcplane:<tag>`.
@@ -38,7 +40,7 @@ if [ -z "$BIN" ]; then
   (cd "$ROOT" && cargo build --release --locked -p svcplane >&2)
   BIN=$ROOT/target/release/svcplane
 fi
-[ -x "$BIN" ] || { echo "image: $BIN is not an executable" >&2; exit 1; }
+[ -x "$BIN" ] || { log "$BIN is not an executable"; exit 1; }
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/svcplane-image.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
@@ -51,11 +53,11 @@ debroot_users "$CTX/rootfs"
 strip -o "$CTX/svcplane" "$BIN"
 cp "$ROOT/hack/image/Containerfile" "$CTX/Containerfile"
 if [ -n "$CONTEXT" ]; then
-  echo "image: build context in $CTX (Containerfile included)" >&2
+  log "build context in $CTX (Containerfile included)"
   exit 0
 fi
 
 oci_build "$CTX" "$CTX/Containerfile" "$NAME" "$OUT" --build-arg "VERSION=$TAG"
 unpacked=$(du -sb --apparent-size "$CTX/rootfs" "$CTX/svcplane" | awk '{s += $1} END {printf "%.1f", s / 1048576}')
-echo "image: $NAME -> $OUT ($(oci_size_mib "$OUT") MiB archive, $unpacked MiB unpacked)" >&2
+log "$NAME -> $OUT ($(oci_size_mib "$OUT") MiB archive, $unpacked MiB unpacked)"
 echo "$OUT"

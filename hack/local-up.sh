@@ -20,17 +20,21 @@ HTTP_PORTS=(10267 10268)
 WEBHOOK_PORTS=(19443 19444)
 LEASE_NS=kube-system LEASE=svcplane-controller-manager
 NETNS=(lu-node lu-client lu-web-0 lu-web-1 lu-web-2)
+LOG_TAG=local-up
+# shellcheck source=hack/lib/proc.sh
+. "$ROOT/hack/lib/proc.sh"
 
 say() { printf '\n== %s\n' "$*"; }
 
+# Everything this script started, by the pid it recorded.
 stop_replicas() {
-  for r in "${REPLICAS[@]}" dataplane bridge-host bridge-node; do
-    [ -f "$STATE/$r.pid" ] || continue
-    kill "$(cat "$STATE/$r.pid")" 2>/dev/null || true
-    rm -f "$STATE/$r.pid"
+  for r in "${REPLICAS[@]}" dataplane bridge-host bridge-node web-0 web-1 web-2; do
+    pid_stop "$STATE/$r.pid"
   done
-  for ns in "${NETNS[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
-  pkill -f "busybox httpd -f -p 808[0-2] -h $STATE/www" 2>/dev/null || true
+  for ns in "${NETNS[@]}"; do
+    [ -e "/run/netns/$ns" ] && ip netns del "$ns"
+  done
+  return 0
 }
 
 # The node agent on a "node" that is a network namespace: the demo Pods become httpd processes in
@@ -57,13 +61,15 @@ dataplane_demo() {
     ip -n $n link set n-web$i up; ip -n $n route add 10.244.0.1$i/32 dev n-web$i
     ip netns exec $n sysctl -qw "net.ipv4.conf.n-web$i.proxy_arp=1"
     mkdir -p "$STATE/www$i"; echo "web-$i" > "$STATE/www$i/index.html"
-    ip netns exec $b busybox httpd -f -p 808$i -h "$STATE/www$i" > /dev/null 2>&1 < /dev/null &
+    # `ip netns exec` execs httpd: $! is httpd's own pid.
+    ip netns exec $b busybox httpd -f -p 808$i -h "$STATE/www$i" > "$STATE/web-$i.log" 2>&1 < /dev/null &
+    echo $! > "$STATE/web-$i.pid"
   done
   # Background processes must not hold the script's stdout (a pipe to tee would never end).
-  socat "UNIX-LISTEN:$STATE/apiserver.sock,fork" "TCP:127.0.0.1:$APISERVER_PORT" > /dev/null 2>&1 < /dev/null &
+  socat "UNIX-LISTEN:$STATE/apiserver.sock,fork" "TCP:127.0.0.1:$APISERVER_PORT" > "$STATE/bridge-host.log" 2>&1 < /dev/null &
   echo $! > "$STATE/bridge-host.pid"
   ip netns exec $n socat "TCP-LISTEN:$APISERVER_PORT,bind=127.0.0.1,fork,reuseaddr" \
-    "UNIX-CONNECT:$STATE/apiserver.sock" > /dev/null 2>&1 < /dev/null &
+    "UNIX-CONNECT:$STATE/apiserver.sock" > "$STATE/bridge-node.log" 2>&1 < /dev/null &
   echo $! > "$STATE/bridge-node.pid"
   kubectl apply --server-side --field-manager=svcplane-local-up \
     -f "$ROOT/manifests/dataplane/serviceaccount.yaml" -f "$ROOT/manifests/dataplane/rbac.yaml" >/dev/null
@@ -138,7 +144,8 @@ YAML
   kubectl -n demo get endpointslices -l kubernetes.io/service-name=web \
     -o custom-columns='NAME:.metadata.name,ADDRESSTYPE:.addressType,PORTS:.ports[*].port,ADDRESSES:.endpoints[*].addresses[0],READY:.endpoints[*].conditions.ready,ZONES:.endpoints[*].zone'
   say "Endpoints of demo/web"
-  kubectl -n demo get endpoints web 2>/dev/null
+  # kubectl warns that v1 Endpoints is deprecated: that warning is the only thing silenced here.
+  kubectl -n demo get endpoints web 2> >(grep -v 'v1 Endpoints is deprecated' >&2)
 }
 
 status() {
@@ -244,5 +251,5 @@ case ${1:-up} in
   up) up ;;
   status) status ;;
   down) stop_replicas; "$ROOT/hack/control-plane.sh" down "$CP"; rm -rf "$STATE"; echo "stopped" ;;
-  *) sed -n '2,8p' "$0" >&2; exit 2 ;;
+  *) usage ;;
 esac

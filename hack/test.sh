@@ -32,8 +32,10 @@ cargo test --locked -p svcplane-e2e --test real_node -- --nocapture svcplane_run
 # The suite's control plane must not outlive it: its supervisor tears it down within seconds of
 # the test process exiting.
 leftovers() {
-  # (The real-node test's processes, its VM included, run with svcplane-e2e-cluster-* paths.)
-  pgrep -af "svcplane-e2e-|svcplane controller-manager|svcplane dataplane" | grep -v pgrep || true
+  # The suite's processes all carry its directories (svcplane-e2e-*) in their arguments, the
+  # real-node test's VM included; svcplane processes of the local demo (hack/local-up.sh) or of
+  # a user's cluster are not the suite's and do not count.
+  pgrep -af "svcplane-e2e-" | grep -v pgrep || true
   ip netns list 2>/dev/null | grep -E '^sp[0-9a-f]{4}-|^svcplane-e2e-' || true   # the e2e tests' namespaces
 }
 for _ in $(seq 100); do

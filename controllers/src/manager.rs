@@ -25,7 +25,7 @@ use crate::{
     events::EventSink,
     mirroring::controller::{self as mirroring_controller, MirroringController, MirroringMetrics},
     model::{LABEL_MANAGED_BY, LABEL_SERVICE_NAME, NodeView, PodView, ServiceView},
-    runtime::{Informer, Store, Supervisor, Synced, TaskFailed, WorkqueueMetrics, wait_for_sync},
+    runtime::{Informer, Store, Supervisor, Synced, TaskFailed, WorkqueueMetrics, controller, wait_for_sync},
 };
 
 pub const ENDPOINTSLICE_CONTROLLER: &str = "endpointslice-controller";
@@ -308,13 +308,13 @@ pub async fn run(
         );
         let mut controllers = Supervisor::new(&token);
         if let Some(c) = slice_ctl {
-            controllers.spawn_fallible(ENDPOINTSLICE_CONTROLLER, c.run(controllers.token()));
+            controllers.spawn_fallible(ENDPOINTSLICE_CONTROLLER, controller::run(c, controllers.token()));
         }
         if let Some(c) = endpoints_ctl {
-            controllers.spawn_fallible(ENDPOINTS_CONTROLLER, c.run(controllers.token()));
+            controllers.spawn_fallible(ENDPOINTS_CONTROLLER, controller::run(c, controllers.token()));
         }
         if let Some(c) = mirroring_ctl {
-            controllers.spawn_fallible(MIRRORING_CONTROLLER, c.run(controllers.token()));
+            controllers.spawn_fallible(MIRRORING_CONTROLLER, controller::run(c, controllers.token()));
         }
         controllers.supervise().await
     });

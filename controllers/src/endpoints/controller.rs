@@ -12,9 +12,6 @@ use kube::{
     api::{DeleteParams, PostParams},
 };
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
 
 use super::desired::{EndpointsWrite, plan_endpoints};
 use crate::{
@@ -22,7 +19,7 @@ use crate::{
     events::{EventSink, reference},
     model::{ANNOTATION_LEADER, ObjectKey, PodView, ServiceView},
     podchange,
-    runtime::{Backoff, Outcome, Store, TaskFailed, WorkQueue, WorkqueueMetrics, run_workers},
+    runtime::{Backoff, Core, ErrorPolicy, Reconciler, Settings, Store, SyncResult, WorkqueueMetrics},
     selection::ServiceSelection,
 };
 
@@ -95,7 +92,7 @@ struct State {
 pub struct EndpointsController {
     client: Client,
     caches: Caches,
-    queue: Arc<WorkQueue<ObjectKey>>,
+    core: Core,
     state: Mutex<State>,
     cfg: Config,
     metrics: Arc<EndpointsMetrics>,
@@ -103,7 +100,7 @@ pub struct EndpointsController {
 }
 
 #[derive(Debug, thiserror::Error)]
-enum SyncError {
+pub enum SyncError {
     #[error("the Endpoints cache still shows resourceVersion {0}, which this controller already replaced")]
     Stale(String),
     #[error("failed to {op} Endpoints: {source}")]
@@ -131,7 +128,16 @@ impl EndpointsController {
         Arc::new(Self {
             client,
             caches,
-            queue: Arc::new(WorkQueue::new(backoff).with_metrics(queue_metrics, "endpoint")),
+            core: Core::new(
+                Settings {
+                    name: CONTROLLER,
+                    workers: cfg.workers,
+                    max_retries: MAX_RETRIES,
+                },
+                backoff,
+                queue_metrics,
+                "endpoint",
+            ),
             state: Mutex::new(State::default()),
             cfg,
             metrics,
@@ -147,13 +153,13 @@ impl EndpointsController {
 
     pub fn on_service(&self, old: Option<&Arc<ServiceView>>, new: Option<&Arc<ServiceView>>) {
         if let Some(s) = new.or(old) {
-            self.queue.add(s.key());
+            self.core.queue.add(s.key());
         }
     }
 
     pub fn on_pod(&self, old: Option<&Arc<PodView>>, new: Option<&Arc<PodView>>) {
         podchange::enqueue_services(
-            &self.queue,
+            &self.core.queue,
             &self.caches.services,
             old,
             new,
@@ -166,69 +172,7 @@ impl EndpointsController {
         let Some(ep) = new.or(old) else { return };
         let key = key_of(ep);
         if new.is_none() || self.caches.services.get(&key).is_none() {
-            self.queue.add(key);
-        }
-    }
-
-    pub async fn run(self: Arc<Self>, stop: CancellationToken) -> Result<(), TaskFailed> {
-        for key in self.caches.services.keys() {
-            self.queue.add(key);
-        }
-        // Endpoints whose Service went away while no controller ran.
-        for ep in self.caches.endpoints.list_all(|e| !is_leader_lock(e)) {
-            let key = key_of(&ep);
-            if self.caches.services.get(&key).is_none() {
-                self.queue.add(key);
-            }
-        }
-        info!(workers = self.cfg.workers, "Endpoints controller started");
-        let this = self.clone();
-        let result = run_workers(
-            CONTROLLER,
-            self.queue.clone(),
-            self.cfg.workers,
-            MAX_RETRIES,
-            stop,
-            move |key| {
-                let this = this.clone();
-                async move { this.sync_and_report(&key).await }
-            },
-        )
-        .await;
-        info!("Endpoints controller stopped");
-        result
-    }
-
-    async fn sync_and_report(&self, key: &ObjectKey) -> Outcome {
-        let start = Instant::now();
-        let result = self.sync(key).await;
-        self.metrics.duration.observe(start.elapsed().as_secs_f64());
-        match result {
-            Ok(()) => {
-                self.metrics.syncs.with_label_values(&["success"]).inc();
-                Outcome::Done
-            }
-            Err(SyncError::Stale(rv)) => {
-                self.metrics.syncs.with_label_values(&["stale"]).inc();
-                debug!(resource_version = %rv, "cache behind own writes; retrying shortly");
-                Outcome::RetryAfter(STALE_RETRY)
-            }
-            Err(e) => {
-                self.metrics.syncs.with_label_values(&["error"]).inc();
-                warn!(error = %e, failures = self.queue.failures(key), "sync failed; retrying with backoff");
-                let reason = if matches!(e, SyncError::Write { op: "create", .. }) {
-                    "FailedToCreateEndpoint"
-                } else {
-                    "FailedToUpdateEndpoint"
-                };
-                self.events.warning(
-                    reference("Endpoints", &key.namespace, &key.name, ""),
-                    reason,
-                    "UpdateEndpoints",
-                    format!("Failed to update endpoint {key}: {e}"),
-                );
-                Outcome::Failed
-            }
+            self.core.queue.add(key);
         }
     }
 
@@ -294,6 +238,51 @@ impl EndpointsController {
                 }
             }
         }
+    }
+}
+
+impl Reconciler for EndpointsController {
+    type Error = SyncError;
+
+    fn core(&self) -> &Core {
+        &self.core
+    }
+
+    /// Every Service, and Endpoints whose Service went away while no controller ran.
+    fn enqueue_existing(&self) {
+        for key in self.caches.services.keys() {
+            self.core.queue.add(key);
+        }
+        for ep in self.caches.endpoints.list_all(|e| !is_leader_lock(e)) {
+            let key = key_of(&ep);
+            if self.caches.services.get(&key).is_none() {
+                self.core.queue.add(key);
+            }
+        }
+    }
+
+    async fn reconcile(&self, key: &ObjectKey) -> Result<(), SyncError> {
+        self.sync(key).await
+    }
+
+    fn error_policy(&self, key: &ObjectKey, error: &SyncError) -> ErrorPolicy {
+        let reason = match error {
+            SyncError::Stale(_) => return ErrorPolicy::RetryAfter(STALE_RETRY),
+            SyncError::Write { op: "create", .. } => "FailedToCreateEndpoint",
+            SyncError::Write { .. } => "FailedToUpdateEndpoint",
+        };
+        self.events.warning(
+            reference("Endpoints", &key.namespace, &key.name, ""),
+            reason,
+            "UpdateEndpoints",
+            format!("Failed to update endpoint {key}: {error}"),
+        );
+        ErrorPolicy::Backoff
+    }
+
+    fn observe(&self, result: SyncResult, seconds: f64) {
+        self.metrics.syncs.with_label_values(&[result.label()]).inc();
+        self.metrics.duration.observe(seconds);
     }
 }
 

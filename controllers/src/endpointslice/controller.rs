@@ -9,13 +9,11 @@ use std::{
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Client;
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::debug;
 
 use super::{
     SliceOptions,
-    metrics::{EndpointSliceMetrics, SyncResult},
+    metrics::EndpointSliceMetrics,
     plan_slices,
     tracker::{SliceTracker, manager_of, service_of},
     trigger::TriggerTimes,
@@ -25,7 +23,7 @@ use crate::{
     events::{EventSink, reference},
     model::{NodeView, ObjectKey, PodView, ServiceView},
     podchange,
-    runtime::{Backoff, Outcome, Store, TaskFailed, WorkQueue, WorkqueueMetrics, run_workers},
+    runtime::{Backoff, Core, ErrorPolicy, Reconciler, Settings, Store, SyncResult, WorkqueueMetrics},
     selection::ServiceSelection,
 };
 
@@ -68,7 +66,7 @@ struct State {
 pub struct EndpointSliceController {
     api_client: Client,
     caches: Caches,
-    queue: Arc<WorkQueue<ObjectKey>>,
+    core: Core,
     state: Mutex<State>,
     tracker: Mutex<SliceTracker>,
     cfg: Config,
@@ -78,7 +76,7 @@ pub struct EndpointSliceController {
 }
 
 #[derive(Debug, thiserror::Error)]
-enum SyncError {
+pub enum SyncError {
     #[error("the EndpointSlice cache has not caught up with this controller's writes yet")]
     Stale,
     #[error("{0} Pods wait for their Node to appear in the cache")]
@@ -106,7 +104,16 @@ impl EndpointSliceController {
             api_client: client,
             managed_by: cfg.selection.slice_manager(),
             caches,
-            queue: Arc::new(WorkQueue::new(backoff).with_metrics(queue_metrics, "endpoint_slice")),
+            core: Core::new(
+                Settings {
+                    name: CONTROLLER,
+                    workers: cfg.workers,
+                    max_retries: MAX_RETRIES,
+                },
+                backoff,
+                queue_metrics,
+                "endpoint_slice",
+            ),
             state: Mutex::new(State::default()),
             tracker: Mutex::new(SliceTracker::default()),
             cfg,
@@ -131,13 +138,13 @@ impl EndpointSliceController {
 
     pub fn on_service(&self, old: Option<&Arc<ServiceView>>, new: Option<&Arc<ServiceView>>) {
         if let Some(s) = new.or(old) {
-            self.queue.add(s.key());
+            self.core.queue.add(s.key());
         }
     }
 
     pub fn on_pod(&self, old: Option<&Arc<PodView>>, new: Option<&Arc<PodView>>) {
         podchange::enqueue_services(
-            &self.queue,
+            &self.core.queue,
             &self.caches.services,
             old,
             new,
@@ -150,7 +157,7 @@ impl EndpointSliceController {
             (None, Some(_)) => {
                 let waiting: Vec<ObjectKey> = self.state().waiting_for_nodes.drain().collect();
                 for key in waiting {
-                    self.queue.add(key);
+                    self.core.queue.add(key);
                 }
             }
             (Some(o), Some(n)) if o.zone != n.zone => {
@@ -185,7 +192,7 @@ impl EndpointSliceController {
                     }
                 }
                 for key in keys {
-                    self.queue.add_after(key, delay);
+                    self.core.queue.add_after(key, delay);
                 }
             }
             (Some(old), None) => {
@@ -193,67 +200,10 @@ impl EndpointSliceController {
                     && self.tracker().observe_deletion(old)
                     && let Some(key) = service_of(old)
                 {
-                    self.queue.add_after(key, delay);
+                    self.core.queue.add_after(key, delay);
                 }
             }
             (None, None) => {}
-        }
-    }
-
-    // === workers ===
-
-    /// Syncs every Service once, then every change, until `stop`.
-    pub async fn run(self: Arc<Self>, stop: CancellationToken) -> Result<(), TaskFailed> {
-        for key in self.caches.services.keys() {
-            self.queue.add(key);
-        }
-        info!(workers = self.cfg.workers, managed_by = %self.managed_by, "EndpointSlice controller started");
-        let this = self.clone();
-        let result = run_workers(
-            CONTROLLER,
-            self.queue.clone(),
-            self.cfg.workers,
-            MAX_RETRIES,
-            stop,
-            move |key| {
-                let this = this.clone();
-                async move { this.sync_and_report(&key).await }
-            },
-        )
-        .await;
-        info!("EndpointSlice controller stopped");
-        result
-    }
-
-    async fn sync_and_report(&self, key: &ObjectKey) -> Outcome {
-        let start = Instant::now();
-        let result = self.sync(key).await;
-        let seconds = start.elapsed().as_secs_f64();
-        match result {
-            Ok(()) => {
-                self.metrics.sync(SyncResult::Success, seconds);
-                Outcome::Done
-            }
-            Err(SyncError::Stale) => {
-                self.metrics.sync(SyncResult::Stale, seconds);
-                debug!("cache behind own writes; retrying shortly");
-                Outcome::RetryAfter(STALE_RETRY)
-            }
-            Err(e) => {
-                self.metrics.sync(SyncResult::Error, seconds);
-                warn!(error = %e, failures = self.queue.failures(key), "sync failed; retrying with backoff");
-                if !matches!(e, SyncError::NodesMissing(_))
-                    && let Some(svc) = self.caches.services.get(key)
-                {
-                    self.events.warning(
-                        reference("Service", &svc.namespace, &svc.name, &svc.uid),
-                        "FailedToUpdateEndpointSlices",
-                        "UpdateEndpointSlices",
-                        format!("Error updating Endpoint Slices for Service {key}: {e}"),
-                    );
-                }
-                Outcome::Failed
-            }
         }
     }
 
@@ -368,5 +318,47 @@ impl EndpointSliceController {
         )
         .await?;
         Ok(())
+    }
+}
+
+impl Reconciler for EndpointSliceController {
+    type Error = SyncError;
+
+    fn core(&self) -> &Core {
+        &self.core
+    }
+
+    /// Every Service once.
+    fn enqueue_existing(&self) {
+        for key in self.caches.services.keys() {
+            self.core.queue.add(key);
+        }
+    }
+
+    async fn reconcile(&self, key: &ObjectKey) -> Result<(), SyncError> {
+        self.sync(key).await
+    }
+
+    fn error_policy(&self, key: &ObjectKey, error: &SyncError) -> ErrorPolicy {
+        match error {
+            SyncError::Stale => return ErrorPolicy::RetryAfter(STALE_RETRY),
+            // Waits for the Node informer; not worth an Event.
+            SyncError::NodesMissing(_) => {}
+            SyncError::Write(_) => {
+                if let Some(svc) = self.caches.services.get(key) {
+                    self.events.warning(
+                        reference("Service", &svc.namespace, &svc.name, &svc.uid),
+                        "FailedToUpdateEndpointSlices",
+                        "UpdateEndpointSlices",
+                        format!("Error updating Endpoint Slices for Service {key}: {error}"),
+                    );
+                }
+            }
+        }
+        ErrorPolicy::Backoff
+    }
+
+    fn observe(&self, result: SyncResult, seconds: f64) {
+        self.metrics.sync(result, seconds);
     }
 }

@@ -8,7 +8,10 @@ use prometheus::{
 };
 
 use super::PlanStats;
-use crate::{model::ObjectKey, runtime::GaugeShares};
+use crate::{
+    model::ObjectKey,
+    runtime::{GaugeShares, SyncResult},
+};
 
 const SUBSYSTEM: &str = "endpoint_slice_controller";
 
@@ -27,24 +30,6 @@ pub struct EndpointSliceMetrics {
     shares: GaugeShares<3>,
     /// Each Service's trafficDistribution, for services_count_by_traffic_distribution.
     traffic_distribution: Mutex<HashMap<ObjectKey, String>>,
-}
-
-/// How a sync ended, the `result` label of `syncs`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SyncResult {
-    Success,
-    Stale,
-    Error,
-}
-
-impl SyncResult {
-    fn label(self) -> &'static str {
-        match self {
-            Self::Success => "success",
-            Self::Stale => "stale",
-            Self::Error => "error",
-        }
-    }
 }
 
 impl EndpointSliceMetrics {

@@ -14,9 +14,6 @@ use std::{
 use k8s_openapi::api::{core::v1::Endpoints, discovery::v1::EndpointSlice};
 use kube::Client;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
 
 use super::desired::{LABEL_SKIP_MIRROR, MirrorOptions, MirrorPlan, plan_mirror};
 use crate::{
@@ -27,7 +24,9 @@ use crate::{
     },
     events::{EventSink, reference},
     model::{ANNOTATION_LEADER, ObjectKey, ServiceView},
-    runtime::{Backoff, GaugeShares, Outcome, Store, TaskFailed, WorkQueue, WorkqueueMetrics, run_workers},
+    runtime::{
+        Backoff, Core, ErrorPolicy, GaugeShares, Reconciler, Settings, Store, SyncResult, WorkqueueMetrics,
+    },
     selection::ServiceSelection,
 };
 
@@ -141,7 +140,7 @@ impl MirroringMetrics {
 pub struct MirroringController {
     client: Client,
     caches: Caches,
-    queue: Arc<WorkQueue<ObjectKey>>,
+    core: Core,
     tracker: Mutex<SliceTracker>,
     /// Every Service's cluster IPs, rebuilt lazily after Service changes.
     cluster_ips: Mutex<Arc<HashSet<IpAddr>>>,
@@ -153,7 +152,7 @@ pub struct MirroringController {
 }
 
 #[derive(Debug, thiserror::Error)]
-enum SyncError {
+pub enum SyncError {
     #[error("the EndpointSlice cache has not caught up with this controller's writes yet")]
     Stale,
     #[error(transparent)]
@@ -177,7 +176,16 @@ impl MirroringController {
         Arc::new(Self {
             client,
             caches,
-            queue: Arc::new(WorkQueue::new(backoff).with_metrics(queue_metrics, "endpoint_slice_mirroring")),
+            core: Core::new(
+                Settings {
+                    name: CONTROLLER,
+                    workers: cfg.workers,
+                    max_retries: MAX_RETRIES,
+                },
+                backoff,
+                queue_metrics,
+                "endpoint_slice_mirroring",
+            ),
             tracker: Mutex::new(SliceTracker::default()),
             cluster_ips: Mutex::new(Arc::new(HashSet::new())),
             cluster_ips_dirty: AtomicBool::new(true),
@@ -197,7 +205,7 @@ impl MirroringController {
     pub fn on_service(&self, old: Option<&Arc<ServiceView>>, new: Option<&Arc<ServiceView>>) {
         self.cluster_ips_dirty.store(true, Ordering::SeqCst);
         if let Some(s) = new.or(old) {
-            self.queue.add(s.key());
+            self.core.queue.add(s.key());
         }
     }
 
@@ -207,7 +215,7 @@ impl MirroringController {
                 e.metadata.namespace.clone().unwrap_or_default(),
                 e.metadata.name.clone().unwrap_or_default(),
             );
-            self.queue.add_after(key, self.cfg.batch_period);
+            self.core.queue.add_after(key, self.cfg.batch_period);
         }
     }
 
@@ -219,57 +227,9 @@ impl MirroringController {
             _ => None,
         };
         if let Some(key) = key {
-            self.queue
+            self.core
+                .queue
                 .add_after(key, self.cfg.batch_period.max(Duration::from_secs(1)));
-        }
-    }
-
-    pub async fn run(self: Arc<Self>, stop: CancellationToken) -> Result<(), TaskFailed> {
-        for ep in self.caches.endpoints.list_all(|_| true) {
-            self.on_endpoints(None, Some(&ep));
-        }
-        // Mirrored slices whose Endpoints are gone.
-        for slice in self
-            .caches
-            .slices
-            .list_all(|s| manager_of(s) == Some(self.managed_by.as_str()))
-        {
-            if let Some(key) = service_of(&slice) {
-                self.queue.add(key);
-            }
-        }
-        info!(workers = self.cfg.workers, managed_by = %self.managed_by, "EndpointSlice mirroring controller started");
-        let this = self.clone();
-        let result = run_workers(
-            CONTROLLER,
-            self.queue.clone(),
-            self.cfg.workers,
-            MAX_RETRIES,
-            stop,
-            move |key| {
-                let this = this.clone();
-                async move { this.sync_and_report(&key).await }
-            },
-        )
-        .await;
-        info!("EndpointSlice mirroring controller stopped");
-        result
-    }
-
-    async fn sync_and_report(&self, key: &ObjectKey) -> Outcome {
-        let start = Instant::now();
-        let result = self.sync(key).await;
-        self.metrics.duration.observe(start.elapsed().as_secs_f64());
-        match result {
-            Ok(()) => Outcome::Done,
-            Err(SyncError::Stale) => {
-                debug!("cache behind own writes; retrying shortly");
-                Outcome::RetryAfter(STALE_RETRY)
-            }
-            Err(e) => {
-                warn!(error = %e, failures = self.queue.failures(key), "mirroring failed; retrying with backoff");
-                Outcome::Failed
-            }
         }
     }
 
@@ -427,4 +387,44 @@ fn skip_mirror(ep: &Endpoints) -> bool {
         .as_ref()
         .is_some_and(|a| a.contains_key(ANNOTATION_LEADER));
     labelled == Some("true") || lock
+}
+
+impl Reconciler for MirroringController {
+    type Error = SyncError;
+
+    fn core(&self) -> &Core {
+        &self.core
+    }
+
+    /// Every Endpoints object, and mirrored slices whose Endpoints are gone.
+    fn enqueue_existing(&self) {
+        for ep in self.caches.endpoints.list_all(|_| true) {
+            self.on_endpoints(None, Some(&ep));
+        }
+        for slice in self
+            .caches
+            .slices
+            .list_all(|s| manager_of(s) == Some(self.managed_by.as_str()))
+        {
+            if let Some(key) = service_of(&slice) {
+                self.core.queue.add(key);
+            }
+        }
+    }
+
+    async fn reconcile(&self, key: &ObjectKey) -> Result<(), SyncError> {
+        self.sync(key).await
+    }
+
+    fn error_policy(&self, _key: &ObjectKey, error: &SyncError) -> ErrorPolicy {
+        match error {
+            SyncError::Stale => ErrorPolicy::RetryAfter(STALE_RETRY),
+            SyncError::Write(_) => ErrorPolicy::Backoff,
+        }
+    }
+
+    fn observe(&self, _result: SyncResult, seconds: f64) {
+        // Upstream's mirroring controller times its syncs but does not count them by result.
+        self.metrics.duration.observe(seconds);
+    }
 }
