@@ -18,13 +18,14 @@ use kube::{
 use prometheus::Registry;
 use svcplane_allocators::{
     IpRange, PortRange,
-    admission::{ClusterFamilies, Family},
+    admission::ClusterFamilies,
     etcd::{EpochKey, EtcdOptions, RangeStore, connect},
     metrics::AllocatorMetrics,
     pool::RangeUsage,
     ranges::Ranges,
     usage::monitor,
 };
+use svcplane_core::IpFamily;
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -164,9 +165,9 @@ pub async fn start(
             .parse()
             .with_context(|| format!("--service-cluster-ip-range {cidr}"))?;
         let family = if range.is_ipv6() {
-            Family::IPv6
+            IpFamily::IPv6
         } else {
-            Family::IPv4
+            IpFamily::IPv4
         };
         if cluster_ips.contains_key(&family) {
             bail!("--service-cluster-ip-range has two {} CIDRs", family.as_str());

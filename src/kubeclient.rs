@@ -8,18 +8,21 @@ use kube::{
     client::ClientBuilder,
     config::{KubeConfigOptions, Kubeconfig},
 };
-use svcplane_controllers::leader::{Claim, FenceLayer};
+use svcplane_controllers::leader::{Claim, FenceLayer, FencedExecutor};
 
 pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
     Client::try_from(config(kubeconfig).await?).context("building the Kubernetes client")
 }
 
-/// A client for the leader's work: its writes are sent only while `claim` holds.
+/// A client for the leader's work: its writes are sent only while `claim` holds, and its
+/// connections carry nothing once it has lapsed.
 pub fn fenced(config: Config, claim: Claim) -> anyhow::Result<Client> {
-    Ok(ClientBuilder::try_from(config)
-        .context("building the Kubernetes client")?
-        .with_layer(&FenceLayer::new(claim))
-        .build())
+    Ok(
+        ClientBuilder::try_from((config, FencedExecutor::new(claim.clone())))
+            .context("building the Kubernetes client")?
+            .with_layer(&FenceLayer::new(claim))
+            .build(),
+    )
 }
 
 pub async fn config(kubeconfig: Option<&Path>) -> anyhow::Result<Config> {

@@ -13,52 +13,19 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 use serde_json::{Value, json};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Family {
-    IPv4,
-    IPv6,
-}
-
-impl Family {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::IPv4 => "IPv4",
-            Self::IPv6 => "IPv6",
-        }
-    }
-
-    fn parse(s: &str) -> Option<Self> {
-        match s {
-            "IPv4" => Some(Self::IPv4),
-            "IPv6" => Some(Self::IPv6),
-            _ => None,
-        }
-    }
-
-    fn of(ip: &IpAddr) -> Self {
-        if ip.is_ipv6() { Self::IPv6 } else { Self::IPv4 }
-    }
-
-    fn other(self) -> Self {
-        match self {
-            Self::IPv4 => Self::IPv6,
-            Self::IPv6 => Self::IPv4,
-        }
-    }
-}
+use svcplane_core::IpFamily;
 
 /// The families the cluster's service ranges cover, the primary (default) first.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClusterFamilies(pub Vec<Family>);
+pub struct ClusterFamilies(pub Vec<IpFamily>);
 
 impl ClusterFamilies {
-    fn has(&self, f: Family) -> bool {
+    fn has(&self, f: IpFamily) -> bool {
         self.0.contains(&f)
     }
 
-    fn primary(&self) -> Family {
-        self.0.first().copied().unwrap_or(Family::IPv4)
+    fn primary(&self) -> IpFamily {
+        self.0.first().copied().unwrap_or(IpFamily::IPv4)
     }
 }
 
@@ -73,12 +40,12 @@ pub enum Want<V> {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     /// Cluster IPs, one per family, in `ipFamilies` order.
-    pub cluster_ips: Vec<(Family, Want<IpAddr>)>,
+    pub cluster_ips: Vec<(IpFamily, Want<IpAddr>)>,
     /// The IPs extend the Service's existing `clusterIPs` (a dual-stack upgrade) instead of
     /// being all of them.
     pub append_cluster_ips: bool,
     /// Families and policy to write (when the request left them to the registry).
-    pub ip_families: Option<Vec<Family>>,
+    pub ip_families: Option<Vec<IpFamily>>,
     pub ip_family_policy: Option<String>,
     /// One NodePort per distinct Service port number: (port number, want). Ports sharing a
     /// number (e.g. DNS over TCP and UDP) share the NodePort.
@@ -189,11 +156,11 @@ pub fn plan_update(old: &Service, new: &Service, cluster: &ClusterFamilies) -> R
                 let primary = ips
                     .first()
                     .and_then(|ip| ip.parse::<IpAddr>().ok())
-                    .map(|ip| Family::of(&ip));
+                    .map(|ip| IpFamily::of(&ip));
                 let second = families
                     .get(1)
-                    .and_then(|f| Family::parse(f))
-                    .or(primary.map(Family::other));
+                    .and_then(|f| IpFamily::parse(f))
+                    .or(primary.map(IpFamily::other));
                 match second {
                     Some(f) if cluster.has(f) => {
                         plan.cluster_ips.push((f, Want::Next));
@@ -241,9 +208,9 @@ fn plan_cluster_ips(spec: &ServiceSpec, cluster: &ClusterFamilies, plan: &mut Pl
     }
     let policy = spec.ip_family_policy.clone();
     let effective_policy = policy.clone().unwrap_or_else(|| "SingleStack".into());
-    let mut families: Vec<Family> = Vec::new();
+    let mut families: Vec<IpFamily> = Vec::new();
     for f in spec.ip_families.iter().flatten() {
-        let fam = Family::parse(f).ok_or_else(|| Refusal::FamilyNotConfigured(f.clone()))?;
+        let fam = IpFamily::parse(f).ok_or_else(|| Refusal::FamilyNotConfigured(f.clone()))?;
         if !cluster.has(fam) {
             return Err(Refusal::FamilyNotConfigured(f.clone()));
         }
@@ -251,7 +218,7 @@ fn plan_cluster_ips(spec: &ServiceSpec, cluster: &ClusterFamilies, plan: &mut Pl
     }
     // Families of chosen IPs fill in what ipFamilies left out.
     for ip in &chosen[families.len().min(chosen.len())..] {
-        let fam = Family::of(ip);
+        let fam = IpFamily::of(ip);
         if !cluster.has(fam) {
             return Err(Refusal::FamilyNotConfigured(fam.as_str().into()));
         }
@@ -412,11 +379,11 @@ mod tests {
     use k8s_openapi::api::core::v1::ServicePort;
 
     fn v4() -> ClusterFamilies {
-        ClusterFamilies(vec![Family::IPv4])
+        ClusterFamilies(vec![IpFamily::IPv4])
     }
 
     fn dual() -> ClusterFamilies {
-        ClusterFamilies(vec![Family::IPv4, Family::IPv6])
+        ClusterFamilies(vec![IpFamily::IPv4, IpFamily::IPv6])
     }
 
     fn svc(f: impl FnOnce(&mut ServiceSpec)) -> Service {
@@ -444,14 +411,14 @@ mod tests {
     #[test]
     fn cluster_ip_families_follow_the_policy() {
         let p = plan_create(&svc(|_| {}), &v4()).unwrap();
-        assert_eq!(p.cluster_ips, [(Family::IPv4, Want::Next)]);
-        assert_eq!(p.ip_families, Some(vec![Family::IPv4]));
+        assert_eq!(p.cluster_ips, [(IpFamily::IPv4, Want::Next)]);
+        assert_eq!(p.ip_families, Some(vec![IpFamily::IPv4]));
         assert_eq!(p.ip_family_policy.as_deref(), Some("SingleStack"));
 
         let p = plan_create(&svc(|_| {}), &dual()).unwrap();
         assert_eq!(
             p.cluster_ips,
-            [(Family::IPv4, Want::Next)],
+            [(IpFamily::IPv4, Want::Next)],
             "single-stack by default, primary family"
         );
 
@@ -459,9 +426,9 @@ mod tests {
         let p = plan_create(&prefer, &dual()).unwrap();
         assert_eq!(
             p.cluster_ips,
-            [(Family::IPv4, Want::Next), (Family::IPv6, Want::Next)]
+            [(IpFamily::IPv4, Want::Next), (IpFamily::IPv6, Want::Next)]
         );
-        assert_eq!(p.ip_families, Some(vec![Family::IPv4, Family::IPv6]));
+        assert_eq!(p.ip_families, Some(vec![IpFamily::IPv4, IpFamily::IPv6]));
         assert_eq!(p.ip_family_policy, None, "the user's policy stays");
         assert_eq!(
             plan_create(&prefer, &v4()).unwrap().cluster_ips.len(),
@@ -476,7 +443,7 @@ mod tests {
         let p = plan_create(&v6_first, &dual()).unwrap();
         assert_eq!(
             p.cluster_ips,
-            [(Family::IPv6, Want::Next), (Family::IPv4, Want::Next)]
+            [(IpFamily::IPv6, Want::Next), (IpFamily::IPv4, Want::Next)]
         );
         assert_eq!(
             plan_create(&v6_first, &v4()),
@@ -491,7 +458,7 @@ mod tests {
         let s = svc(|s| s.cluster_ip = Some("10.96.0.10".into()));
         assert_eq!(
             plan_create(&s, &v4()).unwrap().cluster_ips,
-            [(Family::IPv4, Want::Exactly(ip("10.96.0.10")))]
+            [(IpFamily::IPv4, Want::Exactly(ip("10.96.0.10")))]
         );
         let s = svc(|s| {
             s.cluster_ips = Some(vec!["fd00::10".into(), "10.96.0.10".into()]);
@@ -501,8 +468,8 @@ mod tests {
         assert_eq!(
             p.cluster_ips,
             [
-                (Family::IPv6, Want::Exactly(ip("fd00::10"))),
-                (Family::IPv4, Want::Exactly(ip("10.96.0.10")))
+                (IpFamily::IPv6, Want::Exactly(ip("fd00::10"))),
+                (IpFamily::IPv4, Want::Exactly(ip("10.96.0.10")))
             ]
         );
         let bad = svc(|s| s.cluster_ip = Some("10.96.0.300".into()));
@@ -661,7 +628,7 @@ mod tests {
         let mut up = old.clone();
         up.spec.as_mut().unwrap().ip_family_policy = Some("PreferDualStack".into());
         let p = plan_update(&old, &up, &dual()).unwrap();
-        assert_eq!(p.cluster_ips, [(Family::IPv6, Want::Next)]);
+        assert_eq!(p.cluster_ips, [(IpFamily::IPv6, Want::Next)]);
         let ops = patch(
             &up,
             &p,
@@ -681,7 +648,7 @@ mod tests {
             s.external_name = Some("example.org".into());
         });
         let p = plan_update(&ext, &svc(|_| {}), &v4()).unwrap();
-        assert_eq!(p.cluster_ips, [(Family::IPv4, Want::Next)]);
+        assert_eq!(p.cluster_ips, [(IpFamily::IPv4, Want::Next)]);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! for what this replica's webhook allocated, gauges from the ranges as read from etcd.
 
 use prometheus::{IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use svcplane_core::metrics::registered;
 
 use crate::pool::{PoolType, RangeUsage};
 
@@ -47,59 +48,75 @@ impl AllocatorMetrics {
                 .subsystem("nodeport_allocator")
         };
         let m = Self {
-            ip_allocated: IntGaugeVec::new(
-                ip(
-                    "allocated_ips",
-                    "Gauge measuring the number of allocated IPs for Services",
-                ),
-                &["cidr"],
+            ip_allocated: registered(
+                registry,
+                IntGaugeVec::new(
+                    ip(
+                        "allocated_ips",
+                        "Gauge measuring the number of allocated IPs for Services",
+                    ),
+                    &["cidr"],
+                )?,
             )?,
-            ip_available: IntGaugeVec::new(
-                ip(
-                    "available_ips",
-                    "Gauge measuring the number of available IPs for Services",
-                ),
-                &["cidr"],
+            ip_available: registered(
+                registry,
+                IntGaugeVec::new(
+                    ip(
+                        "available_ips",
+                        "Gauge measuring the number of available IPs for Services",
+                    ),
+                    &["cidr"],
+                )?,
             )?,
-            ip_allocations: IntCounterVec::new(
-                ip("allocation_total", "Number of Cluster IPs allocations"),
-                &["cidr", "scope"],
+            ip_allocations: registered(
+                registry,
+                IntCounterVec::new(
+                    ip("allocation_total", "Number of Cluster IPs allocations"),
+                    &["cidr", "scope"],
+                )?,
             )?,
-            ip_errors: IntCounterVec::new(
-                ip(
-                    "allocation_errors_total",
-                    "Number of errors trying to allocate Cluster IPs",
-                ),
-                &["cidr", "scope"],
+            ip_errors: registered(
+                registry,
+                IntCounterVec::new(
+                    ip(
+                        "allocation_errors_total",
+                        "Number of errors trying to allocate Cluster IPs",
+                    ),
+                    &["cidr", "scope"],
+                )?,
             )?,
-            port_allocated: IntGauge::with_opts(port(
-                "allocated_ports",
-                "Gauge measuring the number of allocated NodePorts for Services",
-            ))?,
-            port_available: IntGauge::with_opts(port(
-                "available_ports",
-                "Gauge measuring the number of available NodePorts for Services",
-            ))?,
-            port_allocations: IntCounterVec::new(
-                port("allocation_total", "Number of NodePort allocations"),
-                &["scope"],
+            port_allocated: registered(
+                registry,
+                IntGauge::with_opts(port(
+                    "allocated_ports",
+                    "Gauge measuring the number of allocated NodePorts for Services",
+                ))?,
             )?,
-            port_errors: IntCounterVec::new(
-                port(
-                    "allocation_errors_total",
-                    "Number of errors trying to allocate NodePort",
-                ),
-                &["scope"],
+            port_available: registered(
+                registry,
+                IntGauge::with_opts(port(
+                    "available_ports",
+                    "Gauge measuring the number of available NodePorts for Services",
+                ))?,
+            )?,
+            port_allocations: registered(
+                registry,
+                IntCounterVec::new(
+                    port("allocation_total", "Number of NodePort allocations"),
+                    &["scope"],
+                )?,
+            )?,
+            port_errors: registered(
+                registry,
+                IntCounterVec::new(
+                    port(
+                        "allocation_errors_total",
+                        "Number of errors trying to allocate NodePort",
+                    ),
+                    &["scope"],
+                )?,
             )?,
         };
-        registry.register(Box::new(m.ip_allocated.clone()))?;
-        registry.register(Box::new(m.ip_available.clone()))?;
-        registry.register(Box::new(m.ip_allocations.clone()))?;
-        registry.register(Box::new(m.ip_errors.clone()))?;
-        registry.register(Box::new(m.port_allocated.clone()))?;
-        registry.register(Box::new(m.port_available.clone()))?;
-        registry.register(Box::new(m.port_allocations.clone()))?;
-        registry.register(Box::new(m.port_errors.clone()))?;
         Ok(m)
     }
 

@@ -4,11 +4,12 @@
 
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
+use svcplane_core::IpFamily;
 use tracing::warn;
 
 use crate::{
     IpRange, PortRange,
-    admission::{Allocated, ClusterFamilies, Family, Plan, Want},
+    admission::{Allocated, ClusterFamilies, Plan, Want},
     etcd::{Done, EpochKey, Fence, Op, RangeStore, StoreError},
     metrics::{AllocatorMetrics, Scope},
 };
@@ -16,7 +17,7 @@ use crate::{
 /// The ranges one controller-manager allocates from.
 pub struct Ranges {
     pub families: ClusterFamilies,
-    pub cluster_ips: BTreeMap<Family, Arc<RangeStore<IpRange>>>,
+    pub cluster_ips: BTreeMap<IpFamily, Arc<RangeStore<IpRange>>>,
     pub node_ports: Arc<RangeStore<PortRange>>,
     pub metrics: AllocatorMetrics,
     /// Where the leader's term is recorded, for its fenced writes.
@@ -113,7 +114,11 @@ impl Ranges {
     /// undo what a failed request of this replica's webhook took.
     pub async fn release(&self, ips: &[IpAddr], ports: &[u16], fence: Option<&Fence>) {
         for ip in ips {
-            let family = if ip.is_ipv6() { Family::IPv6 } else { Family::IPv4 };
+            let family = if ip.is_ipv6() {
+                IpFamily::IPv6
+            } else {
+                IpFamily::IPv4
+            };
             if let Some(store) = self.cluster_ips.get(&family)
                 && store.range().contains(*ip)
                 && let Err(e) = submit(store, Op::Release(*ip), fence).await

@@ -13,10 +13,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use svcplane_core::ObjectKey;
+use svcplane_core::{IpFamily, ObjectKey, Protocol};
 use svcplane_dataplane::{
-    desired::{Family, desired},
-    input::{EndpointInfo, Policy, Protocol, ServiceInfo, ServicePortInfo, SliceInfo, SlicePort},
+    desired::desired,
+    input::{EndpointInfo, Policy, ServiceInfo, ServicePortInfo, SliceInfo, SlicePort},
     nft::{Transaction, ruleset, transaction},
 };
 
@@ -110,8 +110,8 @@ fn main() {
         let (svcs, mut slices) = services(n);
         let started = Instant::now();
         let state = desired("node-0", &svcs, &slices);
-        let rs = ruleset(&state, Family::V4);
-        let full = transaction(None, &rs, Family::V4).unwrap().unwrap();
+        let rs = ruleset(&state, IpFamily::IPv4);
+        let full = transaction(None, &rs, IpFamily::IPv4).unwrap().unwrap();
         let compute = started.elapsed();
         if let Ok(dir) = std::env::var("BENCH_DP_DUMP") {
             std::fs::write(
@@ -134,8 +134,8 @@ fn main() {
         slices[n / 2].endpoints[3].ip = "10.250.0.1".parse().unwrap();
         let started = Instant::now();
         let state = desired("node-0", &svcs, &slices);
-        let next = ruleset(&state, Family::V4);
-        let delta = transaction(Some(&rs), &next, Family::V4).unwrap().unwrap();
+        let next = ruleset(&state, IpFamily::IPv4);
+        let delta = transaction(Some(&rs), &next, IpFamily::IPv4).unwrap().unwrap();
         let compute = started.elapsed();
         let applied = apply(&ns, &delta);
         println!(

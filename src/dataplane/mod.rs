@@ -25,9 +25,9 @@ use k8s_openapi::{
 use kube::{Api, runtime::watcher};
 use prometheus::Registry;
 use svcplane_controllers::runtime::{informer::Informer, store::Store};
-use svcplane_core::ObjectKey;
+use svcplane_core::{IpFamily, ObjectKey};
 use svcplane_dataplane::{
-    desired::{DesiredState, Family, desired},
+    desired::{DesiredState, desired},
     input::{Problem, ServiceInfo, SliceInfo},
     ipvs::plan::{Op, SCHEDULERS},
     nft::{IpvsSupport, Ruleset, TABLE, ipvs_support, ipvs_support_transaction, ruleset, transaction},
@@ -365,8 +365,8 @@ async fn sync(
             }
             st.last_ipvs = Some(report);
             for (family, slot) in [
-                (Family::V4, &mut st.ipvs_support.0),
-                (Family::V6, &mut st.ipvs_support.1),
+                (IpFamily::IPv4, &mut st.ipvs_support.0),
+                (IpFamily::IPv6, &mut st.ipvs_support.1),
             ] {
                 let next = ipvs_support(&state, family);
                 if slot.as_ref() == Some(&next) {
@@ -407,7 +407,10 @@ async fn apply_nftables(
     applied: &mut Applied,
     metrics: &DataplaneMetrics,
 ) -> anyhow::Result<()> {
-    for (family, slot) in [(Family::V4, &mut applied.v4), (Family::V6, &mut applied.v6)] {
+    for (family, slot) in [
+        (IpFamily::IPv4, &mut applied.v4),
+        (IpFamily::IPv6, &mut applied.v6),
+    ] {
         let next = ruleset(state, family);
         metrics
             .rules
@@ -523,10 +526,10 @@ fn observe_programming_latency(
     *seen = current;
 }
 
-fn family_label(f: Family) -> &'static str {
+fn family_label(f: IpFamily) -> &'static str {
     match f {
-        Family::V4 => "IPv4",
-        Family::V6 => "IPv6",
+        IpFamily::IPv4 => "IPv4",
+        IpFamily::IPv6 => "IPv6",
     }
 }
 

@@ -15,6 +15,7 @@ use svcplane_allocators::{
     admission::{ClusterFamilies, patch, plan_create, plan_update},
     ranges::Ranges,
 };
+use svcplane_core::metrics::registered;
 use tracing::{debug, info, warn};
 
 pub struct WebhookState {
@@ -31,24 +32,28 @@ pub struct WebhookMetrics {
 
 impl WebhookMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "svcplane_allocation_webhook_requests_total",
-                "Admission requests for Services by operation and outcome",
-            ),
-            &["operation", "outcome"],
+        let requests = registered(
+            registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "svcplane_allocation_webhook_requests_total",
+                    "Admission requests for Services by operation and outcome",
+                ),
+                &["operation", "outcome"],
+            )?,
         )?;
         // Fine buckets (x1.25 from 0.25 ms to ~10 s): the apiserver waits on every answer, so the
         // percentiles that matter are in the low milliseconds.
-        let duration = Histogram::with_opts(
-            HistogramOpts::new(
-                "svcplane_allocation_webhook_duration_seconds",
-                "Time to answer an admission request for a Service, allocation in etcd included",
-            )
-            .buckets(exponential_buckets(0.000_25, 1.25, 48)?),
+        let duration = registered(
+            registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "svcplane_allocation_webhook_duration_seconds",
+                    "Time to answer an admission request for a Service, allocation in etcd included",
+                )
+                .buckets(exponential_buckets(0.000_25, 1.25, 48)?),
+            )?,
         )?;
-        registry.register(Box::new(requests.clone()))?;
-        registry.register(Box::new(duration.clone()))?;
         Ok(Self { requests, duration })
     }
 }

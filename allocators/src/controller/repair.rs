@@ -15,13 +15,14 @@ use k8s_openapi::api::core::v1::Service;
 use kube::{Api, Client, api::ListParams};
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use svcplane_controllers::events::{EventSink, reference};
-use svcplane_core::ObjectKey;
+use svcplane_core::metrics::registered;
+use svcplane_core::{IpFamily, ObjectKey};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
     Allocation, Range,
-    admission::{Family, held_values},
+    admission::held_values,
     etcd::{Fence, RangeStore, StoreError},
     ranges::Ranges,
     repair::{Finding, repair_pass},
@@ -42,33 +43,41 @@ pub struct RepairMetrics {
 impl RepairMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let m = Self {
-            ip_errors: IntCounterVec::new(
-                Opts::new(
-                    "apiserver_clusterip_repair_ip_errors_total",
-                    "Number of errors detected on clusterips by the repair loop broken down by type of error: leak, repair, full, outOfRange, duplicate, unknown, invalid",
-                ),
-                &["type"],
+            ip_errors: registered(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "apiserver_clusterip_repair_ip_errors_total",
+                        "Number of errors detected on clusterips by the repair loop broken down by type of error: leak, repair, full, outOfRange, duplicate, unknown, invalid",
+                    ),
+                    &["type"],
+                )?,
             )?,
-            ip_reconcile_errors: IntCounter::with_opts(Opts::new(
-                "apiserver_clusterip_repair_reconcile_errors_total",
-                "Number of reconciliation failures on the clusterip repair reconcile loop",
-            ))?,
-            port_errors: IntCounterVec::new(
-                Opts::new(
-                    "apiserver_nodeport_repair_port_errors_total",
-                    "Number of errors detected on ports by the repair loop broken down by type of error: leak, repair, full, outOfRange, duplicate, unknown",
-                ),
-                &["type"],
+            ip_reconcile_errors: registered(
+                registry,
+                IntCounter::with_opts(Opts::new(
+                    "apiserver_clusterip_repair_reconcile_errors_total",
+                    "Number of reconciliation failures on the clusterip repair reconcile loop",
+                ))?,
             )?,
-            port_reconcile_errors: IntCounter::with_opts(Opts::new(
-                "apiserver_nodeport_repair_reconcile_errors_total",
-                "Number of reconciliation failures on the nodeport repair reconcile loop",
-            ))?,
+            port_errors: registered(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "apiserver_nodeport_repair_port_errors_total",
+                        "Number of errors detected on ports by the repair loop broken down by type of error: leak, repair, full, outOfRange, duplicate, unknown",
+                    ),
+                    &["type"],
+                )?,
+            )?,
+            port_reconcile_errors: registered(
+                registry,
+                IntCounter::with_opts(Opts::new(
+                    "apiserver_nodeport_repair_reconcile_errors_total",
+                    "Number of reconciliation failures on the nodeport repair reconcile loop",
+                ))?,
+            )?,
         };
-        registry.register(Box::new(m.ip_errors.clone()))?;
-        registry.register(Box::new(m.ip_reconcile_errors.clone()))?;
-        registry.register(Box::new(m.port_errors.clone()))?;
-        registry.register(Box::new(m.port_reconcile_errors.clone()))?;
         Ok(m)
     }
 }
@@ -80,7 +89,7 @@ pub struct Repair {
     metrics: RepairMetrics,
     events: EventSink,
     /// Consecutive leak sightings, per range (one map per IP family).
-    ip_leaks: BTreeMap<Family, Mutex<HashMap<IpAddr, u32>>>,
+    ip_leaks: BTreeMap<IpFamily, Mutex<HashMap<IpAddr, u32>>>,
     port_leaks: Mutex<HashMap<u16, u32>>,
 }
 

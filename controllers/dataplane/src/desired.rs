@@ -13,20 +13,8 @@ use std::{
     time::Duration,
 };
 
-use super::input::{EndpointInfo, Policy, Protocol, ServiceInfo, SliceInfo};
-use svcplane_core::ObjectKey;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Family {
-    V4,
-    V6,
-}
-
-impl Family {
-    pub fn of(ip: &IpAddr) -> Self {
-        if ip.is_ipv6() { Self::V6 } else { Self::V4 }
-    }
-}
+use super::input::{EndpointInfo, Policy, ServiceInfo, SliceInfo};
+use svcplane_core::{IpFamily, ObjectKey, Protocol};
 
 /// A Service port, as kube-proxy names it (`namespace/name:port`).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -66,7 +54,7 @@ impl Backends {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortState {
     pub name: ServicePortName,
-    pub family: Family,
+    pub family: IpFamily,
     pub cluster_ip: IpAddr,
     pub port: u16,
     /// External IPs and load-balancer ingress IPs of this family.
@@ -95,7 +83,7 @@ pub struct HealthCheck {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
-    pub ports: BTreeMap<(ServicePortName, Family), PortState>,
+    pub ports: BTreeMap<(ServicePortName, IpFamily), PortState>,
     pub health_checks: BTreeMap<u16, HealthCheck>,
 }
 
@@ -158,7 +146,7 @@ pub fn desired(node: &str, services: &[ServiceInfo], slices: &[SliceInfo]) -> De
                 protocol: sp.protocol,
             };
             for cluster_ip in &svc.cluster_ips {
-                let family = Family::of(cluster_ip);
+                let family = IpFamily::of(cluster_ip);
                 let candidates = candidates(svc_slices, &sp.name, sp.protocol, family, node);
                 local_for_health.extend(
                     candidates
@@ -181,7 +169,7 @@ pub fn desired(node: &str, services: &[ServiceInfo], slices: &[SliceInfo]) -> De
                         external_ips: svc
                             .external_ips
                             .iter()
-                            .filter(|ip| Family::of(ip) == family)
+                            .filter(|ip| IpFamily::of(ip) == family)
                             .copied()
                             .collect(),
                         node_port: sp.node_port,
@@ -213,7 +201,7 @@ fn candidates(
     slices: &[&SliceInfo],
     port_name: &str,
     protocol: Protocol,
-    family: Family,
+    family: IpFamily,
     node: &str,
 ) -> Vec<Candidate> {
     let mut out: BTreeMap<SocketAddr, Candidate> = BTreeMap::new();
@@ -226,7 +214,7 @@ fn candidates(
             continue;
         };
         for ep in &slice.endpoints {
-            if Family::of(&ep.ip) != family {
+            if IpFamily::of(&ep.ip) != family {
                 continue;
             }
             let c = candidate(ep, port.port, node);
@@ -481,11 +469,11 @@ mod tests {
             ],
         );
         assert_eq!(st.ports.len(), 2);
-        let v6 = st.ports.values().find(|p| p.family == Family::V6).unwrap();
+        let v6 = st.ports.values().find(|p| p.family == IpFamily::IPv6).unwrap();
         assert_eq!(v6.cluster_ip, "fd00:10:96::10".parse::<IpAddr>().unwrap());
         assert_eq!(v6.internal, to(&["[fd00:244::1]:8080"]));
         assert_eq!(v6.external_ips, ["2001:db8::1".parse::<IpAddr>().unwrap()]);
-        let v4 = st.ports.values().find(|p| p.family == Family::V4).unwrap();
+        let v4 = st.ports.values().find(|p| p.family == IpFamily::IPv4).unwrap();
         assert_eq!(v4.internal, to(&["10.244.0.1:8080"]));
         assert_eq!(v4.external_ips, ["192.0.2.1".parse::<IpAddr>().unwrap()]);
     }

@@ -12,6 +12,7 @@ use kube::{
     api::{DeleteParams, PostParams},
 };
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry};
+use svcplane_core::metrics::registered;
 
 use super::desired::{EndpointsWrite, plan_endpoints};
 use crate::{
@@ -53,31 +54,37 @@ pub struct EndpointsMetrics {
 impl EndpointsMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let m = Self {
-            syncs: IntCounterVec::new(
-                Opts::new(
-                    "svcplane_endpoints_controller_syncs_total",
-                    "Endpoints syncs by result",
-                ),
-                &["result"],
+            syncs: registered(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "svcplane_endpoints_controller_syncs_total",
+                        "Endpoints syncs by result",
+                    ),
+                    &["result"],
+                )?,
             )?,
-            duration: Histogram::with_opts(
-                HistogramOpts::new(
-                    "svcplane_endpoints_controller_sync_duration_seconds",
-                    "Duration of one Service's Endpoints sync",
-                )
-                .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?),
+            duration: registered(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "svcplane_endpoints_controller_sync_duration_seconds",
+                        "Duration of one Service's Endpoints sync",
+                    )
+                    .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?),
+                )?,
             )?,
-            writes: IntCounterVec::new(
-                Opts::new(
-                    "svcplane_endpoints_controller_changes_total",
-                    "Endpoints writes by operation",
-                ),
-                &["operation"],
+            writes: registered(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "svcplane_endpoints_controller_changes_total",
+                        "Endpoints writes by operation",
+                    ),
+                    &["operation"],
+                )?,
             )?,
         };
-        registry.register(Box::new(m.syncs.clone()))?;
-        registry.register(Box::new(m.duration.clone()))?;
-        registry.register(Box::new(m.writes.clone()))?;
         Ok(m)
     }
 }

@@ -6,6 +6,7 @@ use std::{collections::HashMap, sync::Mutex};
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
+use svcplane_core::metrics::registered;
 
 use super::PlanStats;
 use crate::{
@@ -18,9 +19,6 @@ const SUBSYSTEM: &str = "endpoint_slice_controller";
 pub struct EndpointSliceMetrics {
     endpoints_added: Histogram,
     endpoints_removed: Histogram,
-    endpoints_desired: IntGauge,
-    num_slices: IntGauge,
-    desired_slices: IntGauge,
     changes: IntCounterVec,
     changed_per_sync: HistogramVec,
     syncs: IntCounterVec,
@@ -37,67 +35,75 @@ impl EndpointSliceMetrics {
         let exp = prometheus::exponential_buckets(2.0, 2.0, 15)?;
         let opts = |name: &str, help: &str| Opts::new(name, help).subsystem(SUBSYSTEM);
         let hopts = |name: &str, help: &str| HistogramOpts::new(name, help).subsystem(SUBSYSTEM);
-        let endpoints_desired =
-            IntGauge::with_opts(opts("endpoints_desired", "Number of endpoints desired"))?;
-        let num_slices = IntGauge::with_opts(opts("num_endpoint_slices", "Number of EndpointSlices"))?;
-        let desired_slices = IntGauge::with_opts(opts(
+        let gauge = |name: &str, help: &str| registered(registry, IntGauge::with_opts(opts(name, help))?);
+        let endpoints_desired = gauge("endpoints_desired", "Number of endpoints desired")?;
+        let num_slices = gauge("num_endpoint_slices", "Number of EndpointSlices")?;
+        let desired_slices = gauge(
             "desired_endpoint_slices",
             "Number of EndpointSlices that would exist with perfect endpoint allocation",
-        ))?;
+        )?;
         let m = Self {
-            endpoints_added: Histogram::with_opts(
-                hopts(
-                    "endpoints_added_per_sync",
-                    "Number of endpoints added on each Service sync",
-                )
-                .buckets(exp.clone()),
+            endpoints_added: registered(
+                registry,
+                Histogram::with_opts(
+                    hopts(
+                        "endpoints_added_per_sync",
+                        "Number of endpoints added on each Service sync",
+                    )
+                    .buckets(exp.clone()),
+                )?,
             )?,
-            endpoints_removed: Histogram::with_opts(
-                hopts(
-                    "endpoints_removed_per_sync",
-                    "Number of endpoints removed on each Service sync",
-                )
-                .buckets(exp),
+            endpoints_removed: registered(
+                registry,
+                Histogram::with_opts(
+                    hopts(
+                        "endpoints_removed_per_sync",
+                        "Number of endpoints removed on each Service sync",
+                    )
+                    .buckets(exp),
+                )?,
             )?,
-            endpoints_desired: endpoints_desired.clone(),
-            num_slices: num_slices.clone(),
-            desired_slices: desired_slices.clone(),
-            changes: IntCounterVec::new(opts("changes", "Number of EndpointSlice changes"), &["operation"])?,
-            changed_per_sync: HistogramVec::new(
-                hopts(
-                    "endpointslices_changed_per_sync",
-                    "Number of EndpointSlices changed on each Service sync",
-                ),
-                &["topology", "traffic_distribution"],
+            changes: registered(
+                registry,
+                IntCounterVec::new(opts("changes", "Number of EndpointSlice changes"), &["operation"])?,
             )?,
-            syncs: IntCounterVec::new(opts("syncs", "Number of EndpointSlice syncs"), &["result"])?,
-            by_traffic_distribution: IntGaugeVec::new(
-                opts(
-                    "services_count_by_traffic_distribution",
-                    "Number of Services using some specific trafficDistribution",
-                ),
-                &["traffic_distribution"],
+            changed_per_sync: registered(
+                registry,
+                HistogramVec::new(
+                    hopts(
+                        "endpointslices_changed_per_sync",
+                        "Number of EndpointSlices changed on each Service sync",
+                    ),
+                    &["topology", "traffic_distribution"],
+                )?,
             )?,
-            sync_duration: Histogram::with_opts(
-                HistogramOpts::new(
-                    "svcplane_endpointslice_sync_duration_seconds",
-                    "Duration of one Service's EndpointSlice sync, writes included",
-                )
-                .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?),
+            syncs: registered(
+                registry,
+                IntCounterVec::new(opts("syncs", "Number of EndpointSlice syncs"), &["result"])?,
+            )?,
+            by_traffic_distribution: registered(
+                registry,
+                IntGaugeVec::new(
+                    opts(
+                        "services_count_by_traffic_distribution",
+                        "Number of Services using some specific trafficDistribution",
+                    ),
+                    &["traffic_distribution"],
+                )?,
+            )?,
+            sync_duration: registered(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "svcplane_endpointslice_sync_duration_seconds",
+                        "Duration of one Service's EndpointSlice sync, writes included",
+                    )
+                    .buckets(prometheus::exponential_buckets(0.0005, 2.0, 16)?),
+                )?,
             )?,
             shares: GaugeShares::new([endpoints_desired, num_slices, desired_slices]),
             traffic_distribution: Mutex::new(HashMap::new()),
         };
-        registry.register(Box::new(m.endpoints_added.clone()))?;
-        registry.register(Box::new(m.endpoints_removed.clone()))?;
-        registry.register(Box::new(m.endpoints_desired.clone()))?;
-        registry.register(Box::new(m.num_slices.clone()))?;
-        registry.register(Box::new(m.desired_slices.clone()))?;
-        registry.register(Box::new(m.changes.clone()))?;
-        registry.register(Box::new(m.changed_per_sync.clone()))?;
-        registry.register(Box::new(m.syncs.clone()))?;
-        registry.register(Box::new(m.by_traffic_distribution.clone()))?;
-        registry.register(Box::new(m.sync_duration.clone()))?;
         Ok(m)
     }
 
@@ -185,7 +191,7 @@ mod tests {
         };
         m.planned(&a, &stats(150, 2), 2, "Disabled", None);
         m.planned(&b, &stats(10, 1), 1, "Disabled", Some("PreferClose"));
-        assert_eq!((m.endpoints_desired.get(), m.num_slices.get()), (160, 3));
+        assert_eq!(m.shares.totals()[..2], [160, 3]);
         assert_eq!(
             m.by_traffic_distribution
                 .with_label_values(&["PreferClose"])
@@ -193,16 +199,9 @@ mod tests {
             1
         );
         m.planned(&a, &stats(100, 1), 1, "Disabled", None);
-        assert_eq!(
-            (
-                m.endpoints_desired.get(),
-                m.num_slices.get(),
-                m.desired_slices.get()
-            ),
-            (110, 2, 2)
-        );
+        assert_eq!(m.shares.totals(), [110, 2, 2]);
         m.forget(&b);
-        assert_eq!((m.endpoints_desired.get(), m.num_slices.get()), (100, 1));
+        assert_eq!(m.shares.totals()[..2], [100, 1]);
         assert_eq!(
             m.by_traffic_distribution
                 .with_label_values(&["PreferClose"])

@@ -3,14 +3,19 @@
 //!
 //! Stopping the leader's work when the lease cannot be renewed is not enough on its own: a
 //! replica that was paused (SIGSTOP, a VM migration, a stalled node) wakes up with tasks in the
-//! middle of a reconcile and would send what they planned before anything noticed that another
-//! replica has taken over. The check sits in the client's middleware ([`FenceLayer`]), so every
-//! write of the leader's work (endpoint objects, `ServicePool`s, Events) passes it without each
-//! writer having to remember; reads and watches are not fenced.
+//! middle of a reconcile, and with requests already built but not yet written to the socket, and
+//! would send them before anything noticed that another replica has taken over. Two checks, both
+//! in the leader's client so that no writer has to remember them:
 //!
-//! The window left is the time between the check and the apiserver receiving the request.
-//! Leader-only etcd transactions close it completely with a leader-epoch compare
-//! (`svcplane_allocators::etcd`).
+//! - [`FenceLayer`], in the client's middleware: a write (anything but GET/HEAD/OPTIONS) is
+//!   refused with [`NotLeading`] before it is even queued; reads and watches pass.
+//! - [`FencedExecutor`], which runs the client's connection tasks: a connection is polled only
+//!   while the claim holds, and dropped (its socket closed, its unsent frames discarded) at the
+//!   first poll after the claim lapsed. A request that passed the first check just before a
+//!   pause therefore still never reaches the apiserver after it.
+//!
+//! What is left is a write syscall interrupted by the pause itself, within one poll. Leader-only
+//! etcd transactions close even that with a leader-epoch compare (`svcplane_allocators::etcd`).
 
 use std::{
     future::Future,
@@ -82,6 +87,47 @@ pub struct Fenced<S> {
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Runs the leader client's connection tasks (`kube::client::ClientBuilder::try_from((config,
+/// executor))`) so that a connection carries nothing once the claim has lapsed.
+#[derive(Clone, Debug)]
+pub struct FencedExecutor(Claim);
+
+impl FencedExecutor {
+    pub fn new(claim: Claim) -> Self {
+        Self(claim)
+    }
+}
+
+impl<F> hyper::rt::Executor<F> for FencedExecutor
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, task: F) {
+        tokio::spawn(FencedTask {
+            task: Box::pin(task),
+            claim: self.0.clone(),
+        });
+    }
+}
+
+/// A connection task polled only while the claim holds.
+struct FencedTask {
+    task: BoxFuture<()>,
+    claim: Claim,
+}
+
+impl Future for FencedTask {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.claim.check().is_err() {
+            // Ends the task: the connection and whatever it had not written are dropped.
+            return Poll::Ready(());
+        }
+        self.task.as_mut().poll(cx)
+    }
+}
 
 /// Reads (and watches) go through unchecked; everything else is a write.
 fn is_write(method: &Method) -> bool {
@@ -184,5 +230,33 @@ mod tests {
         let svc = FenceLayer::new(Claim::unconditional()).layer(recorder(&sent));
         svc.oneshot(request(Method::POST)).await.unwrap();
         assert_eq!(sent.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_task_is_dropped_at_its_first_poll_after_the_claim_lapsed() {
+        use hyper::rt::Executor;
+        let (tx, rx) = watch::channel(Leadership {
+            holder: Some("me".into()),
+            leading_until: Some(Instant::now() + Duration::from_secs(10)),
+        });
+        let polls = Arc::new(Mutex::new(0));
+        let (wake, mut woken) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let counted = polls.clone();
+        // A stand-in for a connection: it does one unit of work each time it is woken.
+        FencedExecutor::new(Claim::new(rx)).execute(async move {
+            while woken.recv().await.is_some() {
+                *counted.lock().unwrap() += 1;
+            }
+        });
+        wake.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(*polls.lock().unwrap(), 1);
+        // Paused past the fence, then woken: the task is gone, the work never done.
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        let _ = wake.send(());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(*polls.lock().unwrap(), 1);
+        assert!(wake.is_closed(), "the task (and its receiver) was dropped");
+        drop(tx);
     }
 }

@@ -1,4 +1,5 @@
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use svcplane_core::metrics::registered;
 
 /// client-go's leader election metrics, under the names kube-controller-manager exposes.
 #[derive(Clone, Debug)]
@@ -9,22 +10,26 @@ pub struct LeaderMetrics {
 
 impl LeaderMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let master_status = IntGaugeVec::new(
-            Opts::new(
-                "leader_election_master_status",
-                "Gauge of if the reporting system is master of the relevant lease, 0 indicates backup, 1 indicates master. 'name' is the string used to identify the lease.",
-            ),
-            &["name"],
+        let master_status = registered(
+            registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "leader_election_master_status",
+                    "Gauge of if the reporting system is master of the relevant lease, 0 indicates backup, 1 indicates master. 'name' is the string used to identify the lease.",
+                ),
+                &["name"],
+            )?,
         )?;
-        let slowpath = IntCounterVec::new(
-            Opts::new(
-                "leader_election_slowpath_total",
-                "Total number of slow path exercised in renewing leader leases. 'name' is the string used to identify the lease.",
-            ),
-            &["name"],
+        let slowpath = registered(
+            registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "leader_election_slowpath_total",
+                    "Total number of slow path exercised in renewing leader leases. 'name' is the string used to identify the lease.",
+                ),
+                &["name"],
+            )?,
         )?;
-        registry.register(Box::new(master_status.clone()))?;
-        registry.register(Box::new(slowpath.clone()))?;
         Ok(Self {
             master_status,
             slowpath,

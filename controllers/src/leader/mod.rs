@@ -30,6 +30,6 @@ mod record;
 pub use config::{ConfigError, ElectionConfig};
 pub use decision::{Decision, Observation, Observer, claim, decide, released};
 pub use elector::{Elector, Error, Leadership};
-pub use fence::{Claim, FenceLayer, Fenced, NotLeading};
+pub use fence::{Claim, FenceLayer, Fenced, FencedExecutor, NotLeading};
 pub use metrics::LeaderMetrics;
 pub use record::LeaseRecord;

@@ -14,6 +14,7 @@ use std::{
 use k8s_openapi::api::{core::v1::Endpoints, discovery::v1::EndpointSlice};
 use kube::Client;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use svcplane_core::metrics::registered;
 
 use super::desired::{LABEL_SKIP_MIRROR, MirrorOptions, MirrorPlan, plan_mirror};
 use crate::{
@@ -77,7 +78,12 @@ impl MirroringMetrics {
                     .buckets(buckets),
             )
         };
-        let gauge = |name: &str, help: &str| IntGauge::with_opts(Opts::new(name, help).subsystem(SUBSYSTEM));
+        let gauge = |name: &str, help: &str| {
+            registered(
+                registry,
+                IntGauge::with_opts(Opts::new(name, help).subsystem(SUBSYSTEM))?,
+            )
+        };
         let desired = gauge("endpoints_desired", "Number of endpoints desired")?;
         let slices = gauge("num_endpoint_slices", "Number of EndpointSlices")?;
         let desired_slices = gauge(
@@ -85,54 +91,65 @@ impl MirroringMetrics {
             "Number of EndpointSlices that would exist with perfect endpoint allocation",
         )?;
         let m = Self {
-            added: h(
-                "endpoints_added_per_sync",
-                "Number of endpoints added on each Endpoints sync",
-                exp.clone(),
+            added: registered(
+                registry,
+                h(
+                    "endpoints_added_per_sync",
+                    "Number of endpoints added on each Endpoints sync",
+                    exp.clone(),
+                )?,
             )?,
-            updated: h(
-                "endpoints_updated_per_sync",
-                "Number of endpoints updated on each Endpoints sync",
-                exp.clone(),
+            updated: registered(
+                registry,
+                h(
+                    "endpoints_updated_per_sync",
+                    "Number of endpoints updated on each Endpoints sync",
+                    exp.clone(),
+                )?,
             )?,
-            removed: h(
-                "endpoints_removed_per_sync",
-                "Number of endpoints removed on each Endpoints sync",
-                exp.clone(),
+            removed: registered(
+                registry,
+                h(
+                    "endpoints_removed_per_sync",
+                    "Number of endpoints removed on each Endpoints sync",
+                    exp.clone(),
+                )?,
             )?,
-            skipped: h(
-                "addresses_skipped_per_sync",
-                "Number of addresses skipped on each Endpoints sync due to being invalid or exceeding MaxEndpointsPerSubset",
-                exp,
+            skipped: registered(
+                registry,
+                h(
+                    "addresses_skipped_per_sync",
+                    "Number of addresses skipped on each Endpoints sync due to being invalid or exceeding MaxEndpointsPerSubset",
+                    exp,
+                )?,
             )?,
-            duration: h(
-                "endpoints_sync_duration",
-                "Duration of syncEndpoints() in seconds",
-                prometheus::exponential_buckets(0.001, 2.0, 15)?,
+            duration: registered(
+                registry,
+                h(
+                    "endpoints_sync_duration",
+                    "Duration of syncEndpoints() in seconds",
+                    prometheus::exponential_buckets(0.001, 2.0, 15)?,
+                )?,
             )?,
-            changes: IntCounterVec::new(
-                Opts::new("changes", "Number of EndpointSlice changes").subsystem(SUBSYSTEM),
-                &["operation"],
+            changes: registered(
+                registry,
+                IntCounterVec::new(
+                    Opts::new("changes", "Number of EndpointSlice changes").subsystem(SUBSYSTEM),
+                    &["operation"],
+                )?,
             )?,
-            forbidden: IntCounterVec::new(
-                Opts::new(
-                    "svcplane_endpoint_slice_mirroring_forbidden_addresses_total",
-                    "Addresses of user-written Endpoints not mirrored because no endpoint may have them",
-                ),
-                &["reason"],
+            forbidden: registered(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "svcplane_endpoint_slice_mirroring_forbidden_addresses_total",
+                        "Addresses of user-written Endpoints not mirrored because no endpoint may have them",
+                    ),
+                    &["reason"],
+                )?,
             )?,
-            shares: GaugeShares::new([desired.clone(), slices.clone(), desired_slices.clone()]),
+            shares: GaugeShares::new([desired, slices, desired_slices]),
         };
-        registry.register(Box::new(m.added.clone()))?;
-        registry.register(Box::new(m.updated.clone()))?;
-        registry.register(Box::new(m.removed.clone()))?;
-        registry.register(Box::new(m.skipped.clone()))?;
-        registry.register(Box::new(m.duration.clone()))?;
-        registry.register(Box::new(desired))?;
-        registry.register(Box::new(slices))?;
-        registry.register(Box::new(desired_slices))?;
-        registry.register(Box::new(m.changes.clone()))?;
-        registry.register(Box::new(m.forbidden.clone()))?;
         Ok(m)
     }
 }

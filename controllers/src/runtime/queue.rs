@@ -19,6 +19,7 @@ use std::{
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
+use svcplane_core::metrics::registered;
 use tokio::{
     sync::Notify,
     time::{Instant, sleep_until},
@@ -39,46 +40,56 @@ impl WorkqueueMetrics {
         // client-go: exponential buckets from 10ns by a factor of 10.
         let buckets = prometheus::exponential_buckets(1e-8, 10.0, 10)?;
         let m = Self {
-            depth: IntGaugeVec::new(
-                Opts::new("workqueue_depth", "Current depth of workqueue"),
-                &["name"],
+            depth: registered(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new("workqueue_depth", "Current depth of workqueue"),
+                    &["name"],
+                )?,
             )?,
-            adds: IntCounterVec::new(
-                Opts::new(
-                    "workqueue_adds_total",
-                    "Total number of adds handled by workqueue",
-                ),
-                &["name"],
+            adds: registered(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "workqueue_adds_total",
+                        "Total number of adds handled by workqueue",
+                    ),
+                    &["name"],
+                )?,
             )?,
-            retries: IntCounterVec::new(
-                Opts::new(
-                    "workqueue_retries_total",
-                    "Total number of retries handled by workqueue",
-                ),
-                &["name"],
+            retries: registered(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "workqueue_retries_total",
+                        "Total number of retries handled by workqueue",
+                    ),
+                    &["name"],
+                )?,
             )?,
-            queue_duration: HistogramVec::new(
-                HistogramOpts::new(
-                    "workqueue_queue_duration_seconds",
-                    "How long in seconds an item stays in workqueue before being requested.",
-                )
-                .buckets(buckets.clone()),
-                &["name"],
+            queue_duration: registered(
+                registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "workqueue_queue_duration_seconds",
+                        "How long in seconds an item stays in workqueue before being requested.",
+                    )
+                    .buckets(buckets.clone()),
+                    &["name"],
+                )?,
             )?,
-            work_duration: HistogramVec::new(
-                HistogramOpts::new(
-                    "workqueue_work_duration_seconds",
-                    "How long in seconds processing an item from workqueue takes.",
-                )
-                .buckets(buckets),
-                &["name"],
+            work_duration: registered(
+                registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "workqueue_work_duration_seconds",
+                        "How long in seconds processing an item from workqueue takes.",
+                    )
+                    .buckets(buckets),
+                    &["name"],
+                )?,
             )?,
         };
-        registry.register(Box::new(m.depth.clone()))?;
-        registry.register(Box::new(m.adds.clone()))?;
-        registry.register(Box::new(m.retries.clone()))?;
-        registry.register(Box::new(m.queue_duration.clone()))?;
-        registry.register(Box::new(m.work_duration.clone()))?;
         Ok(m)
     }
 

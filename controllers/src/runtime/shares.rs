@@ -20,6 +20,11 @@ impl<const N: usize> GaugeShares<N> {
         }
     }
 
+    /// The gauges' current values, in the order given to [`Self::new`].
+    pub fn totals(&self) -> [i64; N] {
+        self.gauges.each_ref().map(IntGauge::get)
+    }
+
     /// Sets `key`'s share (`None` removes it).
     pub fn set(&self, key: &ObjectKey, figures: Option<[usize; N]>) {
         let now = figures.map(|f| f.map(|n| i64::try_from(n).unwrap_or(i64::MAX)));

@@ -6,15 +6,13 @@ use std::{collections::BTreeMap, io, net::SocketAddr};
 use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 use netlink_packet_generic::GenlMessage;
 use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_GENERIC};
-use svcplane_dataplane::{
-    input::Protocol,
-    ipvs::{
-        message::{
-            AF_INET, AF_INET6, CONN_F_MASQ, CmdAttr, Command, DestAttr, IPPROTO_SCTP, IPPROTO_TCP,
-            IPPROTO_UDP, IpvsMessage, SVC_F_PERSISTENT, ServiceAttr, addr,
-        },
-        plan::{ObservedDest, ObservedVs, Op, VsKey},
+use svcplane_core::Protocol;
+use svcplane_dataplane::ipvs::{
+    message::{
+        AF_INET, AF_INET6, CONN_F_MASQ, CmdAttr, Command, DestAttr, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+        IpvsMessage, SVC_F_PERSISTENT, ServiceAttr, addr,
     },
+    plan::{ObservedDest, ObservedVs, Op, VsKey},
 };
 
 use super::probe;

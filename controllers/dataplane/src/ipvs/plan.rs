@@ -10,10 +10,9 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use crate::{
-    desired::{Backends, DesiredState, Family},
-    input::Protocol,
-};
+use svcplane_core::{IpFamily, Protocol};
+
+use crate::desired::{Backends, DesiredState};
 
 /// Schedulers Linux has (`ip_vs_<name>` modules); others are refused before reaching the kernel.
 pub const SCHEDULERS: &[&str] = &[
@@ -98,7 +97,7 @@ pub fn virtual_servers(
             out.insert(key(*ip, p.port), vs(&p.external));
         }
         if let Some(np) = p.node_port {
-            for ip in node_ips.iter().filter(|ip| Family::of(ip) == p.family) {
+            for ip in node_ips.iter().filter(|ip| IpFamily::of(ip) == p.family) {
                 out.insert(key(*ip, np), vs(&p.external));
             }
         }
@@ -178,7 +177,7 @@ mod tests {
                 port: "http".into(),
                 protocol: Protocol::Tcp,
             },
-            family: Family::V4,
+            family: IpFamily::IPv4,
             cluster_ip: "10.96.0.10".parse().unwrap(),
             port: 80,
             external_ips: vec!["192.0.2.1".parse().unwrap()],

@@ -1,0 +1,288 @@
+//! The tables and transactions for the Services a node sees.
+
+use std::time::Duration;
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use super::{model::*, render::*, *};
+use svcplane_core::{IpFamily, ObjectKey, Protocol};
+
+use crate::desired::{Backends, DesiredState, PortState, ServicePortName};
+
+fn port(name: &str, cluster_ip: &str, internal: Backends) -> PortState {
+    PortState {
+        name: ServicePortName {
+            service: ObjectKey::new("ns", name),
+            port: "http".into(),
+            protocol: Protocol::Tcp,
+        },
+        family: IpFamily::IPv4,
+        cluster_ip: cluster_ip.parse().unwrap(),
+        port: 80,
+        external_ips: vec![],
+        node_port: None,
+        affinity: None,
+        external: internal.clone(),
+        internal,
+        masquerade_external: true,
+        terminating: vec![],
+    }
+}
+
+fn to(addrs: &[&str]) -> Backends {
+    Backends::To(addrs.iter().map(|a| a.parse().unwrap()).collect())
+}
+
+fn state(ports: Vec<PortState>) -> DesiredState {
+    DesiredState {
+        ports: ports
+            .into_iter()
+            .map(|p| ((p.name.clone(), p.family), p))
+            .collect(),
+        health_checks: BTreeMap::new(),
+    }
+}
+
+fn commands(t: &Transaction) -> Vec<String> {
+    t.0["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let (verb, body) = c.as_object().unwrap().iter().next().unwrap();
+            let (kind, obj) = body.as_object().unwrap().iter().next().unwrap();
+            let name = obj
+                .get("name")
+                .or_else(|| obj.get("chain"))
+                .and_then(|n| n.as_str());
+            format!("{verb} {kind} {}", name.unwrap_or(""))
+        })
+        .collect()
+}
+
+fn web(backends: Backends) -> PortState {
+    let mut web = port("web", "10.96.0.10", backends);
+    web.node_port = Some(30080);
+    web.external_ips = vec!["192.0.2.1".parse().unwrap()];
+    web.affinity = Some(Duration::from_secs(60));
+    web
+}
+
+#[test]
+fn services_map_to_chains_and_empty_ones_to_reject() {
+    let st = state(vec![
+        web(to(&["10.0.2.2:8080", "10.0.3.2:8080"])),
+        port("empty", "10.96.0.11", Backends::Reject),
+    ]);
+    let rs = ruleset(&st, IpFamily::IPv4);
+    let key = |ip: &str| (ip.parse::<IpAddr>().unwrap(), Protocol::Tcp, 80);
+    assert_eq!(rs.service_ips[&key("10.96.0.10")], "svc-ns/web/tcp/http");
+    assert_eq!(rs.service_ips[&key("192.0.2.1")], "ext-ns/web/tcp/http");
+    assert_eq!(rs.node_ports[&(Protocol::Tcp, 30080)], "ext-ns/web/tcp/http");
+    assert!(rs.no_endpoint_ips.contains(&key("10.96.0.11")));
+    assert!(!rs.service_ips.contains_key(&key("10.96.0.11")));
+    let ep = "ep-ns/web/tcp/http__10.0.2.2:8080";
+    assert_eq!(
+        rs.chains["svc-ns/web/tcp/http"],
+        [
+            Rule::Affinity {
+                set: "aff-ns/web/tcp/http__10.0.2.2:8080".into(),
+                chain: ep.into()
+            },
+            Rule::Affinity {
+                set: "aff-ns/web/tcp/http__10.0.3.2:8080".into(),
+                chain: "ep-ns/web/tcp/http__10.0.3.2:8080".into()
+            },
+            Rule::Pick {
+                chain: ep.into(),
+                one_in: 2
+            },
+            Rule::Pick {
+                chain: "ep-ns/web/tcp/http__10.0.3.2:8080".into(),
+                one_in: 1
+            },
+        ]
+    );
+    assert_eq!(rs.chains["ext-ns/web/tcp/http"][0], Rule::MarkMasquerade);
+    assert_eq!(
+        rs.chains[ep],
+        [
+            Rule::Hairpin("10.0.2.2".parse().unwrap()),
+            Rule::RefreshAffinity("aff-ns/web/tcp/http__10.0.2.2:8080".into()),
+            Rule::Dnat("10.0.2.2:8080".parse().unwrap(), Protocol::Tcp),
+        ]
+    );
+    assert_eq!(rs.affinity_sets.len(), 2);
+    assert!(
+        ruleset(&st, IpFamily::IPv6).service_ips.is_empty(),
+        "families apart"
+    );
+}
+
+#[test]
+fn the_spread_picks_every_endpoint_with_equal_probability() {
+    for n in 1..=7 {
+        let eps: Vec<String> = (0..n).map(|i| format!("10.0.{i}.2:80")).collect();
+        let eps: Vec<&str> = eps.iter().map(String::as_str).collect();
+        let rs = ruleset(&state(vec![port("web", "10.96.0.10", to(&eps))]), IpFamily::IPv4);
+        let mut reach = 1.0_f64;
+        let mut picked = Vec::new();
+        for rule in &rs.chains["svc-ns/web/tcp/http"] {
+            if let Rule::Pick { one_in, .. } = rule {
+                let p = reach / f64::from(*one_in);
+                picked.push(p);
+                reach -= p;
+            }
+        }
+        assert_eq!(picked.len(), n);
+        assert!(reach.abs() < 1e-12, "some traffic falls through: {reach}");
+        for p in picked {
+            assert!((p - 1.0 / n as f64).abs() < 1e-12, "{n} endpoints: {p}");
+        }
+    }
+}
+
+#[test]
+fn local_policy_without_local_endpoints_drops_external_traffic() {
+    let mut p = web(to(&["10.0.2.2:8080"]));
+    p.external = Backends::Drop;
+    p.masquerade_external = false;
+    let rs = ruleset(&state(vec![p]), IpFamily::IPv4);
+    assert_eq!(rs.chains["ext-ns/web/tcp/http"], [Rule::Drop]);
+    assert!(rs.no_endpoint_node_ports.is_empty(), "dropped, not rejected");
+}
+
+#[test]
+fn a_first_sync_rebuilds_the_table_and_an_unchanged_one_writes_nothing() {
+    let rs = ruleset(&state(vec![web(to(&["10.0.2.2:8080"]))]), IpFamily::IPv4);
+    let full = commands(&transaction(None, &rs, IpFamily::IPv4).unwrap().unwrap());
+    assert_eq!(
+        full[..3],
+        [
+            "add table svcplane",
+            "delete table svcplane",
+            "add table svcplane"
+        ]
+    );
+    assert!(full.contains(&"add map service-ips".to_owned()));
+    assert!(full.contains(&"add chain nat-prerouting".to_owned()));
+    assert!(full.contains(&"add element service-nodeports".to_owned()));
+    assert_eq!(transaction(Some(&rs), &rs, IpFamily::IPv4).unwrap(), None);
+}
+
+#[test]
+fn the_json_types_svcplane_maps_as_verdict_maps() {
+    let rs = ruleset(&state(vec![]), IpFamily::IPv4);
+    let t = transaction(None, &rs, IpFamily::IPv4).unwrap().unwrap();
+    let maps: Vec<_> = t.0["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c.get("add").and_then(|a| a.get("map")))
+        .collect();
+    assert_eq!(maps.len(), 4);
+    assert!(maps.iter().all(|m| m["map"] == "verdict"));
+}
+
+#[test]
+fn removing_an_endpoint_rewrites_only_its_service() {
+    let before = ruleset(
+        &state(vec![
+            web(to(&["10.0.2.2:8080", "10.0.3.2:8080"])),
+            port("other", "10.96.0.12", to(&["10.0.4.2:80"])),
+        ]),
+        IpFamily::IPv4,
+    );
+    let after = ruleset(
+        &state(vec![
+            web(to(&["10.0.2.2:8080"])),
+            port("other", "10.96.0.12", to(&["10.0.4.2:80"])),
+        ]),
+        IpFamily::IPv4,
+    );
+    let cmds = commands(
+        &transaction(Some(&before), &after, IpFamily::IPv4)
+            .unwrap()
+            .unwrap(),
+    );
+    assert_eq!(
+        cmds,
+        [
+            "flush chain ext-ns/web/tcp/http",
+            "add rule ext-ns/web/tcp/http",
+            "add rule ext-ns/web/tcp/http",
+            "add rule ext-ns/web/tcp/http",
+            "flush chain svc-ns/web/tcp/http",
+            "add rule svc-ns/web/tcp/http",
+            "add rule svc-ns/web/tcp/http",
+            "delete chain ep-ns/web/tcp/http__10.0.3.2:8080",
+            "delete set aff-ns/web/tcp/http__10.0.3.2:8080",
+        ]
+    );
+}
+
+#[test]
+fn losing_every_endpoint_moves_the_address_to_the_reject_map() {
+    let before = ruleset(
+        &state(vec![port("web", "10.96.0.10", to(&["10.0.2.2:80"]))]),
+        IpFamily::IPv4,
+    );
+    let after = ruleset(
+        &state(vec![port("web", "10.96.0.10", Backends::Reject)]),
+        IpFamily::IPv4,
+    );
+    let cmds = commands(
+        &transaction(Some(&before), &after, IpFamily::IPv4)
+            .unwrap()
+            .unwrap(),
+    );
+    assert_eq!(
+        cmds,
+        [
+            "delete element service-ips",
+            "add element no-endpoint-services",
+            "delete chain ep-ns/web/tcp/http__10.0.2.2:80",
+            "delete chain svc-ns/web/tcp/http",
+        ]
+    );
+}
+
+#[test]
+fn ipvs_mode_masquerades_cluster_policy_external_traffic_and_rejects_empty_services() {
+    let mut local = web(to(&["10.0.2.2:8080"]));
+    local.name.service = ObjectKey::new("ns", "local");
+    local.cluster_ip = "10.96.0.20".parse().unwrap();
+    local.node_port = Some(30090);
+    local.masquerade_external = false;
+    let st = state(vec![
+        web(to(&["10.0.2.2:8080"])),
+        local,
+        port("empty", "10.96.0.11", Backends::Reject),
+    ]);
+    let sup = ipvs_support(&st, IpFamily::IPv4);
+    assert_eq!(sup.masquerade_node_ports, [(Protocol::Tcp, 30080)].into());
+    assert_eq!(
+        sup.masquerade_ips,
+        [("192.0.2.1".parse().unwrap(), Protocol::Tcp, 80)].into()
+    );
+    assert_eq!(
+        sup.reject_ips,
+        [("10.96.0.11".parse().unwrap(), Protocol::Tcp, 80)].into()
+    );
+    let cmds = commands(&ipvs_support_transaction(&sup, IpFamily::IPv4).unwrap());
+    assert_eq!(
+        cmds[..3],
+        [
+            "add table svcplane",
+            "delete table svcplane",
+            "add table svcplane"
+        ]
+    );
+    assert!(cmds.contains(&"add chain nat-postrouting".to_owned()));
+}
+
+#[test]
+fn cleanup_removes_both_tables() {
+    let cmds = commands(&cleanup().unwrap());
+    assert_eq!(cmds.iter().filter(|c| c.starts_with("delete table")).count(), 2);
+}
