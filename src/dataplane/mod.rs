@@ -2,6 +2,7 @@
 //! desired state (pure, `svcplane_dataplane`), and writes only the difference to the
 //! kernel. `svcplane cleanup` removes what it wrote.
 
+mod backend;
 mod cache;
 mod healthcheck;
 mod ipvs;
@@ -25,12 +26,11 @@ use k8s_openapi::{
 use kube::{Api, runtime::watcher};
 use prometheus::Registry;
 use svcplane_controllers::runtime::{informer::Informer, store::Store};
-use svcplane_core::{IpFamily, ObjectKey};
+use svcplane_core::ObjectKey;
 use svcplane_dataplane::{
     desired::{DesiredState, desired},
     input::{Problem, ServiceInfo, SliceInfo},
-    ipvs::plan::{Op, SCHEDULERS},
-    nft::{IpvsSupport, Ruleset, TABLE, ipvs_support, ipvs_support_transaction, ruleset, transaction},
+    ipvs::plan::SCHEDULERS,
 };
 use tokio::{signal::unix::SignalKind, sync::Notify};
 use tokio_util::sync::CancellationToken;
@@ -42,6 +42,7 @@ use crate::{
     http::Server,
     kubeclient,
 };
+use backend::Backend;
 use healthcheck::HealthCheckServers;
 use ipvs::probe::{self as ipvs_probe, Ipvs};
 use metrics::DataplaneMetrics;
@@ -89,9 +90,9 @@ pub struct Args {
     pub objects: Option<PathBuf>,
 }
 
-/// What programs the kernel.
+/// Which backend programs the kernel.
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum Backend {
+enum Choice {
     Nftables,
     Ipvs { scheduler: String },
 }
@@ -100,14 +101,6 @@ enum Backend {
 pub struct CleanupArgs {
     #[arg(long, default_value = "nft")]
     pub nft: PathBuf,
-}
-
-/// The last applied ruleset per family; `None` when unknown (start, or after a failed apply),
-/// which makes the next sync rebuild the table.
-#[derive(Default)]
-struct Applied {
-    v4: Option<Ruleset>,
-    v6: Option<Ruleset>,
 }
 
 /// `/healthz`: the last sync succeeded, or one did within two sync periods.
@@ -142,7 +135,7 @@ impl Check for SyncHealth {
 }
 
 /// Picks the mode: IPVS where asked for (or, in auto, where the kernel has it), else nftables.
-fn backend(args: &Args, metrics: &DataplaneMetrics) -> anyhow::Result<Backend> {
+fn choose(args: &Args, metrics: &DataplaneMetrics) -> anyhow::Result<Choice> {
     let scheduler = || {
         if SCHEDULERS.contains(&args.scheduler.as_str()) {
             args.scheduler.clone()
@@ -155,16 +148,16 @@ fn backend(args: &Args, metrics: &DataplaneMetrics) -> anyhow::Result<Backend> {
     Ok(match (args.mode, ipvs_probe::probe()) {
         (Mode::Nftables, _) => {
             info!("nftables mode (forced)");
-            Backend::Nftables
+            Choice::Nftables
         }
         (Mode::Auto, Ipvs::Absent(why)) => {
             info!(reason = %why, "nftables mode: no IPVS on this node");
-            Backend::Nftables
+            Choice::Nftables
         }
         (Mode::Ipvs, Ipvs::Absent(why)) => bail!("--mode=ipvs: {why}"),
         (Mode::Auto | Mode::Ipvs, Ipvs::Available { family_id }) => {
             info!(family_id, "IPVS mode");
-            Backend::Ipvs {
+            Choice::Ipvs {
                 scheduler: scheduler(),
             }
         }
@@ -174,9 +167,23 @@ fn backend(args: &Args, metrics: &DataplaneMetrics) -> anyhow::Result<Backend> {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let registry = Registry::new();
     let metrics = DataplaneMetrics::register(&registry).context("registering metrics")?;
-    let backend = backend(&args, &metrics)?;
+    match choose(&args, &metrics)? {
+        Choice::Nftables => serve(&args, backend::Nftables::new(args.nft.clone()), registry, metrics).await,
+        Choice::Ipvs { scheduler } => {
+            let ipvs = backend::Ipvs::new(args.nft.clone(), scheduler, args.node_ip.clone());
+            serve(&args, ipvs, registry, metrics).await
+        }
+    }
+}
+
+async fn serve<B: Backend>(
+    args: &Args,
+    mut backend: B,
+    registry: Registry,
+    metrics: DataplaneMetrics,
+) -> anyhow::Result<()> {
     if let Some(path) = &args.objects {
-        return run_once(&args, &backend, path, &metrics).await;
+        return run_once(args, &mut backend, path, &metrics).await;
     }
     let shutdown = CancellationToken::new();
     {
@@ -237,15 +244,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     {
         return Ok(());
     }
-    info!(node = %args.node_name, ?backend, "caches synced; programming the kernel");
+    info!(node = %args.node_name, mode = backend.mode(), "caches synced; programming the kernel");
 
     let mut state = SyncState::default();
     loop {
         let started = Instant::now();
         let mut wait = args.sync_period;
-        let result = sync(&args, &backend, &services, &slices, &mut state, &metrics)
-            .instrument(info_span!("sync"))
-            .await;
+        let result = sync(
+            &args.node_name,
+            &mut backend,
+            &services,
+            &slices,
+            &mut state,
+            &metrics,
+        )
+        .instrument(info_span!("sync"))
+        .await;
         metrics.sync_duration.observe(started.elapsed().as_secs_f64());
         match result {
             Ok(()) => {
@@ -272,13 +286,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = changed.notified() => {}
-            () = tokio::time::sleep(wait) => {
-                // The periodic sync also notices a table someone else removed (a flushed
-                // ruleset, another tool's cleanup) and rebuilds it.
-                if backend == Backend::Nftables {
-                    forget_missing_tables(&args.nft, &mut state.applied).await;
-                }
-            }
+            () = tokio::time::sleep(wait) => backend.check_drift().await,
         }
         let since = started.elapsed();
         if since < args.min_sync_period {
@@ -296,31 +304,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 /// How soon a failed sync is tried again.
 const FAILED_SYNC_RETRY: Duration = Duration::from_secs(1);
 
-/// What one sync leaves for the next.
+/// What one sync leaves for the next (besides what the backend keeps).
 #[derive(Default)]
 struct SyncState {
-    applied: Applied,
     problems: Vec<Problem>,
     health_checks: HealthCheckServers,
-    last_ipvs: Option<ipvs::Report>,
-    /// IPVS mode's masquerade and reject rules as last applied (IPv4, IPv6).
-    ipvs_support: (Option<IpvsSupport>, Option<IpvsSupport>),
     /// Trigger time of every slice version already programmed (`None`: before the first sync,
     /// whose latency is start-up, not programming).
     triggers: Option<HashMap<ObjectKey, Timestamp>>,
 }
 
-/// One sync: assemble, compute, diff, apply.
-async fn sync(
-    args: &Args,
-    backend: &Backend,
+/// One sync: assemble what the caches hold, compute the node's desired state, let the backend
+/// write the difference, then the health-check servers and the programming latency.
+async fn sync<B: Backend>(
+    node_name: &str,
+    backend: &mut B,
     services: &Store<Cached<ServiceInfo>>,
     slices: &Store<Cached<SliceInfo>>,
     st: &mut SyncState,
     metrics: &DataplaneMetrics,
 ) -> anyhow::Result<()> {
-    let applied = &mut st.applied;
-    let last_problems = &mut st.problems;
     let svc_cache = services.list_all(|_| true);
     let slice_cache = slices.list_all(|_| true);
     let mut problems: Vec<Problem> = svc_cache
@@ -329,117 +332,28 @@ async fn sync(
         .chain(slice_cache.iter().flat_map(|c| c.problems.iter().cloned()))
         .collect();
     problems.sort_by(|a, b| (&a.object, &a.what).cmp(&(&b.object, &b.what)));
-    if problems != *last_problems {
-        for p in problems.iter().filter(|p| !last_problems.contains(p)) {
+    if problems != st.problems {
+        for p in problems.iter().filter(|p| !st.problems.contains(p)) {
             warn!(object = %p.object, problem = %p.what, "skipped part of an object");
         }
         metrics
             .problems
             .set(i64::try_from(problems.len()).unwrap_or(i64::MAX));
-        *last_problems = problems;
+        st.problems = problems;
     }
     let svcs: Vec<ServiceInfo> = svc_cache.iter().filter_map(|c| c.value.clone()).collect();
     let eps: Vec<SliceInfo> = slice_cache.iter().filter_map(|c| c.value.clone()).collect();
-    let state: DesiredState = desired(&args.node_name, &svcs, &eps);
-    match backend {
-        Backend::Nftables => apply_nftables(args, &state, applied, metrics).await?,
-        Backend::Ipvs { scheduler } => {
-            let report = ipvs::sync(&state, &args.node_ip, scheduler).await?;
-            metrics
-                .rules
-                .with_label_values(&["IPVS"])
-                .set(i64::try_from(report.entries).unwrap_or(i64::MAX));
-            if report.failed > 0 {
-                metrics
-                    .ipvs_failures
-                    .inc_by(u64::try_from(report.failed).unwrap_or(u64::MAX));
-            }
-            if !report.ops.is_empty() || report.addresses_added + report.addresses_removed > 0 {
-                info!(
-                    operations = report.ops.len(),
-                    failed = report.failed,
-                    addresses_added = report.addresses_added,
-                    addresses_removed = report.addresses_removed,
-                    "IPVS updated"
-                );
-            }
-            st.last_ipvs = Some(report);
-            for (family, slot) in [
-                (IpFamily::IPv4, &mut st.ipvs_support.0),
-                (IpFamily::IPv6, &mut st.ipvs_support.1),
-            ] {
-                let next = ipvs_support(&state, family);
-                if slot.as_ref() == Some(&next) {
-                    continue;
-                }
-                *slot = None;
-                let tx =
-                    ipvs_support_transaction(&next, family).context("rendering the IPVS-mode nftables")?;
-                nft::apply(&args.nft, &tx).await?;
-                *slot = Some(next);
-            }
-        }
-    }
+    let state: DesiredState = desired(node_name, &svcs, &eps);
+    backend.apply(&state, metrics).await?;
     st.health_checks.sync(&state.health_checks).await;
     observe_programming_latency(&eps, &mut st.triggers, metrics);
     Ok(())
 }
 
-/// Forgets what was applied for a family whose table is gone, so the next sync rebuilds it.
-/// `nft list tables` names tables only: cheap however large svcplane's table is.
-async fn forget_missing_tables(nft: &Path, applied: &mut Applied) {
-    match nft::tables(nft).await {
-        Ok(tables) => {
-            for (family, slot) in [("ip", &mut applied.v4), ("ip6", &mut applied.v6)] {
-                if slot.is_some() && !tables.contains(&(family.to_owned(), TABLE.to_owned())) {
-                    warn!(family, table = TABLE, "svcplane's table is gone; rebuilding it");
-                    *slot = None;
-                }
-            }
-        }
-        Err(e) => warn!(error = format!("{e:#}"), "cannot list nftables tables"),
-    }
-}
-
-async fn apply_nftables(
-    args: &Args,
-    state: &DesiredState,
-    applied: &mut Applied,
-    metrics: &DataplaneMetrics,
-) -> anyhow::Result<()> {
-    for (family, slot) in [
-        (IpFamily::IPv4, &mut applied.v4),
-        (IpFamily::IPv6, &mut applied.v6),
-    ] {
-        let next = ruleset(state, family);
-        metrics
-            .rules
-            .with_label_values(&[family_label(family)])
-            .set(i64::try_from(next.size()).unwrap_or(i64::MAX));
-        let Some(tx) = transaction(slot.as_ref(), &next, family).context("rendering the nftables batch")?
-        else {
-            continue;
-        };
-        let full = slot.is_none();
-        // Unknown from here until the apply succeeds: a failed batch leaves the old table whole,
-        // but the next sync must not diff against a state the kernel may not hold.
-        *slot = None;
-        nft::apply(&args.nft, &tx).await?;
-        info!(
-            family = family_label(family),
-            commands = tx.len(),
-            full,
-            "nftables updated"
-        );
-        *slot = Some(next);
-    }
-    Ok(())
-}
-
 /// `--objects`: one sync from a file, then exit; prints what it did as one JSON line.
-async fn run_once(
+async fn run_once<B: Backend>(
     args: &Args,
-    backend: &Backend,
+    backend: &mut B,
     path: &Path,
     metrics: &DataplaneMetrics,
 ) -> anyhow::Result<()> {
@@ -480,24 +394,9 @@ async fn run_once(
     }
     let mut st = SyncState::default();
     let started = Instant::now();
-    sync(args, backend, &services, &slices, &mut st, metrics).await?;
+    sync(&args.node_name, backend, &services, &slices, &mut st, metrics).await?;
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let mut summary = match &st.last_ipvs {
-        Some(r) => serde_json::json!({
-            "mode": "ipvs",
-            "operations": r.ops.len(),
-            "add_service": r.ops.iter().filter(|o| matches!(o, Op::AddService(..))).count(),
-            "update_service": r.ops.iter().filter(|o| matches!(o, Op::UpdateService(..))).count(),
-            "del_service": r.ops.iter().filter(|o| matches!(o, Op::DelService(..))).count(),
-            "add_dest": r.ops.iter().filter(|o| matches!(o, Op::AddDest(..))).count(),
-            "update_dest": r.ops.iter().filter(|o| matches!(o, Op::UpdateDest(..))).count(),
-            "del_dest": r.ops.iter().filter(|o| matches!(o, Op::DelDest(..))).count(),
-            "failed": r.failed,
-            "addresses_added": r.addresses_added,
-            "addresses_removed": r.addresses_removed,
-        }),
-        None => serde_json::json!({"mode": "nftables"}),
-    };
+    let mut summary = backend.summary();
     summary["elapsed_ms"] = serde_json::json!(elapsed_ms);
     println!("{summary}");
     Ok(())
@@ -524,13 +423,6 @@ fn observe_programming_latency(
         current.insert(s.name.clone(), t);
     }
     *seen = current;
-}
-
-fn family_label(f: IpFamily) -> &'static str {
-    match f {
-        IpFamily::IPv4 => "IPv4",
-        IpFamily::IPv6 => "IPv6",
-    }
 }
 
 /// `svcplane cleanup`: removes svcplane's nftables tables.
@@ -560,4 +452,226 @@ pub async fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
         info!("flushed IPVS");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex as StdMutex;
+
+    use serde_json::json;
+    use svcplane_dataplane::desired::Backends;
+
+    use super::*;
+
+    /// A backend that records what it is asked to apply, and fails when told to.
+    #[derive(Default)]
+    struct Recording {
+        applied: Arc<StdMutex<Vec<DesiredState>>>,
+        fail: bool,
+    }
+
+    impl Backend for Recording {
+        fn mode(&self) -> &'static str {
+            "recording"
+        }
+
+        async fn apply(&mut self, state: &DesiredState, _metrics: &DataplaneMetrics) -> anyhow::Result<()> {
+            if self.fail {
+                bail!("the kernel said no");
+            }
+            self.applied.lock().unwrap().push(state.clone());
+            Ok(())
+        }
+
+        async fn check_drift(&mut self) {}
+
+        fn summary(&self) -> serde_json::Value {
+            json!({"mode": self.mode(), "applied": self.applied.lock().unwrap().len()})
+        }
+    }
+
+    fn metrics() -> (Registry, DataplaneMetrics) {
+        let registry = Registry::new();
+        let m = DataplaneMetrics::register(&registry).unwrap();
+        (registry, m)
+    }
+
+    fn service(name: &str, ip: &str, protocol: &str) -> Service {
+        serde_json::from_value(json!({
+            "metadata": {"namespace": "ns", "name": name, "resourceVersion": "1"},
+            "spec": {"type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip],
+                     "selector": {"app": name},
+                     "ports": [{"name": "http", "port": 80, "protocol": protocol}]},
+        }))
+        .unwrap()
+    }
+
+    fn slice(service: &str, ips: &[&str], trigger: Option<&str>) -> EndpointSlice {
+        let annotations = trigger.map_or(json!({}), |t| json!({ANNOTATION: t}));
+        serde_json::from_value(json!({
+            "metadata": {"namespace": "ns", "name": format!("{service}-abc"), "resourceVersion": "1",
+                         "labels": {"kubernetes.io/service-name": service},
+                         "annotations": annotations},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": ips.iter().map(|ip| json!({"addresses": [ip], "nodeName": "node-a",
+                                                      "conditions": {"ready": true}})).collect::<Vec<_>>(),
+        }))
+        .unwrap()
+    }
+
+    const ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+    fn stores(
+        services: &[Service],
+        slices: &[EndpointSlice],
+    ) -> (Store<Cached<ServiceInfo>>, Store<Cached<SliceInfo>>) {
+        let (s, e) = (Store::new(None), Store::new(None));
+        for svc in services {
+            let key = ObjectKey::new("ns", svc.metadata.name.clone().unwrap());
+            s.insert(key, Arc::new(cache_service(svc.clone())));
+        }
+        for sl in slices {
+            let key = ObjectKey::new("ns", sl.metadata.name.clone().unwrap());
+            e.insert(key, Arc::new(cache_slice(sl.clone())));
+        }
+        (s, e)
+    }
+
+    #[tokio::test]
+    async fn a_sync_hands_the_backend_the_nodes_desired_state_and_reports_bad_objects() {
+        let (_registry, m) = metrics();
+        let mut backend = Recording::default();
+        let mut st = SyncState::default();
+        let (services, slices) = stores(
+            &[
+                service("web", "10.96.0.10", "TCP"),
+                service("odd", "10.96.0.11", "FOO"),
+            ],
+            &[slice("web", &["10.244.0.1", "10.244.0.2"], None)],
+        );
+        sync("node-a", &mut backend, &services, &slices, &mut st, &m)
+            .await
+            .unwrap();
+
+        let applied = backend.applied.lock().unwrap().clone();
+        assert_eq!(applied.len(), 1);
+        let ports: Vec<_> = applied[0].ports.values().collect();
+        assert_eq!(
+            ports.len(),
+            1,
+            "the Service with an unknown protocol is left out: {ports:?}"
+        );
+        assert_eq!(ports[0].name.service, ObjectKey::new("ns", "web"));
+        assert_eq!(
+            ports[0].internal,
+            Backends::To(vec![
+                "10.244.0.1:8080".parse().unwrap(),
+                "10.244.0.2:8080".parse().unwrap()
+            ])
+        );
+        assert_eq!(m.problems.get(), 1, "the bad port is counted");
+        assert_eq!(st.problems.len(), 1);
+        assert!(st.problems[0].object.contains("odd"), "{:?}", st.problems);
+    }
+
+    #[tokio::test]
+    async fn a_failing_backend_fails_the_sync_and_leaves_the_rest_for_the_retry() {
+        let (_registry, m) = metrics();
+        let mut backend = Recording {
+            fail: true,
+            ..Default::default()
+        };
+        let mut st = SyncState::default();
+        let (services, slices) = stores(
+            &[service("web", "10.96.0.10", "TCP")],
+            &[slice("web", &["10.244.0.1"], Some("2026-01-01T00:00:00Z"))],
+        );
+        let err = sync("node-a", &mut backend, &services, &slices, &mut st, &m)
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("the kernel said no"));
+        assert!(st.triggers.is_none(), "nothing counted as programmed");
+        backend.fail = false;
+        sync("node-a", &mut backend, &services, &slices, &mut st, &m)
+            .await
+            .unwrap();
+        assert_eq!(backend.applied.lock().unwrap().len(), 1);
+        assert!(st.triggers.is_some());
+    }
+
+    #[tokio::test]
+    async fn programming_latency_counts_each_slice_version_once_and_not_the_first_sync() {
+        let (_registry, m) = metrics();
+        let mut backend = Recording::default();
+        let mut st = SyncState::default();
+        let svc = [service("web", "10.96.0.10", "TCP")];
+        let at = |t: &str| stores(&svc, &[slice("web", &["10.244.0.1"], Some(t))]);
+
+        let (s, e) = at("2026-01-01T00:00:00Z");
+        sync("node-a", &mut backend, &s, &e, &mut st, &m).await.unwrap();
+        assert_eq!(
+            m.programming_latency.get_sample_count(),
+            0,
+            "start-up is not programming"
+        );
+        let (s, e) = at("2026-01-01T00:00:05Z");
+        sync("node-a", &mut backend, &s, &e, &mut st, &m).await.unwrap();
+        assert_eq!(m.programming_latency.get_sample_count(), 1);
+        sync("node-a", &mut backend, &s, &e, &mut st, &m).await.unwrap();
+        assert_eq!(
+            m.programming_latency.get_sample_count(),
+            1,
+            "the same version again"
+        );
+    }
+
+    #[tokio::test]
+    async fn objects_mode_runs_one_sync_and_summarizes_it() {
+        let (_registry, m) = metrics();
+        let dir = std::env::temp_dir().join(format!("svcplane-objects-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("objects.json");
+        let items = json!({"items": [
+            serde_json::to_value(service("web", "10.96.0.10", "TCP")).unwrap(),
+            serde_json::to_value(slice("web", &["10.244.0.1"], None)).unwrap(),
+        ]});
+        let mut items = items;
+        items["items"][0]["kind"] = json!("Service");
+        items["items"][1]["kind"] = json!("EndpointSlice");
+        std::fs::write(&path, items.to_string()).unwrap();
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: Args,
+        }
+        let args = <Cli as clap::Parser>::try_parse_from(["dataplane", "--node-name", "node-a"])
+            .unwrap()
+            .args;
+        let mut backend = Recording::default();
+        run_once(&args, &mut backend, &path, &m).await.unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(backend.applied.lock().unwrap().len(), 1);
+        assert_eq!(backend.applied.lock().unwrap()[0].ports.len(), 1);
+    }
+
+    #[test]
+    fn health_follows_the_last_sync_with_a_tolerance() {
+        let check = |ok: Option<Duration>, failed: bool| {
+            SyncHealth {
+                last_ok: Arc::new(Mutex::new(ok.map(|ago| Instant::now() - ago))),
+                last_failed: Arc::new(Mutex::new(failed)),
+                tolerance: Duration::from_secs(60),
+            }
+            .check()
+        };
+        assert!(check(None, false).is_err(), "no sync yet");
+        assert!(check(Some(Duration::from_secs(1)), false).is_ok());
+        assert!(
+            check(Some(Duration::from_secs(30)), true).is_ok(),
+            "within the tolerance"
+        );
+        let err = check(Some(Duration::from_secs(120)), true).unwrap_err();
+        assert!(err.contains("have failed for"), "{err}");
+    }
 }
