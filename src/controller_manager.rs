@@ -10,6 +10,7 @@ use prometheus::Registry;
 use svcplane_allocators::{
     controller::{
         pools::write_pools,
+        release,
         repair::{Repair, RepairMetrics},
         run_term,
     },
@@ -358,29 +359,35 @@ impl LeaderWork {
     /// Runs one leadership term until `stop`; the first task to fail ends it.
     async fn run(self, stop: CancellationToken) -> Result<(), TaskFailed> {
         let mut group = Supervisor::new(&stop);
-        group.spawn_fallible(
-            "endpoint controllers",
-            manager::run(self.client.clone(), self.manager, self.metrics, group.token()),
-        );
+        let mut service_handlers = Vec::new();
         if let Some(LeaderAllocation {
             repair,
             ranges,
             usage,
         }) = self.allocation
         {
+            // Releases follow the controllers' Service watch rather than a second one.
+            let (handler, releases) = release::handler();
+            service_handlers.push(handler);
             group.spawn_fallible(
                 "allocation",
-                run_term(
-                    self.client.clone(),
-                    ranges,
-                    repair,
-                    self.identity,
-                    self.claim,
-                    group.token(),
-                ),
+                run_term(ranges, repair, releases, self.identity, self.claim, group.token()),
             );
-            group.spawn("servicepools", write_pools(self.client, usage, group.token()));
+            group.spawn(
+                "servicepools",
+                write_pools(self.client.clone(), usage, group.token()),
+            );
         }
+        group.spawn_fallible(
+            "endpoint controllers",
+            manager::run(
+                self.client,
+                self.manager,
+                self.metrics,
+                service_handlers,
+                group.token(),
+            ),
+        );
         group.supervise().await
     }
 }

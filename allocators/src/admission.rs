@@ -349,25 +349,36 @@ pub fn patch(svc: &Service, plan: &Plan, got: &Allocated) -> Vec<Value> {
 /// Every cluster IP and NodePort a stored Service holds, for releases and repair.
 pub fn held_values(svc: &Service) -> (Vec<IpAddr>, Vec<u16>) {
     let spec = spec(svc);
-    let ips = if type_of(&spec) == "ExternalName" {
-        Vec::new()
-    } else {
+    let ports = spec.ports.iter().flatten().filter_map(|p| p.node_port);
+    held(
+        type_of(&spec),
         spec.cluster_ips
             .iter()
             .flatten()
             .chain(spec.cluster_ip.iter())
+            .map(String::as_str),
+        ports.chain(spec.health_check_node_port),
+    )
+}
+
+/// What a Service of `type_` with these cluster IPs and node ports (as stored) holds: the one
+/// rule, whichever form of the Service it is read from.
+pub fn held<'a>(
+    type_: &str,
+    cluster_ips: impl IntoIterator<Item = &'a str>,
+    node_ports: impl IntoIterator<Item = i32>,
+) -> (Vec<IpAddr>, Vec<u16>) {
+    let ips = if type_ == "ExternalName" {
+        Vec::new()
+    } else {
+        cluster_ips
+            .into_iter()
             .filter_map(|s| s.parse().ok())
             .collect::<std::collections::BTreeSet<IpAddr>>()
             .into_iter()
             .collect()
     };
-    let mut ports: Vec<u16> = spec
-        .ports
-        .iter()
-        .flatten()
-        .filter_map(|p| p.node_port.and_then(port_value))
-        .collect();
-    ports.extend(spec.health_check_node_port.and_then(port_value));
+    let mut ports: Vec<u16> = node_ports.into_iter().filter_map(port_value).collect();
     ports.sort_unstable();
     ports.dedup();
     (ips, ports)

@@ -5,18 +5,14 @@
 
 use std::{collections::BTreeSet, net::IpAddr};
 
-use k8s_openapi::api::core::v1::Service;
-
-use crate::admission::held_values;
+/// The cluster IPs and node ports a stored Service holds (`admission::held`).
+pub type Held = (Vec<IpAddr>, Vec<u16>);
 
 /// Values held by `old` and not by `new` (all of `old`'s when the Service is gone).
-pub fn dropped(old: &Service, new: Option<&Service>) -> (Vec<IpAddr>, Vec<u16>) {
-    let (old_ips, old_ports) = held_values(old);
+pub fn dropped(old: Held, new: Option<Held>) -> Held {
+    let (old_ips, old_ports) = old;
     let (new_ips, new_ports): (BTreeSet<IpAddr>, BTreeSet<u16>) = match new {
-        Some(n) => {
-            let (i, p) = held_values(n);
-            (i.into_iter().collect(), p.into_iter().collect())
-        }
+        Some((i, p)) => (i.into_iter().collect(), p.into_iter().collect()),
         None => Default::default(),
     };
     (
@@ -28,6 +24,8 @@ pub fn dropped(old: &Service, new: Option<&Service>) -> (Vec<IpAddr>, Vec<u16>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admission::held_values;
+    use k8s_openapi::api::core::v1::Service;
     use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
 
     fn svc(type_: &str, ips: &[&str], node_ports: &[i32]) -> Service {
@@ -55,18 +53,21 @@ mod tests {
     #[test]
     fn deletion_releases_everything_updates_what_was_dropped() {
         let np = svc("NodePort", &["10.96.0.9", "fd00::9"], &[30001, 30002]);
-        let (ips, ports) = dropped(&np, None);
+        let (ips, ports) = dropped(held_values(&np), None);
         assert_eq!((ips.len(), ports), (2, vec![30001, 30002]));
 
         let fewer = svc("NodePort", &["10.96.0.9"], &[30001]);
-        let (ips, ports) = dropped(&np, Some(&fewer));
+        let (ips, ports) = dropped(held_values(&np), Some(held_values(&fewer)));
         assert_eq!(ips, ["fd00::9".parse::<IpAddr>().unwrap()]);
         assert_eq!(ports, [30002]);
 
         let ext = svc("ExternalName", &[], &[]);
-        let (ips, ports) = dropped(&fewer, Some(&ext));
+        let (ips, ports) = dropped(held_values(&fewer), Some(held_values(&ext)));
         assert_eq!((ips.len(), ports), (1, vec![30001]));
 
-        assert_eq!(dropped(&np, Some(&np)), (vec![], vec![]));
+        assert_eq!(
+            dropped(held_values(&np), Some(held_values(&np))),
+            (vec![], vec![])
+        );
     }
 }

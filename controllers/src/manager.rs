@@ -25,7 +25,9 @@ use crate::{
     events::EventSink,
     mirroring::controller::{self as mirroring_controller, MirroringController, MirroringMetrics},
     model::{LABEL_MANAGED_BY, LABEL_SERVICE_NAME, NodeView, PodView, ServiceView},
-    runtime::{Informer, Store, Supervisor, Synced, TaskFailed, WorkqueueMetrics, controller, wait_for_sync},
+    runtime::{
+        Handler, Informer, Store, Supervisor, Synced, TaskFailed, WorkqueueMetrics, controller, wait_for_sync,
+    },
 };
 
 pub const ENDPOINTSLICE_CONTROLLER: &str = "endpointslice-controller";
@@ -121,16 +123,21 @@ pub struct ManagerConfig {
 }
 
 /// Runs the enabled controllers until `stop`, or until one of them or their informers fails.
+/// `service_handlers` are told of every Service change too (other leader work that follows
+/// Services shares this watch instead of opening its own).
 pub async fn run(
     client: Client,
     cfg: ManagerConfig,
     metrics: ControllerMetrics,
+    service_handlers: Vec<Handler<ServiceView>>,
     stop: CancellationToken,
 ) -> Result<(), TaskFailed> {
     if cfg.controllers.is_empty() {
-        warn!("no controllers enabled");
-        stop.cancelled().await;
-        return Ok(());
+        warn!("no endpoint controllers enabled");
+        if service_handlers.is_empty() {
+            stop.cancelled().await;
+            return Ok(());
+        }
     }
     // Initial lists are served from the apiserver's watch cache (resourceVersion=0), as
     // client-go's informers do: one response instead of pages read from etcd; the watch that
@@ -150,6 +157,9 @@ pub async fn run(
         |s| ServiceView::from(&s),
         services.clone(),
     );
+    for handler in service_handlers {
+        service_informer.on_change(handler);
+    }
     let mut pod_informer = Informer::new(
         "pods",
         Api::<Pod>::all(client.clone()),
@@ -278,10 +288,13 @@ pub async fn run(
     // Any of them dying ends the whole term (see `Supervisor`).
     let mut group = Supervisor::new(&stop);
     let token = group.token();
-    let mut synced: Vec<Synced> = vec![service_informer.synced(), pod_informer.synced()];
+    let mut synced: Vec<Synced> = vec![service_informer.synced()];
     group.spawn("services informer", service_informer.run(token.clone()));
-    group.spawn("pods informer", pod_informer.run(token.clone()));
     // Watch only what the enabled controllers read.
+    if !cfg.controllers.is_empty() {
+        synced.push(pod_informer.synced());
+        group.spawn("pods informer", pod_informer.run(token.clone()));
+    }
     if slice_ctl.is_some() {
         synced.push(node_informer.synced());
         group.spawn("nodes informer", node_informer.run(token.clone()));

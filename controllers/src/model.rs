@@ -190,6 +190,9 @@ pub struct ServiceView {
     pub ip_families: Vec<String>,
     pub publish_not_ready_addresses: bool,
     pub ports: Vec<ServicePortView>,
+    /// Every node port it holds, as stored: its ports' and its health-check node port (what
+    /// allocation releases when they go).
+    pub node_ports: Vec<i32>,
     pub traffic_distribution: Option<String>,
     /// Value of the Topology Aware Hints annotation, the deprecated key winning.
     pub topology_mode: Option<String>,
@@ -276,6 +279,16 @@ impl From<&Service> for ServiceView {
             ip_families: spec.and_then(|s| s.ip_families.clone()).unwrap_or_default(),
             publish_not_ready_addresses: spec.and_then(|s| s.publish_not_ready_addresses).unwrap_or(false),
             ports,
+            node_ports: spec
+                .into_iter()
+                .flat_map(|s| {
+                    s.ports
+                        .iter()
+                        .flatten()
+                        .filter_map(|p| p.node_port)
+                        .chain(s.health_check_node_port)
+                })
+                .collect(),
             traffic_distribution: spec.and_then(|s| s.traffic_distribution.clone()),
             topology_mode,
             creation_timestamp: meta.creation_timestamp.as_ref().map(|t| t.0),

@@ -1,6 +1,6 @@
 //! The allocation controllers, run by the leader only: the repair pass on a period (which also
-//! initializes the ranges), the releases that follow stored Services, and the `ServicePool`
-//! objects. They talk to the apiserver; everything they decide comes from the pure modules of
+//! initializes the ranges), the releases that follow stored Services (through the leader's one
+//! Service watch), and the `ServicePool` objects. They talk to the apiserver; everything they decide comes from the pure modules of
 //! this crate.
 
 pub mod pools;
@@ -9,7 +9,6 @@ pub mod repair;
 
 use std::{sync::Arc, time::Duration};
 
-use kube::Client;
 use svcplane_controllers::{
     leader::Claim,
     runtime::{Supervisor, TaskFailed},
@@ -25,9 +24,9 @@ const BEGIN_RETRY: Duration = Duration::from_secs(2);
 /// The allocation side of one leader term: begins the term in etcd, then runs the repair loop and
 /// the releases, every write of both fenced by the term, until `stop` or until one fails.
 pub async fn run_term(
-    client: Client,
     ranges: Arc<Ranges>,
     repair: Arc<repair::Repair>,
+    releases: release::Releases,
     identity: String,
     claim: Claim,
     stop: CancellationToken,
@@ -38,9 +37,9 @@ pub async fn run_term(
     let mut group = Supervisor::new(&stop);
     let (token, term) = (group.token(), fence.clone());
     group.spawn("allocation repair", async move { repair.run(&term, token).await });
-    group.spawn_fallible(
+    group.spawn(
         "allocation releases",
-        release::run(client, ranges, fence, group.token()),
+        release::run(ranges, fence, releases, group.token()),
     );
     group.supervise().await
 }

@@ -201,14 +201,15 @@ async fn a_leader_paused_past_its_lease_writes_nothing_after_it_resumes() {
     })
     .await;
     eprintln!("fencing: cm-old paused with {made_before_pause} slices made; cm-new leads");
-    // Its release loop has listed the Services (a deletion before that list would only be
-    // reclaimed by repair, minutes later: issue 11 makes releases follow authoritative state).
+    // Its Service informer, which the releases follow, has listed the Services (a deletion
+    // before that list would only be reclaimed by repair, minutes later: issue 11 makes
+    // releases follow authoritative state). A follower runs no such informer.
     eventually(
         Duration::from_secs(30),
         "cm-new's release loop to list Services",
         || async {
             let log = std::fs::read_to_string(cp.dir.join("cm-new.log")).ok()?;
-            log.contains("initial list complete informer=\"services (allocation releases)\"")
+            log.contains("initial list complete informer=\"services\"")
                 .then_some(())
         },
     )
