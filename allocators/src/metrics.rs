@@ -160,15 +160,7 @@ impl AllocatorMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn usage(allocated: Result<u64, String>) -> RangeUsage {
-        RangeUsage {
-            type_: PoolType::NodePort,
-            range: "30000-32767".into(),
-            size: 2768,
-            allocated,
-        }
-    }
+    use crate::pool::node_port_usage as usage;
 
     #[test]
     fn gauges_follow_the_bitmap_and_keep_their_value_while_it_cannot_be_read() {

@@ -86,6 +86,17 @@ pub struct RangeUsage {
     pub allocated: Result<u64, String>,
 }
 
+/// The default NodePort range's usage (tests of the modules that read usages).
+#[cfg(test)]
+pub(crate) fn node_port_usage(allocated: Result<u64, String>) -> RangeUsage {
+    RangeUsage {
+        type_: PoolType::NodePort,
+        range: "30000-32767".into(),
+        size: 2768,
+        allocated,
+    }
+}
+
 /// The pool object's name for a range: a DNS subdomain made of the range itself.
 pub fn pool_name(type_: PoolType, range: &str) -> String {
     let body: String = range

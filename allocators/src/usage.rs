@@ -96,15 +96,7 @@ pub async fn monitor(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn usage(allocated: Result<u64, String>) -> RangeUsage {
-        RangeUsage {
-            type_: PoolType::NodePort,
-            range: "30000-32767".into(),
-            size: 2768,
-            allocated,
-        }
-    }
+    use crate::pool::node_port_usage as usage;
 
     #[test]
     fn initialized_only_when_every_range_reads() {

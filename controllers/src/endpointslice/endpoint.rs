@@ -7,49 +7,20 @@ use k8s_openapi::api::{
     discovery::v1::{Endpoint, EndpointConditions, EndpointPort},
 };
 
+use svcplane_core::IpFamily;
+
 use crate::model::{PodView, ServiceView, TargetPort};
-
-/// The address families of EndpointSlices (`FQDN` exists in the API; this controller never writes it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum AddressType {
-    IPv4,
-    IPv6,
-}
-
-impl AddressType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::IPv4 => "IPv4",
-            Self::IPv6 => "IPv6",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "IPv4" => Some(Self::IPv4),
-            "IPv6" => Some(Self::IPv6),
-            _ => None,
-        }
-    }
-
-    fn of(ip: &IpAddr) -> Self {
-        match ip {
-            IpAddr::V4(_) => Self::IPv4,
-            IpAddr::V6(_) => Self::IPv6,
-        }
-    }
-}
 
 /// The address types a Service gets slices for: its `ipFamilies`. Without families (objects
 /// from an apiserver that predates dual-stack) the family of its cluster IP, and both families
 /// for headless Services, so that no traffic is cut while the apiserver catches up.
-pub fn address_types(svc: &ServiceView) -> Vec<AddressType> {
-    let mut types: Vec<AddressType> = svc
+pub fn address_types(svc: &ServiceView) -> Vec<IpFamily> {
+    let mut types: Vec<IpFamily> = svc
         .ip_families
         .iter()
         .filter_map(|f| match f.as_str() {
-            "IPv4" => Some(AddressType::IPv4),
-            "IPv6" => Some(AddressType::IPv6),
+            "IPv4" => Some(IpFamily::IPv4),
+            "IPv6" => Some(IpFamily::IPv6),
             _ => None,
         })
         .collect();
@@ -61,9 +32,9 @@ pub fn address_types(svc: &ServiceView) -> Vec<AddressType> {
     if !svc.is_headless()
         && let Some(ip) = svc.cluster_ip.as_deref().and_then(parse_ip)
     {
-        return vec![AddressType::of(&ip)];
+        return vec![IpFamily::of(&ip)];
     }
-    vec![AddressType::IPv4, AddressType::IPv6]
+    vec![IpFamily::IPv4, IpFamily::IPv6]
 }
 
 /// Parses an IP the way Kubernetes does (IPv4 octets may carry leading zeros) and folds
@@ -101,12 +72,7 @@ pub fn pod_has_endpoint(pod: &PodView) -> bool {
 /// The endpoint of `pod` for `svc` in `family`; `zone` is its Node's zone label. Addresses are
 /// canonical; an endpoint without any address of the family has `addresses` empty and is dropped
 /// by the caller.
-pub fn pod_to_endpoint(
-    pod: &PodView,
-    zone: Option<&str>,
-    svc: &ServiceView,
-    family: AddressType,
-) -> Endpoint {
+pub fn pod_to_endpoint(pod: &PodView, zone: Option<&str>, svc: &ServiceView, family: IpFamily) -> Endpoint {
     let serving = pod.ready;
     let terminating = pod.terminating;
     // A terminating Pod is never "ready", unless the Service publishes not-ready addresses.
@@ -115,7 +81,7 @@ pub fn pod_to_endpoint(
         .ips
         .iter()
         .filter_map(|s| parse_ip(s))
-        .filter(|ip| AddressType::of(ip) == family)
+        .filter(|ip| IpFamily::of(ip) == family)
         .map(|ip| ip.to_string())
         .collect();
     Endpoint {
@@ -296,9 +262,7 @@ mod tests {
             p.terminating = terminating;
             let mut s = svc();
             s.publish_not_ready_addresses = publish;
-            let c = pod_to_endpoint(&p, None, &s, AddressType::IPv4)
-                .conditions
-                .unwrap();
+            let c = pod_to_endpoint(&p, None, &s, IpFamily::IPv4).conditions.unwrap();
             assert_eq!(
                 (c.ready.unwrap(), c.serving.unwrap(), c.terminating.unwrap()),
                 want,
@@ -312,7 +276,7 @@ mod tests {
         let mut p = pod("p", &["10.0.0.1", "fd00::0001"]);
         p.hostname = Some("p-host".into());
         p.subdomain = Some("web".into());
-        let ep = pod_to_endpoint(&p, Some("zone-a"), &svc(), AddressType::IPv4);
+        let ep = pod_to_endpoint(&p, Some("zone-a"), &svc(), IpFamily::IPv4);
         assert_eq!(ep.addresses, ["10.0.0.1"]);
         assert_eq!(ep.zone.as_deref(), Some("zone-a"));
         assert_eq!(ep.node_name.as_deref(), Some("node-a"));
@@ -322,15 +286,12 @@ mod tests {
             (t.kind.as_deref(), t.name.as_deref(), t.uid.as_deref()),
             (Some("Pod"), Some("p"), Some("p-uid"))
         );
-        let v6 = pod_to_endpoint(&p, Some(""), &svc(), AddressType::IPv6);
+        let v6 = pod_to_endpoint(&p, Some(""), &svc(), IpFamily::IPv6);
         assert_eq!(v6.addresses, ["fd00::1"], "canonical form");
         assert_eq!(v6.zone, None, "an empty zone label is no zone");
 
         p.subdomain = Some("other".into());
-        assert_eq!(
-            pod_to_endpoint(&p, None, &svc(), AddressType::IPv4).hostname,
-            None
-        );
+        assert_eq!(pod_to_endpoint(&p, None, &svc(), IpFamily::IPv4).hostname, None);
     }
 
     #[test]
@@ -354,7 +315,7 @@ mod tests {
         }
         let p = pod("p", &["not-an-ip", "10.0.0.9"]);
         assert_eq!(
-            pod_to_endpoint(&p, None, &svc(), AddressType::IPv4).addresses,
+            pod_to_endpoint(&p, None, &svc(), IpFamily::IPv4).addresses,
             ["10.0.0.9"]
         );
     }
@@ -363,13 +324,13 @@ mod tests {
     fn address_types_for_services() {
         let mut s = svc();
         s.ip_families = vec!["IPv6".into(), "IPv4".into()];
-        assert_eq!(address_types(&s), [AddressType::IPv4, AddressType::IPv6]);
+        assert_eq!(address_types(&s), [IpFamily::IPv4, IpFamily::IPv6]);
         s.ip_families.clear();
-        assert_eq!(address_types(&s), [AddressType::IPv4]);
+        assert_eq!(address_types(&s), [IpFamily::IPv4]);
         s.cluster_ip = Some("fd00::10".into());
-        assert_eq!(address_types(&s), [AddressType::IPv6]);
+        assert_eq!(address_types(&s), [IpFamily::IPv6]);
         s.cluster_ip = Some("None".into());
-        assert_eq!(address_types(&s), [AddressType::IPv4, AddressType::IPv6]);
+        assert_eq!(address_types(&s), [IpFamily::IPv4, IpFamily::IPv6]);
     }
 
     #[test]
@@ -445,7 +406,7 @@ mod tests {
 
     #[test]
     fn identity_ignores_conditions_and_address_order() {
-        let a = pod_to_endpoint(&pod("p", &["10.0.0.1"]), None, &svc(), AddressType::IPv4);
+        let a = pod_to_endpoint(&pod("p", &["10.0.0.1"]), None, &svc(), IpFamily::IPv4);
         let mut b = a.clone();
         b.conditions = Some(EndpointConditions {
             ready: Some(false),

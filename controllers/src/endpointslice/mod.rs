@@ -12,5 +12,4 @@ pub mod tracker;
 pub mod trigger;
 pub mod writer;
 
-pub use endpoint::AddressType;
 pub use reconcile::{NodeZones, PlanStats, SliceOptions, SlicePlan, plan_slices};

@@ -19,9 +19,11 @@ use k8s_openapi::{
     jiff::Timestamp,
 };
 
+use svcplane_core::IpFamily;
+
 use super::endpoint::{
-    AddressType, EndpointKey, PortKey, address_types, endpoint_key, endpoint_ports,
-    endpoints_equal_beyond_key, pod_has_endpoint, pod_to_endpoint, port_key,
+    EndpointKey, PortKey, address_types, endpoint_key, endpoint_ports, endpoints_equal_beyond_key,
+    pod_has_endpoint, pod_to_endpoint, port_key,
 };
 use crate::model::{
     ANNOTATION_LAST_CHANGE_TRIGGER_TIME, LABEL_HEADLESS, LABEL_MANAGED_BY, LABEL_SERVICE_NAME, PodView,
@@ -98,9 +100,9 @@ pub fn plan_slices(
 ) -> SlicePlan {
     let families = address_types(svc);
     let mut plan = SlicePlan::default();
-    let mut by_family: BTreeMap<AddressType, Vec<&EndpointSlice>> = BTreeMap::new();
+    let mut by_family: BTreeMap<IpFamily, Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in existing {
-        match AddressType::parse(&slice.address_type).filter(|t| families.contains(t)) {
+        match IpFamily::parse(&slice.address_type).filter(|t| families.contains(t)) {
             Some(t) => by_family.entry(t).or_default().push(slice),
             None => plan.delete.push(slice.clone()),
         }
@@ -127,7 +129,7 @@ fn plan_family(
     pods: &[&PodView],
     nodes: &dyn NodeZones,
     existing: &[&EndpointSlice],
-    family: AddressType,
+    family: IpFamily,
     opts: &SliceOptions,
     plan: &mut SlicePlan,
 ) {
@@ -237,7 +239,7 @@ fn plan_port_set(
     existing: &[&EndpointSlice],
     desired: &mut BTreeMap<EndpointKey, Endpoint>,
     ports: &[EndpointPort],
-    family: AddressType,
+    family: IpFamily,
     max: usize,
     opts: &SliceOptions,
 ) -> PortSetPlan {
@@ -503,7 +505,7 @@ fn owned_by(slice: &EndpointSlice, svc: &ServiceView) -> bool {
 fn new_slice(
     svc: &ServiceView,
     ports: Vec<EndpointPort>,
-    family: AddressType,
+    family: IpFamily,
     opts: &SliceOptions,
 ) -> EndpointSlice {
     EndpointSlice {

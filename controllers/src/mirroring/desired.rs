@@ -20,11 +20,12 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
 };
 
+use svcplane_core::IpFamily;
+
 use crate::{
     endpoints::subsets::repack,
-    endpointslice::{
-        AddressType,
-        endpoint::{EndpointKey, PortKey, endpoint_key, endpoints_equal_beyond_key, parse_ip, port_key},
+    endpointslice::endpoint::{
+        EndpointKey, PortKey, endpoint_key, endpoints_equal_beyond_key, parse_ip, port_key,
     },
     model::{ANNOTATION_LAST_CHANGE_TRIGGER_TIME, LABEL_MANAGED_BY, LABEL_SERVICE_NAME},
 };
@@ -107,7 +108,7 @@ impl MirrorPlan {
     }
 }
 
-type GroupKey = (AddressType, PortKey);
+type GroupKey = (IpFamily, PortKey);
 
 /// Plans the mirrored slices of `endpoints` given the slices that exist (this controller's, for
 /// this Endpoints object).
@@ -139,7 +140,7 @@ pub fn plan_mirror(
             })
             .collect();
         let pk = port_key(&ports);
-        for family in [AddressType::IPv4, AddressType::IPv6] {
+        for family in [IpFamily::IPv4, IpFamily::IPv6] {
             desired
                 .entry((family, pk.clone()))
                 .or_insert_with(|| (ports.clone(), BTreeMap::new()));
@@ -165,9 +166,9 @@ pub fn plan_mirror(
                 continue;
             }
             let family = if ip.is_ipv6() {
-                AddressType::IPv6
+                IpFamily::IPv6
             } else {
-                AddressType::IPv4
+                IpFamily::IPv4
             };
             let ep = to_endpoint(address, ip, ready);
             if let Some((_, group)) = desired.get_mut(&(family, pk.clone())) {
@@ -179,7 +180,7 @@ pub fn plan_mirror(
 
     let mut existing_by_key: BTreeMap<GroupKey, Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in existing {
-        let Some(family) = AddressType::parse(&slice.address_type) else {
+        let Some(family) = IpFamily::parse(&slice.address_type) else {
             plan.delete.push(slice.clone());
             continue;
         };
@@ -313,7 +314,7 @@ fn owned_by_this_endpoints(slice: &EndpointSlice, endpoints: &Endpoints) -> bool
 fn new_slice(
     endpoints: &Endpoints,
     ports: Vec<EndpointPort>,
-    family: AddressType,
+    family: IpFamily,
     opts: &MirrorOptions,
 ) -> EndpointSlice {
     let name = endpoints.metadata.name.clone().unwrap_or_default();
