@@ -11,6 +11,7 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
+use json_patch::{AddOperation, Patch, PatchOperation, jsonptr::PointerBuf};
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 use serde_json::{Value, json};
 use svcplane_core::IpFamily;
@@ -300,15 +301,17 @@ pub struct Allocated {
 
 /// The JSON Patch that writes the allocated values (and the families the plan decided) into the
 /// Service as admitted.
-pub fn patch(svc: &Service, plan: &Plan, got: &Allocated) -> Vec<Value> {
+pub fn patch(svc: &Service, plan: &Plan, got: &Allocated) -> Patch {
     let spec = spec(svc);
+    let field = |name: &str| PointerBuf::from_tokens(["spec", name]);
+    let add = |path: PointerBuf, value: Value| PatchOperation::Add(AddOperation { path, value });
     let mut ops = Vec::new();
     if let Some(fams) = &plan.ip_families {
         let v: Vec<&str> = fams.iter().map(|f| f.as_str()).collect();
-        ops.push(json!({"op": "add", "path": "/spec/ipFamilies", "value": v}));
+        ops.push(add(field("ipFamilies"), json!(v)));
     }
     if let Some(p) = &plan.ip_family_policy {
-        ops.push(json!({"op": "add", "path": "/spec/ipFamilyPolicy", "value": p}));
+        ops.push(add(field("ipFamilyPolicy"), json!(p)));
     }
     if !plan.cluster_ips.is_empty() {
         let fresh = got.cluster_ips.iter().map(IpAddr::to_string);
@@ -323,9 +326,9 @@ pub fn patch(svc: &Service, plan: &Plan, got: &Allocated) -> Vec<Value> {
             fresh.collect()
         };
         if let Some(first) = ips.first() {
-            ops.push(json!({"op": "add", "path": "/spec/clusterIP", "value": first}));
+            ops.push(add(field("clusterIP"), json!(first)));
         }
-        ops.push(json!({"op": "add", "path": "/spec/clusterIPs", "value": ips}));
+        ops.push(add(field("clusterIPs"), json!(ips)));
     }
     let by_number: BTreeMap<i32, u16> = plan
         .node_ports
@@ -337,13 +340,16 @@ pub fn patch(svc: &Service, plan: &Plan, got: &Allocated) -> Vec<Value> {
         if let Some(np) = by_number.get(&p.port)
             && p.node_port.unwrap_or(0) != i32::from(*np)
         {
-            ops.push(json!({"op": "add", "path": format!("/spec/ports/{i}/nodePort"), "value": np}));
+            let mut path = field("ports");
+            path.push_back(i);
+            path.push_back("nodePort");
+            ops.push(add(path, json!(np)));
         }
     }
     if let Some(hc) = got.health_check_node_port {
-        ops.push(json!({"op": "add", "path": "/spec/healthCheckNodePort", "value": hc}));
+        ops.push(add(field("healthCheckNodePort"), json!(hc)));
     }
-    ops
+    Patch(ops)
 }
 
 /// Every cluster IP and NodePort a stored Service holds, for releases and repair.
@@ -387,6 +393,14 @@ pub fn held<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The patch as the apiserver receives it.
+    fn ops(patch: Patch) -> Vec<Value> {
+        match serde_json::to_value(patch).unwrap() {
+            Value::Array(ops) => ops,
+            other => panic!("a JSON Patch is an array: {other}"),
+        }
+    }
     use k8s_openapi::api::core::v1::ServicePort;
 
     fn v4() -> ClusterFamilies {
@@ -550,7 +564,7 @@ mod tests {
             node_ports: vec![30053, 31000],
             health_check_node_port: None,
         };
-        let ops = patch(&s, &p, &got);
+        let ops = ops(patch(&s, &p, &got));
         assert!(
             ops.contains(&json!({"op": "add", "path": "/spec/ports/0/nodePort", "value": 30053})),
             "UDP gets the TCP request"
@@ -640,14 +654,14 @@ mod tests {
         up.spec.as_mut().unwrap().ip_family_policy = Some("PreferDualStack".into());
         let p = plan_update(&old, &up, &dual()).unwrap();
         assert_eq!(p.cluster_ips, [(IpFamily::IPv6, Want::Next)]);
-        let ops = patch(
+        let ops = ops(patch(
             &up,
             &p,
             &Allocated {
                 cluster_ips: vec![ip("fd00::30")],
                 ..Default::default()
             },
-        );
+        ));
         assert!(ops.contains(
             &json!({"op": "add", "path": "/spec/clusterIPs", "value": ["10.96.0.30", "fd00::30"]})
         ));

@@ -114,18 +114,8 @@ async fn answer(
             return (op, "failed", resp.deny(e.to_string()));
         }
     };
-    let ops = patch(object, &plan, &got);
-    debug!(name = %req.name, ?ops, "allocated");
-    let patch: json_patch::Patch = match serde_json::from_value(serde_json::Value::Array(ops)) {
-        Ok(p) => p,
-        Err(e) => {
-            return (
-                op,
-                "failed",
-                resp.deny(format!("internal error building the patch: {e}")),
-            );
-        }
-    };
+    let patch = patch(object, &plan, &got);
+    debug!(name = %req.name, %patch, "allocated");
     match resp.clone().with_patch(patch) {
         Ok(r) => {
             info!(name = %req.name, cluster_ips = ?got.cluster_ips, node_ports = ?got.node_ports, "allocated for Service");
