@@ -9,6 +9,8 @@
 pub mod endpoints;
 pub mod endpointslice;
 pub mod events;
+#[cfg(test)]
+mod fixtures;
 pub mod leader;
 pub mod manager;
 pub mod mirroring;

@@ -193,40 +193,28 @@ pub fn plan_endpoints(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{NamedPort, ServicePortView};
+    use crate::model::NamedPort;
 
+    use crate::fixtures::{web_pod, web_service};
+
+    /// `ns/web`, dual-stack.
     fn svc() -> ServiceView {
         ServiceView {
-            namespace: "ns".into(),
-            name: "web".into(),
-            uid: "svc-uid".into(),
-            labels: [("app".to_owned(), "web".to_owned())].into(),
-            selector: Some([("app".to_owned(), "web".to_owned())].into()),
-            cluster_ip: Some("10.96.0.10".into()),
             ip_families: vec!["IPv4".into(), "IPv6".into()],
-            ports: vec![ServicePortView {
-                name: "http".into(),
-                protocol: "TCP".into(),
-                app_protocol: None,
-                port: 80,
-                target_port: TargetPort::Number(8080),
-            }],
-            ..Default::default()
+            ..web_service()
         }
     }
 
+    /// Pod `web-<i>` with an IPv4 and an IPv6 address.
     fn pod(i: usize, ready: bool) -> PodView {
+        let (v4, v6) = (
+            format!("10.1.{}.{}", i / 250, i % 250 + 1),
+            format!("fd00::{:x}", i + 1),
+        );
         PodView {
-            namespace: "ns".into(),
-            name: format!("web-{i}"),
             uid: format!("uid-{i}"),
-            ips: vec![
-                format!("10.1.{}.{}", i / 250, i % 250 + 1),
-                format!("fd00::{:x}", i + 1),
-            ],
             ready,
-            node_name: Some("node-a".into()),
-            ..Default::default()
+            ..web_pod(&format!("web-{i}"), &[&v4, &v6])
         }
     }
 

@@ -213,35 +213,7 @@ mod tests {
     use super::*;
     use crate::model::{NamedPort, ServicePortView};
 
-    fn svc() -> ServiceView {
-        ServiceView {
-            namespace: "ns".into(),
-            name: "web".into(),
-            uid: "svc-uid".into(),
-            cluster_ip: Some("10.96.0.10".into()),
-            ip_families: vec!["IPv4".into()],
-            ports: vec![ServicePortView {
-                name: "http".into(),
-                protocol: "TCP".into(),
-                app_protocol: None,
-                port: 80,
-                target_port: TargetPort::Number(8080),
-            }],
-            ..Default::default()
-        }
-    }
-
-    fn pod(name: &str, ips: &[&str]) -> PodView {
-        PodView {
-            namespace: "ns".into(),
-            name: name.into(),
-            uid: format!("{name}-uid"),
-            ips: ips.iter().map(|s| (*s).to_owned()).collect(),
-            ready: true,
-            node_name: Some("node-a".into()),
-            ..Default::default()
-        }
-    }
+    use crate::fixtures::{web_pod as pod, web_service as svc};
 
     #[test]
     fn conditions_follow_upstream_for_every_combination() {

@@ -577,36 +577,17 @@ mod tests {
         }
     }
 
-    fn svc() -> ServiceView {
-        ServiceView {
-            namespace: "ns".into(),
-            name: "web".into(),
-            uid: "svc-uid".into(),
-            labels: [("app".to_owned(), "web".to_owned())].into(),
-            selector: Some([("app".to_owned(), "web".to_owned())].into()),
-            type_: "ClusterIP".into(),
-            cluster_ip: Some("10.96.0.10".into()),
-            ip_families: vec!["IPv4".into()],
-            ports: vec![ServicePortView {
-                name: "http".into(),
-                protocol: "TCP".into(),
-                app_protocol: None,
-                port: 80,
-                target_port: TargetPort::Number(8080),
-            }],
-            ..Default::default()
-        }
-    }
+    use crate::fixtures::{web_pod, web_service as svc};
 
+    /// Pod `web-<i>` with its own address, spread over three nodes.
     fn pod(i: usize) -> PodView {
         PodView {
-            namespace: "ns".into(),
-            name: format!("web-{i}"),
             uid: format!("uid-{i}"),
-            ips: vec![format!("10.1.{}.{}", i / 250, i % 250 + 1)],
-            ready: true,
             node_name: Some(format!("node-{}", i % 3)),
-            ..Default::default()
+            ..web_pod(
+                &format!("web-{i}"),
+                &[&format!("10.1.{}.{}", i / 250, i % 250 + 1)],
+            )
         }
     }
 
