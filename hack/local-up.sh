@@ -19,7 +19,6 @@ REPLICAS=(svcplane-controller-manager-0 svcplane-controller-manager-1)
 HTTP_PORTS=(10267 10268)
 WEBHOOK_PORTS=(19443 19444)
 LEASE_NS=kube-system LEASE=svcplane-controller-manager
-NETNS=(lu-node lu-client lu-web-0 lu-web-1 lu-web-2)
 LOG_TAG=local-up
 # shellcheck source=hack/lib/proc.sh
 . "$ROOT/hack/lib/proc.sh"
@@ -28,13 +27,10 @@ say() { printf '\n== %s\n' "$*"; }
 
 # Everything this script started, by the pid it recorded.
 stop_replicas() {
-  for r in "${REPLICAS[@]}" dataplane bridge-host bridge-node web-0 web-1 web-2; do
+  for r in "${REPLICAS[@]}" dataplane bridge-host bridge-node; do
     pid_stop "$STATE/$r.pid"
   done
-  for ns in "${NETNS[@]}"; do
-    [ -e "/run/netns/$ns" ] && ip netns del "$ns"
-  done
-  return 0
+  if [ "$(id -u)" -eq 0 ]; then "$ROOT/hack/topology.sh" down lu "$STATE/topology"; fi
 }
 
 # The node agent on a "node" that is a network namespace: the demo Pods become httpd processes in
@@ -43,28 +39,11 @@ stop_replicas() {
 # the node's own loopback through a unix socket (paths cross network namespaces).
 dataplane_demo() {
   if [ "$(id -u)" -ne 0 ]; then say "dataplane demo skipped (needs root for network namespaces)"; return; fi
-  say "dataplane: svcplane dataplane in node namespace lu-node (nftables mode), Pods as namespaces"
-  local n=lu-node c=lu-client i
-  ip netns add $n; ip netns add $c
-  ip -n $n link set lo up; ip -n $c link set lo up
-  ip link add c0 netns $c type veth peer name n-c netns $n
-  ip -n $c addr add 10.201.1.2/24 dev c0; ip -n $c link set c0 up; ip -n $c route add default via 10.201.1.1
-  ip -n $n addr add 10.201.1.1/24 dev n-c; ip -n $n link set n-c up
-  ip -n $n route add 10.96.0.0/12 dev lo
-  ip netns exec $n sysctl -qw net.ipv4.ip_forward=1
-  for i in 0 1 2; do
-    local b=lu-web-$i
-    ip netns add $b; ip -n $b link set lo up
-    ip link add eth0 netns $b type veth peer name n-web$i netns $n
-    ip -n $b addr add 10.244.0.1$i/32 dev eth0; ip -n $b link set eth0 up
-    ip -n $b route add default dev eth0
-    ip -n $n link set n-web$i up; ip -n $n route add 10.244.0.1$i/32 dev n-web$i
-    ip netns exec $n sysctl -qw "net.ipv4.conf.n-web$i.proxy_arp=1"
-    mkdir -p "$STATE/www$i"; echo "web-$i" > "$STATE/www$i/index.html"
-    # `ip netns exec` execs httpd: $! is httpd's own pid.
-    ip netns exec $b busybox httpd -f -p 808$i -h "$STATE/www$i" > "$STATE/web-$i.log" 2>&1 < /dev/null &
-    echo $! > "$STATE/web-$i.pid"
-  done
+  say "dataplane: svcplane dataplane in node namespace lu-n (nftables mode), Pods as namespaces"
+  local n=lu-n c=lu-c
+  # The demo Pods' addresses and ports (see demo()), each answering with its name.
+  "$ROOT/hack/topology.sh" up lu "$STATE/topology" 10.201.1 \
+    10.244.0.10:8080:web-0 10.244.0.11:8081:web-1 10.244.0.12:8082:web-2
   # Background processes must not hold the script's stdout (a pipe to tee would never end).
   socat "UNIX-LISTEN:$STATE/apiserver.sock,fork" "TCP:127.0.0.1:$APISERVER_PORT" > "$STATE/bridge-host.log" 2>&1 < /dev/null &
   echo $! > "$STATE/bridge-host.pid"

@@ -1,9 +1,10 @@
 //! A node, a client and backends as network namespaces on this machine's kernel, wired with veth
-//! pairs; every address lives inside them. Dropping the topology kills its processes and deletes
-//! the namespaces.
+//! pairs; every address lives inside them. `hack/topology.sh` builds and removes them (the one
+//! definition, shared with the local demo); this harness adds the apiserver bridge and the
+//! processes a test runs inside. Dropping the topology kills those and deletes the namespaces.
 //!
 //! ```text
-//!   client (10.200.1.2) ── node (10.200.1.1 | 10.200.{2,3,4}.1) ── backend i (10.200.{i+1}.2:8080)
+//!   client (10.200.1.2) ── node (10.200.1.1) ── backend i (10.200.{i+1}.2/32 by proxy ARP, :8080)
 //! ```
 //!
 //! The node reaches the test's apiserver at its own `127.0.0.1:<apiserver port>`: socat there
@@ -25,11 +26,17 @@ use tokio::{
 pub const CLIENT_IP: &str = "10.200.1.2";
 pub const NODE_IP: &str = "10.200.1.1";
 
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("running ip");
+/// Runs `hack/topology.sh` (the one definition of this topology, shared with the local demo).
+fn topology_script(args: &[&str]) {
+    let out = Command::new("bash")
+        .arg(crate::repo_root().join("hack/topology.sh"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running hack/topology.sh");
     assert!(
         out.status.success(),
-        "ip {}: {}",
+        "hack/topology.sh {}: {}",
         args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
@@ -47,83 +54,25 @@ impl Topology {
     /// Namespaces `<prefix>-c`, `<prefix>-n` and `<prefix>-b1..` with a busybox httpd on port 8080
     /// in each backend answering `backend-<i>`.
     pub async fn create(prefix: &str, backends: usize, dir: &Path) -> Self {
-        let mut t = Self {
+        let specs: Vec<String> = (1..=backends)
+            .map(|i| format!("{}:8080:backend-{i}", Self::backend_ip(i)))
+            .collect();
+        let topology_dir = dir.join("topology");
+        let mut args = vec![
+            "up",
+            prefix,
+            topology_dir.to_str().expect("a UTF-8 path"),
+            "10.200.1",
+        ];
+        args.extend(specs.iter().map(String::as_str));
+        topology_script(&args);
+        Self {
             prefix: prefix.to_owned(),
             backends,
             dir: dir.to_path_buf(),
             children: Vec::new(),
             bridge: None,
-        };
-        let (c, n) = (t.ns("c"), t.ns("n"));
-        for ns in [&c, &n] {
-            ip(&["netns", "add", ns]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
         }
-        ip(&[
-            "link", "add", "c0", "netns", &c, "type", "veth", "peer", "name", "n-c", "netns", &n,
-        ]);
-        ip(&["-n", &c, "addr", "add", &format!("{CLIENT_IP}/24"), "dev", "c0"]);
-        ip(&["-n", &c, "link", "set", "c0", "up"]);
-        ip(&["-n", &c, "route", "add", "default", "via", NODE_IP]);
-        ip(&["-n", &n, "addr", "add", &format!("{NODE_IP}/24"), "dev", "n-c"]);
-        ip(&["-n", &n, "link", "set", "n-c", "up"]);
-        // Service addresses are routed into the node (no dummy link type on this kernel), where
-        // DNAT takes them, or the filter hooks reject them.
-        ip(&["-n", &n, "route", "add", "10.96.0.0/12", "dev", "lo"]);
-        let out = Command::new("ip")
-            .args(["netns", "exec", &n, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        for i in 1..=backends {
-            let b = t.ns(&format!("b{i}"));
-            ip(&["netns", "add", &b]);
-            ip(&["-n", &b, "link", "set", "lo", "up"]);
-            let peer = format!("n-b{i}");
-            ip(&[
-                "link", "add", "b0", "netns", &b, "type", "veth", "peer", "name", &peer, "netns", &n,
-            ]);
-            ip(&[
-                "-n",
-                &b,
-                "addr",
-                "add",
-                &format!("{}/24", Self::backend_ip(i)),
-                "dev",
-                "b0",
-            ]);
-            ip(&["-n", &b, "link", "set", "b0", "up"]);
-            ip(&[
-                "-n",
-                &b,
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("10.200.{}.1", i + 1),
-            ]);
-            ip(&[
-                "-n",
-                &n,
-                "addr",
-                "add",
-                &format!("10.200.{}.1/24", i + 1),
-                "dev",
-                &peer,
-            ]);
-            ip(&["-n", &n, "link", "set", &peer, "up"]);
-            let www = dir.join(format!("www-{i}"));
-            std::fs::create_dir_all(&www).unwrap();
-            std::fs::write(www.join("index.html"), format!("backend-{i}\n")).unwrap();
-            let child = Command::new("ip")
-                .args(["netns", "exec", &b, "busybox", "httpd", "-f", "-p", "8080", "-h"])
-                .arg(&www)
-                .stdin(Stdio::null())
-                .spawn()
-                .expect("busybox httpd");
-            t.children.push(child);
-        }
-        t
     }
 
     pub fn ns(&self, name: &str) -> String {
@@ -264,10 +213,11 @@ impl Drop for Topology {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let mut names = vec![self.ns("c"), self.ns("n")];
-        names.extend((1..=self.backends).map(|i| self.ns(&format!("b{i}"))));
-        for ns in names {
-            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
-        }
+        let topology_dir = self.dir.join("topology");
+        let _ = Command::new("bash")
+            .arg(crate::repo_root().join("hack/topology.sh"))
+            .args(["down", &self.prefix])
+            .arg(&topology_dir)
+            .status();
     }
 }
