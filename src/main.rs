@@ -95,3 +95,27 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// The DaemonSet sets the mode once, in an environment variable both subcommands read.
+    #[test]
+    fn both_dataplane_subcommands_read_the_mode_from_the_same_variable() {
+        let cli = Cli::command();
+        for sub in ["dataplane", "dataplane-init"] {
+            let mode = cli
+                .find_subcommand(sub)
+                .and_then(|c| c.get_arguments().find(|a| a.get_id() == "mode"))
+                .unwrap_or_else(|| panic!("{sub} has no --mode"));
+            assert_eq!(
+                mode.get_env().and_then(|e| e.to_str()),
+                Some("SVCPLANE_DATAPLANE_MODE"),
+                "{sub}"
+            );
+        }
+    }
+}

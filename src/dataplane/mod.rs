@@ -62,7 +62,7 @@ pub struct Args {
     /// This node's name, as in `endpoints[].nodeName` (traffic policy Local).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, value_enum, default_value = "auto", env = "SVCPLANE_DATAPLANE_MODE")]
     pub mode: Mode,
     /// Full recomputation at least this often, even without changes.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]

@@ -22,7 +22,7 @@ use super::{
 pub struct InitArgs {
     /// The mode the agent will run in; `auto` sets the IPVS values when the kernel has IPVS
     /// (asking for it loads the module, so the `net.ipv4.vs` files exist).
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, value_enum, default_value = "auto", env = "SVCPLANE_DATAPLANE_MODE")]
     pub mode: Mode,
     /// Where the sysctl files are (tests point this elsewhere).
     #[arg(long, default_value = "/proc/sys", hide = true)]

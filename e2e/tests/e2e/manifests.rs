@@ -156,3 +156,38 @@ fn dashboard_panels_query_prometheus_through_the_datasource_variable() {
         }
     }
 }
+
+/// The dataplane's mode is set in one place: both of its containers read the ConfigMap, and
+/// neither passes `--mode` (the agent and its sysctl step must agree).
+#[test]
+fn the_dataplane_mode_is_set_once_for_both_containers() {
+    let config = yaml("manifests/dataplane/configmap.yaml");
+    assert_eq!(config["data"]["SVCPLANE_DATAPLANE_MODE"], "auto");
+    let name = config["metadata"]["name"].as_str().unwrap();
+    let ds = yaml("manifests/dataplane/daemonset.yaml");
+    let spec = &ds["spec"]["template"]["spec"];
+    let containers: Vec<&serde_json::Value> = spec["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(spec["containers"].as_array().unwrap())
+        .collect();
+    assert_eq!(containers.len(), 2);
+    for c in containers {
+        let cname = c["name"].as_str().unwrap();
+        let from_config = c["envFrom"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|r| r["configMapRef"]["name"] == name));
+        assert!(from_config, "{cname} does not read ConfigMap {name}");
+        let args: Vec<&str> = c["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|a| a.as_str())
+            .collect();
+        assert!(
+            !args.iter().any(|a| a.starts_with("--mode")),
+            "{cname} sets --mode itself: {args:?}"
+        );
+    }
+}
