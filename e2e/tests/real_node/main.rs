@@ -570,7 +570,10 @@ async fn create_services(
         };
         match api.create(&PostParams::default(), &svc).await {
             Ok(_) => created += 1,
-            Err(e) => errors.push(format!("{prefix}{i}: {e}")),
+            Err(e) => errors.push(format!(
+                "{} {prefix}{i}: {e}",
+                k8s_openapi::jiff::Timestamp::now()
+            )),
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -599,6 +602,23 @@ async fn rolling_update_under_load(cluster: &Cluster, client: &Client, version: 
         })
         .collect();
     tokio::time::sleep(Duration::from_secs(3)).await;
+    // The replicas about to be replaced: their logs are gone with their Pods, so they are
+    // followed from now on, to explain a failed create (the drain's steps are logged).
+    let mut followers = Vec::new();
+    for pod in pods(client, "kube-system", CM_SELECTOR).await {
+        let name = pod.metadata.name.unwrap_or_default();
+        let log = cluster.dir.join(format!("rollout-{name}.log"));
+        if let Ok(file) = std::fs::File::create(&log)
+            && let Ok(child) = cluster
+                .kubectl()
+                .args(["-n", "kube-system", "logs", "-f", &name])
+                .stdout(file)
+                .stderr(std::process::Stdio::null())
+                .spawn()
+        {
+            followers.push((name, log, child));
+        }
+    }
     let started = Instant::now();
     cluster.kubectl_ok(&[
         "-n",
@@ -643,6 +663,26 @@ async fn rolling_update_under_load(cluster: &Cluster, client: &Client, version: 
         rollout.as_secs_f64(),
         errors.len()
     );
+    for (name, log, mut child) in followers {
+        let _ = child.kill();
+        let _ = child.wait();
+        if errors.is_empty() {
+            continue;
+        }
+        // What the old replica did from SIGTERM on, beside each failure's time above.
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        for line in text
+            .lines()
+            .filter(|l| !l.contains("allocated for Service"))
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+        {
+            eprintln!("real-node: [{name}] {line}");
+        }
+    }
     assert!(
         errors.is_empty(),
         "Service creates failed during the rollout:\n{}",
