@@ -175,7 +175,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     spawn_signal_handler(shutdown.clone())?;
 
     let kube_config = kubeclient::config(args.kubeconfig.as_deref()).await?;
-    let client = Client::try_from(kube_config.clone()).context("building the Kubernetes client")?;
+    let client = kubeclient::plain(kube_config.clone())?;
     let registry = Registry::new();
     registry
         .register(Box::new(

@@ -11,7 +11,12 @@ use kube::{
 use svcplane_controllers::leader::{Claim, FenceLayer, FencedExecutor};
 
 pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
-    Client::try_from(config(kubeconfig).await?).context("building the Kubernetes client")
+    plain(config(kubeconfig).await?)
+}
+
+/// A client from a loaded configuration (the controller-manager also builds a fenced one).
+pub fn plain(config: Config) -> anyhow::Result<Client> {
+    Client::try_from(config).context("building the Kubernetes client")
 }
 
 /// A client for the leader's work: its writes are sent only while `claim` holds, and its

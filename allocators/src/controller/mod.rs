@@ -1,7 +1,7 @@
 //! The allocation controllers, run by the leader only: the repair pass on a period (which also
 //! initializes the ranges), the releases that follow stored Services (through the leader's one
-//! Service watch), and the `ServicePool` objects. They talk to the apiserver; everything they decide comes from the pure modules of
-//! this crate.
+//! Service watch), and the `ServicePool` objects. They talk to the apiserver; everything they
+//! decide comes from the pure modules of this crate.
 
 pub mod pools;
 pub mod release;
