@@ -243,9 +243,15 @@ pub async fn start(
         metrics: WebhookMetrics::register(registry).context("registering webhook metrics")?,
     });
     let listener = server::bind(args.webhook_bind_address).await?;
-    let max_age = args.webhook_max_connection_age;
+    let server = server::Server {
+        tls,
+        router: router(state),
+        max_connection_age: args.webhook_max_connection_age,
+        grace: WEBHOOK_GRACE,
+        metrics: server::ConnectionMetrics::register(registry).context("registering webhook metrics")?,
+    };
     let webhook = tokio::spawn(async move {
-        if let Err(e) = server::serve(listener, tls, router(state), max_age, webhook, WEBHOOK_GRACE).await {
+        if let Err(e) = server.serve(listener, webhook).await {
             warn!(error = format!("{e:#}"), "admission webhook server stopped");
         }
     });

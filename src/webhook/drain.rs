@@ -8,7 +8,9 @@
 //! 2. then closes the connections it has gracefully (GOAWAY: the apiserver reconnects through
 //!    the proxy) and keeps accepting, each new connection briefly, for as long as proxies still
 //!    send any: until none has come for a quiet period;
-//! 3. then stops accepting and finishes what is in flight.
+//! 3. then closes every connection gracefully and finishes what is in flight; a connection that
+//!    still arrives meanwhile is served its request and closed the same way (never reset by a
+//!    closed listener, never dropped before its first request: `server`).
 //!
 //! All of it within a bound (`--webhook-shutdown-delay`). Stopping at SIGTERM instead fails the
 //! Service writes routed here during a rollout.

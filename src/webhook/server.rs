@@ -15,18 +15,25 @@ use std::{
 
 use anyhow::Context;
 use axum::Router;
+use hyper::body::Incoming;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto::Builder,
     service::TowerToHyperService,
 };
+use prometheus::{IntCounterVec, Opts, Registry};
 use rustls::{
     ServerConfig,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
 };
-use tokio::net::TcpListener;
+use svcplane_core::metrics::registered;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
 use super::certs::ServingCert;
@@ -57,7 +64,8 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<Listener> {
 }
 
 /// How a running server is wound down (see `drain`): `draining` closes the connections open at
-/// that moment gracefully and gives later ones a short life; `stop` stops accepting. The time of
+/// that moment gracefully and gives later ones a short life; `stop` closes all of them and ends
+/// the server once they are gone (see [`Server::serve`]). The time of
 /// the last accepted connection tells the drain whether Service proxies still send new ones here.
 #[derive(Clone)]
 pub struct Control {
@@ -99,101 +107,404 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// send a request or two, and the next connection goes wherever the proxy now sends it.
 const DRAINING_CONNECTION_AGE: Duration = Duration::from_secs(1);
 
-/// Serves until `control.stop`; then stops accepting, closes every connection gracefully
-/// (GOAWAY: the client sends its next request elsewhere, in-flight requests finish) and waits up
-/// to `grace` for them.
-pub async fn serve(
-    Listener(listener): Listener,
-    tls: Arc<ServerConfig>,
-    router: Router,
-    max_connection_age: Duration,
-    control: Control,
-    grace: Duration,
-) -> anyhow::Result<()> {
-    info!(addr = %listener.local_addr()?, "serving the admission webhook over HTTPS");
-    let acceptor = TlsAcceptor::from(tls);
-    let connections = TaskTracker::new();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            () = control.stop.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    debug!(error = %e, "accept failed");
-                    continue;
-                }
-            },
-        };
-        control.accepted();
-        let acceptor = acceptor.clone();
-        let router = router.clone();
-        let control = control.clone();
-        // Connections open when draining starts are closed then; later ones live briefly.
-        let late = control.draining.is_cancelled();
-        let age = if late {
-            debug!(%peer, "connection while draining");
-            DRAINING_CONNECTION_AGE
-        } else {
-            jittered(max_connection_age)
-        };
-        connections.spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
+/// A connection asked to close before it has carried a request waits at most this long for
+/// its first one (the apiserver sends it right after the handshake) before it is dropped.
+const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The webhook server: what it serves and how its connections are wound down.
+pub struct Server {
+    pub tls: Arc<ServerConfig>,
+    pub router: Router,
+    /// Connections are closed gracefully after about this long (see the module header).
+    pub max_connection_age: Duration,
+    /// After `stop`, how long in-flight requests and open connections have to finish.
+    pub grace: Duration,
+    pub metrics: ConnectionMetrics,
+}
+
+/// How the webhook's connections ended, by outcome: `served` (carried at least one request),
+/// `no_request`, `tls_failed`, `tls_timeout`. Failed handshakes are how a CA the apiserver does
+/// not trust, or a client that is not the apiserver, shows on this side.
+#[derive(Clone)]
+pub struct ConnectionMetrics(IntCounterVec);
+
+impl ConnectionMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        registered(
+            registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "svcplane_allocation_webhook_connections_total",
+                    "Connections to the admission webhook by how they ended",
+                ),
+                &["outcome"],
+            )?,
+        )
+        .map(Self)
+    }
+
+    fn ended(&self, outcome: &str) {
+        self.0.with_label_values(&[outcome]).inc();
+    }
+}
+
+impl Server {
+    /// Serves until `control.stop`; then closes every connection gracefully (GOAWAY: the
+    /// client sends its next request elsewhere, in-flight requests finish) and waits up to
+    /// `grace` for them. The listener stays open meanwhile: a connection a proxy routed here at
+    /// the last moment is served and told to go elsewhere, where a closed listener would reset
+    /// it (and with it the admission request it carries).
+    pub async fn serve(self, Listener(listener): Listener, control: Control) -> anyhow::Result<()> {
+        info!(addr = %listener.local_addr()?, "serving the admission webhook over HTTPS");
+        let acceptor = TlsAcceptor::from(self.tls.clone());
+        let connections = TaskTracker::new();
+        let spawn = |tcp: TcpStream, peer: SocketAddr| {
+            // Connections open when draining starts are closed then; later ones live briefly.
+            let late = control.draining.is_cancelled();
+            let age = if late {
+                debug!(%peer, "connection while draining");
+                DRAINING_CONNECTION_AGE
+            } else {
+                jittered(self.max_connection_age)
             };
-            let builder = Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection(TokioIo::new(tls), TowerToHyperService::new(router));
-            tokio::pin!(conn);
-            let expiry = tokio::time::sleep(age);
-            tokio::pin!(expiry);
-            let mut closing = false;
-            loop {
-                tokio::select! {
-                    r = conn.as_mut() => {
-                        if let Err(e) = r {
-                            debug!(%peer, error = %e, "webhook connection ended with an error");
-                        }
-                        return;
+            let conn = Connection {
+                peer,
+                age,
+                late,
+                control: control.clone(),
+                metrics: self.metrics.clone(),
+            };
+            connections.spawn(conn.run(acceptor.clone(), tcp, self.router.clone()));
+        };
+        loop {
+            tokio::select! {
+                () = control.stop.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok((tcp, peer)) => {
+                        control.accepted();
+                        spawn(tcp, peer);
                     }
-                    () = &mut expiry, if !closing => {
-                        closing = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                    () = control.draining.cancelled(), if !closing && !late => {
-                        closing = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                    () = control.stop.cancelled(), if !closing => {
-                        closing = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                }
+                    Err(e) => debug!(error = %e, "accept failed"),
+                },
             }
-        });
+        }
+        connections.close();
+        let open = connections.len();
+        let deadline = tokio::time::Instant::now() + self.grace;
+        let mut after_stop = 0_usize;
+        loop {
+            tokio::select! {
+                () = connections.wait() => {
+                    info!(open, after_stop, "webhook connections closed");
+                    break;
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    warn!(open = connections.len(), grace = ?self.grace, "webhook connections still open after the grace period");
+                    break;
+                }
+                r = listener.accept() => match r {
+                    Ok((tcp, peer)) => {
+                        after_stop += 1;
+                        spawn(tcp, peer);
+                    }
+                    Err(e) => debug!(error = %e, "accept failed"),
+                },
+            }
+        }
+        Ok(())
     }
-    drop(listener);
-    connections.close();
-    let open = connections.len();
-    if tokio::time::timeout(grace, connections.wait()).await.is_err() {
-        warn!(
-            open = connections.len(),
-            ?grace,
-            "webhook connections still open after the grace period"
-        );
-    } else {
-        info!(closed = open, "webhook connections closed");
+}
+
+/// One accepted connection and when it is to close.
+struct Connection {
+    peer: SocketAddr,
+    age: Duration,
+    /// Accepted while draining: not closed by the start of the drain, only by its short age.
+    late: bool,
+    control: Control,
+    metrics: ConnectionMetrics,
+}
+
+impl Connection {
+    async fn run(self, acceptor: TlsAcceptor, tcp: TcpStream, router: Router) {
+        let peer = self.peer;
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                debug!(%peer, error = %e, "TLS handshake failed");
+                self.metrics.ended("tls_failed");
+                return;
+            }
+            Err(_) => {
+                debug!(%peer, "TLS handshake timed out");
+                self.metrics.ended("tls_timeout");
+                return;
+            }
+        };
+        // Set by the connection's first request. Before it, a graceful shutdown is no GOAWAY:
+        // hyper has not read the client's preface yet and simply drops the connection, failing
+        // the request the client sends right after its handshake. So a close asked for earlier
+        // waits for that request (or gives up on a client that sends none).
+        let first = Arc::new(watch::Sender::new(false));
+        let mut served = first.subscribe();
+        let service = {
+            let first = first.clone();
+            router.map_request(move |req: http::Request<Incoming>| {
+                first.send_if_modified(|seen| !std::mem::replace(seen, true));
+                req
+            })
+        };
+        let builder = Builder::new(TokioExecutor::new());
+        let conn = builder.serve_connection(TokioIo::new(tls), TowerToHyperService::new(service));
+        tokio::pin!(conn);
+        let expiry = tokio::time::sleep(self.age);
+        tokio::pin!(expiry);
+        let give_up = tokio::time::sleep(Duration::MAX);
+        tokio::pin!(give_up);
+        let (mut asked, mut closing, mut has_request) = (false, false, false);
+        loop {
+            let close = tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        debug!(%peer, error = %e, "webhook connection ended with an error");
+                    }
+                    let outcome = if *first.borrow() { "served" } else { "no_request" };
+                    self.metrics.ended(outcome);
+                    return;
+                }
+                r = served.wait_for(|s| *s), if !has_request => {
+                    // An error means the service is gone with the connection: nothing to wait for.
+                    drop(r);
+                    has_request = true;
+                    false
+                }
+                () = &mut give_up, if asked && !has_request => {
+                    debug!(%peer, "no request on a connection asked to close");
+                    self.metrics.ended("no_request");
+                    return;
+                }
+                () = &mut expiry, if !asked => true,
+                () = self.control.draining.cancelled(), if !asked && !self.late => true,
+                () = self.control.stop.cancelled(), if !asked => true,
+            };
+            if close && !asked {
+                asked = true;
+                give_up
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + FIRST_REQUEST_TIMEOUT);
+            }
+            if asked && has_request && !closing {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
     }
-    Ok(())
 }
 
 /// `age` ± 10 %, so connections opened together are not all closed together.
 fn jittered(age: Duration) -> Duration {
     age.mul_f64(rand::random_range(0.9..1.1))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The server's connection handling against a real HTTP/2 client over TLS on loopback, as
+    //! the apiserver calls it: the shutdown races a rollout goes through, made deterministic.
+
+    use super::*;
+    use crate::webhook::certs;
+    use http::StatusCode;
+    use rustls::{ClientConfig, RootCertStore, pki_types::ServerName};
+    use tokio::task::JoinHandle;
+    use tokio_rustls::{TlsConnector, client::TlsStream};
+
+    struct Running {
+        addr: SocketAddr,
+        control: Control,
+        metrics: ConnectionMetrics,
+        ca_pem: String,
+        task: JoinHandle<anyhow::Result<()>>,
+    }
+
+    async fn start() -> Running {
+        let cert = certs::generate(&["127.0.0.1".into()]).unwrap();
+        let metrics = ConnectionMetrics::register(&Registry::new()).unwrap();
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.0.local_addr().unwrap();
+        let control = Control::new();
+        let server = Server {
+            tls: tls_config(&cert).unwrap(),
+            router: Router::new().route("/mutate-services", axum::routing::post(|| async { "ok" })),
+            max_connection_age: Duration::from_secs(120),
+            grace: Duration::from_secs(10),
+            metrics: metrics.clone(),
+        };
+        let task = tokio::spawn(server.serve(listener, control.clone()));
+        Running {
+            addr,
+            control,
+            metrics,
+            ca_pem: cert.ca_pem,
+            task,
+        }
+    }
+
+    impl Running {
+        /// A TLS connection negotiated for HTTP/2, as the apiserver's client opens one.
+        async fn connect(&self) -> std::io::Result<TlsStream<TcpStream>> {
+            let mut roots = RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
+                roots.add(c.unwrap()).unwrap();
+            }
+            let mut config =
+                ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                    .with_safe_default_protocol_versions()
+                    .unwrap()
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+            config.alpn_protocols = vec![b"h2".to_vec()];
+            let tcp = TcpStream::connect(self.addr).await?;
+            let name = ServerName::try_from("127.0.0.1").unwrap();
+            TlsConnector::from(Arc::new(config)).connect(name, tcp).await
+        }
+
+        fn ended(&self, outcome: &str) -> u64 {
+            self.metrics.0.with_label_values(&[outcome]).get()
+        }
+
+        /// The server's task ends (it does after `stop`, once its connections have closed).
+        async fn stopped(self) -> Self {
+            let Self {
+                addr,
+                control,
+                metrics,
+                ca_pem,
+                task,
+            } = self;
+            tokio::time::timeout(Duration::from_secs(8), task)
+                .await
+                .expect("the server stops")
+                .unwrap()
+                .unwrap();
+            Self {
+                addr,
+                control,
+                metrics,
+                ca_pem,
+                task: tokio::spawn(async { Ok(()) }),
+            }
+        }
+    }
+
+    /// An HTTP/2 connection over `tls`, and the task driving it (it ends when the server closes
+    /// the connection).
+    async fn h2(
+        tls: TlsStream<TcpStream>,
+    ) -> hyper::Result<(
+        hyper::client::conn::http2::SendRequest<String>,
+        JoinHandle<hyper::Result<()>>,
+    )> {
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await?;
+        Ok((sender, tokio::spawn(conn)))
+    }
+
+    async fn send(sender: &mut hyper::client::conn::http2::SendRequest<String>) -> hyper::Result<StatusCode> {
+        let req = http::Request::post("https://127.0.0.1/mutate-services")
+            .body(String::from("{}"))
+            .unwrap();
+        Ok(sender.send_request(req).await?.status())
+    }
+
+    /// The client's side of the connection ends (the server closed it) within a few seconds.
+    async fn closed(conn: JoinHandle<hyper::Result<()>>) {
+        tokio::time::timeout(Duration::from_secs(5), conn)
+            .await
+            .expect("the server closes the connection")
+            .unwrap()
+            .unwrap();
+    }
+
+    /// Let the server's connection tasks see what just changed.
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    #[tokio::test]
+    async fn a_connection_made_just_before_stop_serves_its_request_then_closes() {
+        let server = start().await;
+        // Connected and through the TLS handshake, but its request not yet sent (the apiserver
+        // sends it right after) when the replica stops accepting.
+        let tls = server.connect().await.unwrap();
+        server.control.stop.cancel();
+        settle().await;
+        let (mut sender, conn) = h2(tls).await.unwrap();
+        assert_eq!(send(&mut sender).await.unwrap(), StatusCode::OK);
+        closed(conn).await;
+        let server = server.stopped().await;
+        assert_eq!(server.ended("served"), 1);
+    }
+
+    #[tokio::test]
+    async fn connections_arriving_after_stop_are_served_while_others_finish() {
+        let server = start().await;
+        let first = server.connect().await.unwrap();
+        server.control.stop.cancel();
+        settle().await;
+        // A proxy routes one more connection here after the stop: served, not reset.
+        let late = server.connect().await.unwrap();
+        let (mut late, late_conn) = h2(late).await.unwrap();
+        assert_eq!(send(&mut late).await.unwrap(), StatusCode::OK);
+        let (mut first, first_conn) = h2(first).await.unwrap();
+        assert_eq!(send(&mut first).await.unwrap(), StatusCode::OK);
+        closed(late_conn).await;
+        closed(first_conn).await;
+        let server = server.stopped().await;
+        assert_eq!(server.ended("served"), 2);
+        // Once stopped, nothing listens.
+        assert!(server.connect().await.is_err());
+    }
+
+    #[tokio::test]
+    async fn draining_closes_open_connections_and_keeps_accepting() {
+        let server = start().await;
+        let (mut sender, conn) = h2(server.connect().await.unwrap()).await.unwrap();
+        assert_eq!(send(&mut sender).await.unwrap(), StatusCode::OK);
+        server.control.draining.cancel();
+        // GOAWAY: the client's next request goes on a new connection (to wherever the proxy
+        // sends it now); this one ends.
+        closed(conn).await;
+        let (mut again, again_conn) = h2(server.connect().await.unwrap()).await.unwrap();
+        assert_eq!(send(&mut again).await.unwrap(), StatusCode::OK);
+        // A connection made while draining lives briefly.
+        closed(again_conn).await;
+        settle().await;
+        assert_eq!(server.ended("served"), 2);
+        server.control.stop.cancel();
+        server.stopped().await;
+    }
+
+    #[tokio::test]
+    async fn a_client_that_sends_nothing_is_dropped_once_asked_to_close() {
+        let server = start().await;
+        let _idle = server.connect().await.unwrap();
+        server.control.stop.cancel();
+        let server = server.stopped().await;
+        assert_eq!(server.ended("no_request"), 1);
+        assert_eq!(server.ended("served"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_failed_handshake_is_counted() {
+        let server = start().await;
+        let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut tcp, b"GET / HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        drop(tcp);
+        settle().await;
+        assert_eq!(server.ended("tls_failed"), 1);
+        server.control.stop.cancel();
+        server.stopped().await;
+    }
 }
