@@ -97,6 +97,12 @@ pub struct AllocationArgs {
     /// their third consecutive sighting).
     #[arg(long, default_value = "3m", value_parser = humantime::parse_duration)]
     pub allocation_repair_interval: Duration,
+    /// How long a value the webhook hands out stays reserved without a stored Service holding
+    /// it; then the leader frees it (a create refused after the webhook, timed out or forged).
+    /// Keep it above the apiserver's --request-timeout (60s), the longest a create may take to
+    /// be stored after its webhook call.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub allocation_reservation_ttl: Duration,
     /// How often every replica reads the ranges from etcd for its allocator gauges, its readiness
     /// and (leader) the ServicePool status.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]

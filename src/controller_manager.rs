@@ -12,6 +12,7 @@ use svcplane_allocators::{
         pools::write_pools,
         release,
         repair::{Repair, RepairMetrics},
+        reservations::Sweeper,
         run_term,
     },
     pool::RangeUsage,
@@ -269,15 +270,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             &election_identity,
         );
         let interval = args.allocation.allocation_repair_interval;
+        let ttl = args.allocation.allocation_reservation_ttl;
         let repair = Arc::new(Repair::new(
             leader_client.clone(),
             allocators.clone(),
             interval,
+            ttl,
             metrics,
             events,
         ));
+        let sweeper = Arc::new(
+            Sweeper::new(leader_client.clone(), allocators.clone(), ttl, &registry)
+                .context("registering reservation metrics")?,
+        );
         Some(LeaderAllocation {
             repair,
+            sweeper,
             ranges: allocators,
             usage,
         })
@@ -338,6 +346,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 #[derive(Clone)]
 struct LeaderAllocation {
     repair: Arc<Repair>,
+    sweeper: Arc<Sweeper>,
     ranges: Arc<Ranges>,
     usage: watch::Receiver<Vec<RangeUsage>>,
 }
@@ -362,16 +371,26 @@ impl LeaderWork {
         let mut service_handlers = Vec::new();
         if let Some(LeaderAllocation {
             repair,
+            sweeper,
             ranges,
             usage,
         }) = self.allocation
         {
-            // Releases follow the controllers' Service watch rather than a second one.
-            let (handler, releases) = release::handler();
+            // Releases and confirmations follow the controllers' Service watch rather than a
+            // second one.
+            let (handler, releases, seen) = release::handler();
             service_handlers.push(handler);
             group.spawn_fallible(
                 "allocation",
-                run_term(ranges, repair, releases, self.identity, self.claim, group.token()),
+                run_term(
+                    ranges,
+                    repair,
+                    sweeper,
+                    (releases, seen),
+                    self.identity,
+                    self.claim,
+                    group.token(),
+                ),
             );
             group.spawn(
                 "servicepools",

@@ -23,6 +23,14 @@
 //! epoch by then. Allocations are not leader-only (every replica's webhook allocates) and are not
 //! fenced.
 //!
+//! Values handed out for a request are also recorded as reservations (`reservations/<range>/
+//! <offset>`, see [`crate::reservation`]) in the same transaction as the bitmap, and a release
+//! deletes the value's reservation in the same way, so the two never disagree.
+//!
+//! A result computed from this replica's cached bitmap is trusted only when it changed something
+//! etcd then accepted: a no-op or a refusal ("already allocated", "full") computed from the cache
+//! is computed again from a fresh read, since another replica may have changed the range since.
+//!
 //! A range whose key does not exist yet is *not* initialised here: only the repair controller,
 //! which has compared the bitmap with every existing Service, creates it. Until then allocation
 //! is refused. A stored value that does not decode for this range stops allocation with an error
@@ -35,8 +43,8 @@ use std::{
 };
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, Identity, TlsOptions, Txn, TxnOp, TxnOpResponse,
-    TxnResponse,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, TlsOptions, Txn, TxnOp,
+    TxnOpResponse, TxnResponse,
 };
 use rand::{SeedableRng, rngs::StdRng};
 use tokio::sync::{Mutex, oneshot};
@@ -45,6 +53,7 @@ use tracing::debug;
 use crate::{
     policy::{AllocError, Allocation},
     range::Range,
+    reservation::{self, Listed, Requester},
     stored::{self, StoredError},
 };
 
@@ -54,6 +63,9 @@ const MAX_CONFLICTS: usize = 32;
 const BACK_TO_BACK: Duration = Duration::from_millis(1);
 /// Upper bound of the pause before a back-to-back commit: a fraction of one etcd commit (fsync).
 const MAX_YIELD: Duration = Duration::from_millis(3);
+/// Operations committed in one transaction at most. Each adds up to one reservation write to the
+/// bitmap's, and etcd refuses transactions of more than 128 operations (`--max-txn-ops`).
+const MAX_BATCH: usize = 100;
 
 #[derive(Clone, Debug)]
 pub struct EtcdOptions {
@@ -265,13 +277,23 @@ pub fn apply<R: Range>(
 }
 
 type Reply<V> = oneshot::Sender<Result<Done<V>, StoreError>>;
+
+/// An operation and, for the webhook's, whom what it allocates is reserved for.
+#[derive(Clone, Debug)]
+pub struct Queued<V> {
+    pub op: Op<V>,
+    pub requester: Option<Arc<Requester>>,
+}
+
 /// An operation waiting for the next commit, with where its result goes.
-type Pending<V> = (Op<V>, Reply<V>);
+type Pending<V> = (Queued<V>, Reply<V>);
 
 /// One range's bitmap in etcd.
 pub struct RangeStore<R: Range> {
     client: Client,
     key: String,
+    /// Prefix of this range's reservation records (ends with `/`).
+    reservations: String,
     range: R,
     /// `"IP"` or `"port"`, for messages.
     what: &'static str,
@@ -290,10 +312,11 @@ where
     R::Value: Send + Sync + 'static,
 {
     pub fn new(client: Client, prefix: &str, name: &str, range: R, what: &'static str) -> Arc<Self> {
-        let key = format!("{}/ranges/{name}", prefix.trim_end_matches('/'));
+        let prefix = prefix.trim_end_matches('/');
         Arc::new(Self {
             client,
-            key,
+            key: format!("{prefix}/ranges/{name}"),
+            reservations: format!("{prefix}/reservations/{name}/"),
             range,
             what,
             queue: SyncMutex::new(Vec::new()),
@@ -309,6 +332,150 @@ where
 
     pub fn range(&self) -> &R {
         &self.range
+    }
+
+    /// Where `value`'s reservation is recorded (by its offset in the range).
+    pub fn reservation_key(&self, value: R::Value) -> Option<String> {
+        let offset = self.range.offset_of(value).ok()?;
+        Some(format!("{}{offset}", self.reservations))
+    }
+
+    /// The reservations of this range as etcd holds them now.
+    pub async fn reservations(&self) -> Result<Vec<Listed<R::Value>>, StoreError> {
+        let resp = self
+            .client
+            .kv_client()
+            .get(
+                self.reservations.as_bytes(),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(self.listed(resp.kvs()))
+    }
+
+    fn listed(&self, kvs: &[etcd_client::KeyValue]) -> Vec<Listed<R::Value>> {
+        kvs.iter()
+            .filter_map(|kv| {
+                let key = String::from_utf8(kv.key().to_vec()).ok()?;
+                let offset: u64 = key.strip_prefix(&self.reservations)?.parse().ok()?;
+                Some(Listed {
+                    value: self.range.value_at(offset)?,
+                    key,
+                    mod_revision: kv.mod_revision(),
+                    reservation: reservation::decode(kv.value()),
+                })
+            })
+            .collect()
+    }
+
+    /// Reads the bitmap and the reservations at one revision (for repair, which must not take a
+    /// value reserved after its read of the bitmap for a leak, nor miss one reserved before).
+    pub async fn read_with_reservations(
+        &self,
+    ) -> Result<(Option<(Allocation<R>, i64)>, Vec<Listed<R::Value>>), StoreError> {
+        let txn = Txn::new().and_then([
+            TxnOp::get(self.key.as_bytes(), None),
+            TxnOp::get(
+                self.reservations.as_bytes(),
+                Some(GetOptions::new().with_prefix()),
+            ),
+        ]);
+        let resp = self.txn(txn).await?;
+        let mut gets = resp.op_responses().into_iter().filter_map(|r| match r {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        });
+        let bitmap = match gets
+            .next()
+            .and_then(|g| g.kvs().first().map(|kv| (kv.value().to_vec(), kv.mod_revision())))
+        {
+            Some((bytes, rev)) => Some((self.decode(&bytes)?, rev)),
+            None => None,
+        };
+        let listed = gets.next().map(|g| self.listed(g.kvs())).unwrap_or_default();
+        Ok((bitmap, listed))
+    }
+
+    /// Deletes the records of reservations a Service was seen to hold (leader only, fenced).
+    pub async fn confirm(&self, keys: &[String], fence: &Fence) -> Result<(), StoreError> {
+        for chunk in keys.chunks(MAX_BATCH) {
+            fence.check()?;
+            let txn = Txn::new()
+                .when([fence.compare()])
+                .and_then(
+                    chunk
+                        .iter()
+                        .map(|k| TxnOp::delete(k.as_bytes(), None))
+                        .collect::<Vec<_>>(),
+                )
+                .or_else([fence.read_back()]);
+            let resp = self.txn(txn).await?;
+            if !resp.succeeded() {
+                return Err(StoreError::Deposed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Frees the value of an expired reservation that no stored Service holds, and deletes the
+    /// record, in one transaction fenced by the leader's term; only if the record is still the
+    /// one listed (`listed.mod_revision`). `false`: the record changed or went meanwhile, and
+    /// nothing was done.
+    pub async fn expire(&self, listed: &Listed<R::Value>, fence: &Fence) -> Result<bool, StoreError> {
+        let mut guard = self.commit.lock().await;
+        for attempt in 0..MAX_CONFLICTS {
+            // Always from a fresh read: a free is never computed from a cached bitmap.
+            let Some((base, rev)) = self.read().await? else {
+                return Err(StoreError::NotInitialized {
+                    range: self.range.to_string(),
+                });
+            };
+            let mut next = base.clone();
+            next.release(listed.value);
+            fence.check()?;
+            let mut then = vec![TxnOp::delete(listed.key.as_bytes(), None)];
+            if next.bitmap() != base.bitmap() {
+                then.push(TxnOp::put(self.key.as_bytes(), stored::encode(&next), None));
+            }
+            let txn = Txn::new()
+                .when([
+                    Compare::mod_revision(self.key.as_bytes(), CompareOp::Equal, rev),
+                    Compare::mod_revision(listed.key.as_bytes(), CompareOp::Equal, listed.mod_revision),
+                    fence.compare(),
+                ])
+                .and_then(then)
+                .or_else([
+                    TxnOp::get(self.key.as_bytes(), None),
+                    TxnOp::get(listed.key.as_bytes(), None),
+                    fence.read_back(),
+                ]);
+            let resp = self.txn(txn).await?;
+            if resp.succeeded() {
+                let new_rev = resp.header().map_or(0, |h| h.revision());
+                *guard = Some((next, new_rev));
+                return Ok(true);
+            }
+            *guard = None;
+            if fence.lost(&resp) {
+                return Err(StoreError::Deposed);
+            }
+            let record_now = resp.op_responses().into_iter().find_map(|r| match r {
+                TxnOpResponse::Get(g) => g
+                    .kvs()
+                    .first()
+                    .filter(|kv| kv.key() == listed.key.as_bytes())
+                    .map(etcd_client::KeyValue::mod_revision),
+                _ => None,
+            });
+            if record_now != Some(listed.mod_revision) {
+                return Ok(false);
+            }
+            debug!(key = %self.key, attempt, "compare-and-swap lost while expiring a reservation; reloading");
+        }
+        Err(StoreError::Contention {
+            range: self.range.to_string(),
+        })
     }
 
     /// Reads the stored bitmap and its revision; `None` when the key does not exist.
@@ -372,26 +539,48 @@ where
         Ok(Some(rev))
     }
 
-    /// Applies `op` and commits it, together with whatever else is queued.
+    /// Applies `op` and commits it, together with whatever else is queued (no reservation).
     pub async fn submit(&self, op: Op<R::Value>) -> Result<Done<R::Value>, StoreError> {
+        self.submit_for(op, None).await
+    }
+
+    /// Applies `op` and commits it, together with whatever else is queued; what it allocates is
+    /// reserved for `requester` in the same transaction.
+    pub async fn submit_for(
+        &self,
+        op: Op<R::Value>,
+        requester: Option<Arc<Requester>>,
+    ) -> Result<Done<R::Value>, StoreError> {
         let abandoned = |_| Err(StoreError::Unavailable("commit abandoned".into()));
         let (tx, mut rx) = oneshot::channel();
-        self.lock_queue().push((op, tx));
-        // Whoever holds the commit lock commits everything queued so far, ours included if it was
-        // queued in time; otherwise the next holder (possibly us) does. A request whose operation
-        // someone else committed returns at once instead of queueing for the lock behind commits.
+        self.lock_queue().push((Queued { op, requester }, tx));
+        // Whoever holds the commit lock commits what is queued, batch after batch until its own
+        // operation is done; what remains is left to the next holder. A request whose operation
+        // someone else committed returns at once instead of queueing for the lock.
         tokio::select! {
             biased;
             result = &mut rx => return result.unwrap_or_else(abandoned),
-            mut guard = self.commit.lock() => {
-                if !self.lock_queue().is_empty() {
-                    if let Some(pause) = self.back_to_back_pause() {
-                        tokio::time::sleep(pause).await;
+            mut guard = self.commit.lock() => loop {
+                let batch: Vec<_> = {
+                    let mut queue = self.lock_queue();
+                    let n = queue.len().min(MAX_BATCH);
+                    queue.drain(..n).collect()
+                };
+                if batch.is_empty() {
+                    break;
+                }
+                if let Some(pause) = self.back_to_back_pause() {
+                    tokio::time::sleep(pause).await;
+                }
+                self.commit_batch(&mut guard, batch).await;
+                *self.last_commit.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some(Instant::now());
+                match rx.try_recv() {
+                    Ok(result) => return result,
+                    Err(oneshot::error::TryRecvError::Closed) => {
+                        return Err(StoreError::Unavailable("commit abandoned".into()));
                     }
-                    let batch = std::mem::take(&mut *self.lock_queue());
-                    self.commit_batch(&mut guard, batch).await;
-                    *self.last_commit.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-                        Some(Instant::now());
+                    Err(oneshot::error::TryRecvError::Empty) => {}
                 }
             }
         }
@@ -406,7 +595,8 @@ where
         fence: &Fence,
     ) -> Result<Done<R::Value>, StoreError> {
         let mut guard = self.commit.lock().await;
-        let results = self.commit_ops(&mut guard, vec![op], Some(fence)).await?;
+        let queued = [Queued { op, requester: None }];
+        let results = self.commit_ops(&mut guard, &queued, Some(fence)).await?;
         // One result per operation.
         match results.into_iter().next() {
             Some(result) => result.map_err(StoreError::from),
@@ -434,44 +624,80 @@ where
     }
 
     async fn commit_batch(&self, cache: &mut Option<(Allocation<R>, i64)>, batch: Vec<Pending<R::Value>>) {
-        match self
-            .commit_ops(cache, batch.iter().map(|(op, _)| *op).collect(), None)
-            .await
-        {
+        let (queued, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        match self.commit_ops(cache, &queued, None).await {
             Ok(results) => {
-                for ((_, reply), result) in batch.into_iter().zip(results) {
+                for (reply, result) in replies.into_iter().zip(results) {
                     let _ = reply.send(result.map_err(StoreError::from));
                 }
             }
             Err(e) => {
-                for (_, reply) in batch {
+                for reply in replies {
                     let _ = reply.send(Err(e.duplicate()));
                 }
             }
         }
     }
 
+    /// The reservation writes that go with `results` of `queued`: a record for each value
+    /// allocated for a requester, a deletion for each value released.
+    fn reservation_ops(
+        &self,
+        queued: &[Queued<R::Value>],
+        results: &[Result<Done<R::Value>, AllocError>],
+    ) -> Vec<TxnOp> {
+        let at_ms = reservation::now_ms();
+        queued
+            .iter()
+            .zip(results)
+            .filter_map(|(q, result)| match (result, &q.op, &q.requester) {
+                (Ok(Done::Allocated(v)), _, Some(requester)) => {
+                    let key = self.reservation_key(*v)?;
+                    let record = reservation::encode(&requester.reserve(v, at_ms));
+                    Some(TxnOp::put(key.as_bytes(), record, None))
+                }
+                (Ok(Done::Released(true)), Op::Release(v), _) => {
+                    let key = self.reservation_key(*v)?;
+                    Some(TxnOp::delete(key.as_bytes(), None))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
     async fn commit_ops(
         &self,
         cache: &mut Option<(Allocation<R>, i64)>,
-        ops: Vec<Op<R::Value>>,
+        queued: &[Queued<R::Value>],
         fence: Option<&Fence>,
     ) -> Result<Vec<Result<Done<R::Value>, AllocError>>, StoreError> {
         for attempt in 0..MAX_CONFLICTS {
-            let (base, rev) = match cache.take() {
-                Some(c) => c,
-                None => self.read().await?.ok_or_else(|| StoreError::NotInitialized {
-                    range: self.range.to_string(),
-                })?,
+            // `fresh`: read from etcd during this call (directly, or as the winner of a lost
+            // compare-and-swap), rather than left in the cache by an earlier one.
+            let (base, rev, fresh) = match cache.take() {
+                Some((a, rev)) => (a, rev, attempt > 0),
+                None => {
+                    let (a, rev) = self.read().await?.ok_or_else(|| StoreError::NotInitialized {
+                        range: self.range.to_string(),
+                    })?;
+                    (a, rev, true)
+                }
             };
             let mut next = base.clone();
             let results: Vec<_> = {
                 let mut rng = self.rng.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                ops.iter()
-                    .map(|op| apply(&mut next, *op, self.what, &mut rng))
+                queued
+                    .iter()
+                    .map(|q| apply(&mut next, q.op, self.what, &mut rng))
                     .collect()
             };
-            if next.bitmap() == base.bitmap() {
+            let unchanged = next.bitmap() == base.bitmap();
+            if !fresh && (unchanged || results.iter().any(Result::is_err)) {
+                // A no-op or a refusal may only reflect how stale the cache is: decide again
+                // from what etcd holds now.
+                continue;
+            }
+            if unchanged {
                 // Nothing changed (failures, or releases of free values): nothing to write.
                 *cache = Some((base, rev));
                 return Ok(results);
@@ -483,10 +709,9 @@ where
                 when.push(fence.compare());
                 or_else.push(fence.read_back());
             }
-            let txn = Txn::new()
-                .when(when)
-                .and_then([TxnOp::put(self.key.as_bytes(), stored::encode(&next), None)])
-                .or_else(or_else);
+            let mut then = vec![TxnOp::put(self.key.as_bytes(), stored::encode(&next), None)];
+            then.extend(self.reservation_ops(queued, &results));
+            let txn = Txn::new().when(when).and_then(then).or_else(or_else);
             let resp = self.txn(txn).await?;
             if resp.succeeded() {
                 let new_rev = resp.header().map_or(0, |h| h.revision());

@@ -3,7 +3,9 @@
 //! Pure, with no I/O (and no feature needed): range arithmetic ([`range`]), bitmaps ([`bitmap`]),
 //! the allocation policy ([`policy`]), the stored form ([`stored`]), what the admission webhook
 //! must allocate for a Service ([`admission`]), what stored Services no longer hold
-//! ([`release`]), the repair pass ([`repair`]) and the `ServicePool` objects ([`pool`]).
+//! ([`release`]), the repair pass ([`repair`]), the reservations that hold what the webhook
+//! handed out until a stored Service does ([`reservation`]) and the `ServicePool` objects
+//! ([`pool`]).
 //!
 //! Feature `etcd`: the ranges kept atomically in etcd ([`etcd`]), carrying out an admission plan
 //! against them ([`ranges`]), their usage ([`usage`]) and kube-apiserver's allocator metrics
@@ -17,6 +19,7 @@ pub mod pool;
 pub mod range;
 pub mod release;
 pub mod repair;
+pub mod reservation;
 pub mod stored;
 
 #[cfg(feature = "etcd")]

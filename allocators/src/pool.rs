@@ -86,8 +86,8 @@ pub struct RangeUsage {
     pub allocated: Result<u64, String>,
 }
 
-/// The default NodePort range's usage (tests of the modules that read usages).
-#[cfg(test)]
+/// The default NodePort range's usage (tests of the modules that read usages, all behind `etcd`).
+#[cfg(all(test, feature = "etcd"))]
 pub(crate) fn node_port_usage(allocated: Result<u64, String>) -> RangeUsage {
     RangeUsage {
         type_: PoolType::NodePort,

@@ -1,8 +1,11 @@
 //! Carries out an admission [`Plan`] against the etcd-backed ranges, all or nothing: when one
-//! value cannot be had, the values already taken for the same request are released again (what
-//! a crash leaves behind, the repair controller reclaims).
+//! value cannot be had, the values already taken for the same request are released again. What
+//! it allocates is reserved for the requesting Service ([`crate::reservation`]), so what a crash
+//! or a request refused later leaves behind returns to the pool when the reservation expires.
 
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
+
+use crate::reservation::Requester;
 
 use svcplane_core::IpFamily;
 use tracing::warn;
@@ -55,9 +58,9 @@ fn to_op<V>(want: Want<V>) -> (Op<V>, Scope) {
 }
 
 impl Ranges {
-    pub async fn execute(&self, plan: &Plan) -> Result<Allocated, AllocationFailure> {
+    pub async fn execute(&self, plan: &Plan, requester: Requester) -> Result<Allocated, AllocationFailure> {
         let mut got = Allocated::default();
-        let result = self.execute_into(plan, &mut got).await;
+        let result = self.execute_into(plan, &Arc::new(requester), &mut got).await;
         if let Err(e) = &result {
             warn!(error = %e, "allocation failed; releasing what this request already took");
             self.release(
@@ -74,14 +77,20 @@ impl Ranges {
         result.map(|()| got)
     }
 
-    async fn execute_into(&self, plan: &Plan, got: &mut Allocated) -> Result<(), AllocationFailure> {
+    async fn execute_into(
+        &self,
+        plan: &Plan,
+        requester: &Arc<Requester>,
+        got: &mut Allocated,
+    ) -> Result<(), AllocationFailure> {
+        let reserve = || Some(requester.clone());
         for (family, want) in &plan.cluster_ips {
             let store = self
                 .cluster_ips
                 .get(family)
                 .ok_or(AllocationFailure::NoRange(family.as_str()))?;
             let (op, scope) = to_op(*want);
-            let result = store.submit(op).await;
+            let result = store.submit_for(op, reserve()).await;
             self.metrics
                 .cluster_ip(&store.range().to_string(), scope, result.is_ok());
             match result.map_err(AllocationFailure::ClusterIp)? {
@@ -91,7 +100,7 @@ impl Ranges {
         }
         for (_, want) in &plan.node_ports {
             let (op, scope) = to_op(*want);
-            let result = self.node_ports.submit(op).await;
+            let result = self.node_ports.submit_for(op, reserve()).await;
             self.metrics.node_port(scope, result.is_ok());
             match result.map_err(AllocationFailure::NodePort)? {
                 Done::Allocated(p) => got.node_ports.push(p),
@@ -100,7 +109,7 @@ impl Ranges {
         }
         if let Some(want) = plan.health_check_node_port {
             let (op, scope) = to_op(want);
-            let result = self.node_ports.submit(op).await;
+            let result = self.node_ports.submit_for(op, reserve()).await;
             self.metrics.node_port(scope, result.is_ok());
             if let Done::Allocated(p) = result.map_err(AllocationFailure::HealthCheckNodePort)? {
                 got.health_check_node_port = Some(p);

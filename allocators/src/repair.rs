@@ -6,9 +6,13 @@
 //! know which Service should give it up); one outside the range is reported (`out-of-range`);
 //! a value marked but used by no Service is a leak, released only after it has been seen leaked
 //! in three consecutive passes, since an allocation whose Service is still being created looks
-//! exactly like a leak for a moment.
+//! exactly like a leak for a moment. A value with a reservation ([`crate::reservation`]) is in
+//! flight, not leaked: its reservation's expiry decides, and repair leaves it marked.
 
-use std::{collections::HashMap, hash::Hash};
+use std::{
+    collections::{HashMap, HashSet},
+    hash::Hash,
+};
 
 use crate::{policy::Allocation, range::Range};
 
@@ -51,12 +55,14 @@ pub struct Pass<R: Range, S> {
 }
 
 /// Rebuilds `stored` from `in_use` (every value some Service holds, with that Service; values of
-/// other ranges may be included, they are skipped if `belongs` says so). `leaks` carries the
-/// consecutive sightings of each leaked value from pass to pass.
+/// other ranges may be included, they are skipped if `belongs` says so) and `reserved` (values
+/// handed out whose Service is not stored yet). `leaks` carries the consecutive sightings of
+/// each leaked value from pass to pass.
 pub fn repair_pass<R, S>(
     stored: &Allocation<R>,
     in_use: &[(S, R::Value)],
     belongs: impl Fn(&R::Value) -> bool,
+    reserved: &HashSet<R::Value>,
     leaks: &mut HashMap<R::Value, u32>,
 ) -> Pass<R, S>
 where
@@ -105,6 +111,10 @@ where
         if holder.contains_key(&value) {
             continue;
         }
+        if reserved.contains(&value) {
+            let _ = rebuilt.allocate(value, "value");
+            continue;
+        }
         let sightings = leaks.get(&value).copied().unwrap_or(0) + 1;
         let released = sightings >= LEAK_SIGHTINGS_BEFORE_RELEASE;
         if !released {
@@ -148,7 +158,7 @@ mod tests {
             ("d", 40000),
             ("a", 30001),
         ];
-        let pass = repair_pass(&stored(&[30001]), &in_use, |_| true, &mut leaks);
+        let pass = repair_pass(&stored(&[30001]), &in_use, |_| true, &HashSet::new(), &mut leaks);
         assert_eq!(pass.rebuilt.values().collect::<Vec<_>>(), [30001, 30002]);
         assert_eq!(
             pass.findings,
@@ -180,7 +190,7 @@ mod tests {
         let mut current = stored(&[30005, 30006]);
         let in_use = [("a", 30006)];
         for pass_no in 1..=3u32 {
-            let pass = repair_pass(&current, &in_use, |_| true, &mut leaks);
+            let pass = repair_pass(&current, &in_use, |_| true, &HashSet::new(), &mut leaks);
             let released = pass_no == 3;
             assert_eq!(
                 pass.findings,
@@ -201,14 +211,14 @@ mod tests {
     fn a_leak_that_turns_out_used_starts_over() {
         let mut leaks = HashMap::new();
         let s = stored(&[30005]);
-        repair_pass(&s, &[] as &[(&str, u16)], |_| true, &mut leaks);
+        repair_pass(&s, &[] as &[(&str, u16)], |_| true, &HashSet::new(), &mut leaks);
         assert_eq!(leaks.get(&30005), Some(&1));
         // The Service whose create was in flight is now stored.
-        let pass = repair_pass(&s, &[("late", 30005)], |_| true, &mut leaks);
+        let pass = repair_pass(&s, &[("late", 30005)], |_| true, &HashSet::new(), &mut leaks);
         assert!(pass.findings.is_empty());
         assert!(leaks.is_empty());
         // Leaked again later: counting restarts from one.
-        let pass = repair_pass(&s, &[] as &[(&str, u16)], |_| true, &mut leaks);
+        let pass = repair_pass(&s, &[] as &[(&str, u16)], |_| true, &HashSet::new(), &mut leaks);
         assert_eq!(
             pass.findings,
             [Finding::Leak {
@@ -220,12 +230,34 @@ mod tests {
     }
 
     #[test]
+    fn a_reserved_value_is_in_flight_not_leaked() {
+        let mut leaks = HashMap::new();
+        let s = stored(&[30001, 30002]);
+        // 30001 is reserved (its Service not stored yet), 30002 is not: only 30002 is a leak,
+        // however many passes see 30001 unheld.
+        for sightings in 1..=LEAK_SIGHTINGS_BEFORE_RELEASE {
+            let pass = repair_pass(&s, &[] as &[(&str, u16)], |_| true, &[30001].into(), &mut leaks);
+            assert!(pass.rebuilt.has(30001));
+            assert_eq!(
+                pass.findings,
+                [Finding::Leak {
+                    value: 30002,
+                    sightings,
+                    released: sightings == LEAK_SIGHTINGS_BEFORE_RELEASE
+                }]
+            );
+        }
+        assert!(!leaks.contains_key(&30001));
+    }
+
+    #[test]
     fn values_of_other_ranges_are_skipped() {
         let mut leaks = HashMap::new();
         let pass = repair_pass(
             &stored(&[]),
             &[("a", 12345u16), ("b", 30001)],
             |p| *p >= 30000,
+            &HashSet::new(),
             &mut leaks,
         );
         assert_eq!(

@@ -14,6 +14,7 @@ use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry, expone
 use svcplane_allocators::{
     admission::{ClusterFamilies, patch, plan_create, plan_update},
     ranges::Ranges,
+    reservation::Requester,
 };
 use svcplane_core::metrics::registered;
 use tracing::{debug, info, warn};
@@ -107,11 +108,25 @@ async fn answer(
     let Some(object) = &req.object else {
         return (op, "allowed", resp);
     };
-    let got = match state.allocators.execute(&plan).await {
-        Ok(g) => g,
-        Err(e) => {
+    let requester = Requester {
+        namespace: req.namespace.clone().unwrap_or_default(),
+        name: req.name.clone(),
+    };
+    // In a task of its own: when the apiserver gives up on this call, hyper drops this future,
+    // and an allocation cut off midway would keep what it took so far without a rollback. Run
+    // to completion, it rolls back what a failure leaves, and what it allocated for a request
+    // nobody waits for any more is reserved and returns to the pool when the reservation expires.
+    let (allocators, plan_owned) = (state.allocators.clone(), plan.clone());
+    let execution = tokio::spawn(async move { allocators.execute(&plan_owned, requester).await });
+    let got = match execution.await {
+        Ok(Ok(g)) => g,
+        Ok(Err(e)) => {
             warn!(service = %format_args!("{}/{}", req.namespace.as_deref().unwrap_or_default(), req.name), error = %e, "refusing Service");
             return (op, "failed", resp.deny(e.to_string()));
+        }
+        Err(e) => {
+            warn!(error = %e, "the allocation task failed");
+            return (op, "failed", resp.deny(format!("internal error allocating: {e}")));
         }
     };
     let patch = patch(object, &plan, &got);

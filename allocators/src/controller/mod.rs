@@ -1,11 +1,12 @@
 //! The allocation controllers, run by the leader only: the repair pass on a period (which also
 //! initializes the ranges), the releases that follow stored Services (through the leader's one
-//! Service watch), and the `ServicePool` objects. They talk to the apiserver; everything they
+//! Service watch), the reservation sweeper, and the `ServicePool` objects. They talk to the apiserver; everything they
 //! decide comes from the pure modules of this crate.
 
 pub mod pools;
 pub mod release;
 pub mod repair;
+pub mod reservations;
 
 use std::{sync::Arc, time::Duration};
 
@@ -21,12 +22,14 @@ use crate::{etcd::Fence, ranges::Ranges};
 /// How long to wait before trying again to begin a term while etcd is away.
 const BEGIN_RETRY: Duration = Duration::from_secs(2);
 
-/// The allocation side of one leader term: begins the term in etcd, then runs the repair loop and
-/// the releases, every write of both fenced by the term, until `stop` or until one fails.
+/// The allocation side of one leader term: begins the term in etcd, then runs the repair loop,
+/// the releases and the reservation sweeper, every write fenced by the term, until `stop` or
+/// until one fails.
 pub async fn run_term(
     ranges: Arc<Ranges>,
     repair: Arc<repair::Repair>,
-    releases: release::Releases,
+    sweeper: Arc<reservations::Sweeper>,
+    (releases, seen): (release::Releases, reservations::Seen),
     identity: String,
     claim: Claim,
     stop: CancellationToken,
@@ -37,6 +40,10 @@ pub async fn run_term(
     let mut group = Supervisor::new(&stop);
     let (token, term) = (group.token(), fence.clone());
     group.spawn("allocation repair", async move { repair.run(&term, token).await });
+    let (token, term) = (group.token(), fence.clone());
+    group.spawn("allocation reservations", async move {
+        sweeper.run(&term, seen, token).await;
+    });
     group.spawn(
         "allocation releases",
         release::run(ranges, fence, releases, group.token()),

@@ -2,7 +2,9 @@
 //! place: two replicas releasing the same value could free it after it was handed out again.
 //!
 //! They follow the leader's one Service watch, the endpoint controllers' informer: [`handler`]
-//! is added to it and queues what each deletion or update drops; [`run`] frees it.
+//! is added to it and queues what each deletion or update drops; [`run`] frees it. The same
+//! handler passes on what each Service it sees holds, which confirms reservations
+//! ([`super::reservations`]).
 
 use std::sync::Arc;
 
@@ -11,6 +13,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use super::reservations::Seen;
 use crate::{
     admission::held,
     etcd::Fence,
@@ -33,11 +36,19 @@ fn held_by(v: &ServiceView) -> Held {
     )
 }
 
-/// The Service informer's handler: queues what a deletion or update drops (a handler must not
-/// block the watch, so the releases themselves happen in [`run`]).
-pub fn handler() -> (Handler<ServiceView>, Releases) {
+/// The Service informer's handler: queues what a deletion or update drops, and what each Service
+/// seen holds (a handler must not block the watch, so the releases themselves happen in [`run`],
+/// the confirmations in the reservation sweeper).
+pub fn handler() -> (Handler<ServiceView>, Releases, Seen) {
     let (tx, rx) = mpsc::unbounded_channel();
+    let (seen_tx, seen) = mpsc::unbounded_channel();
     let handler: Handler<ServiceView> = Box::new(move |old, new| {
+        if let Some(new) = new {
+            let (ips, ports) = held_by(new);
+            if !ips.is_empty() || !ports.is_empty() {
+                let _ = seen_tx.send((ips, ports));
+            }
+        }
         if let Some(old) = old {
             let (ips, ports) = dropped(held_by(old), new.map(|n| held_by(n)));
             if !ips.is_empty() || !ports.is_empty() {
@@ -45,7 +56,7 @@ pub fn handler() -> (Handler<ServiceView>, Releases) {
             }
         }
     });
-    (handler, rx)
+    (handler, rx, seen)
 }
 
 /// Frees what the handler queued until `stop`, every release fenced by this leader term. Ends
@@ -96,7 +107,7 @@ mod tests {
 
     #[test]
     fn the_handler_queues_what_an_update_or_deletion_drops() {
-        let (handler, mut releases) = handler();
+        let (handler, mut releases, mut seen) = handler();
         let np = Arc::new(ServiceView::from(&svc(json!({
             "type": "NodePort", "clusterIP": "10.96.0.6", "ports": [{"port": 80, "nodePort": 30080}]
         }))));
@@ -112,5 +123,15 @@ mod tests {
             (vec!["10.96.0.6".parse().unwrap()], vec![])
         );
         assert!(releases.try_recv().is_err(), "an add drops nothing");
+        // What each Service seen holds, for confirmations; a deletion holds nothing.
+        assert_eq!(
+            seen.try_recv().unwrap(),
+            (vec!["10.96.0.6".parse().unwrap()], vec![30080])
+        );
+        assert_eq!(
+            seen.try_recv().unwrap(),
+            (vec!["10.96.0.6".parse().unwrap()], vec![])
+        );
+        assert!(seen.try_recv().is_err());
     }
 }

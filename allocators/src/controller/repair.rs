@@ -4,7 +4,7 @@
 //! run, the ranges do not exist in etcd and the webhook refuses to allocate.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     hash::Hash,
     net::IpAddr,
     sync::{Arc, Mutex},
@@ -26,6 +26,7 @@ use crate::{
     etcd::{Fence, RangeStore, StoreError},
     ranges::Ranges,
     repair::{Finding, repair_pass},
+    reservation::now_ms,
 };
 
 /// How often a lost compare-and-swap is retried within one pass.
@@ -86,9 +87,12 @@ pub struct Repair {
     client: Client,
     allocators: Arc<Ranges>,
     interval: Duration,
+    /// Reservations younger than this are in flight; older ones are the sweeper's, and counted
+    /// as leaks here like any unheld value, in case it cannot free them.
+    reservation_ttl: Duration,
     metrics: RepairMetrics,
     events: EventSink,
-    /// Consecutive leak sightings, per range (one map per IP family).
+    /// Consecutive leak sightings, per range (one map per IP family), within one leader term.
     ip_leaks: BTreeMap<IpFamily, Mutex<HashMap<IpAddr, u32>>>,
     port_leaks: Mutex<HashMap<u16, u32>>,
 }
@@ -105,6 +109,7 @@ impl Repair {
         client: Client,
         allocators: Arc<Ranges>,
         interval: Duration,
+        reservation_ttl: Duration,
         metrics: RepairMetrics,
         events: EventSink,
     ) -> Self {
@@ -117,6 +122,7 @@ impl Repair {
             client,
             allocators,
             interval,
+            reservation_ttl,
             metrics,
             events,
             ip_leaks,
@@ -126,6 +132,18 @@ impl Repair {
 
     /// Repairs now, then every interval, until `stop`; every write is fenced by this term.
     pub async fn run(&self, fence: &Fence, stop: CancellationToken) {
+        // Sightings from an earlier term are stale: a value whose create was in flight then may
+        // have been seen only once since, and must not be freed on this term's first pass.
+        for leaks in self.ip_leaks.values() {
+            leaks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clear();
+        }
+        self.port_leaks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
         loop {
             if let Err(e) = self.run_once(fence).instrument(info_span!("repair")).await {
                 warn!(error = %e, "repair pass failed; retrying at the next interval");
@@ -202,16 +220,23 @@ impl Repair {
     {
         let pairs: Vec<(ObjectKey, R::Value)> = in_use.iter().map(|(k, v, _)| (k.clone(), *v)).collect();
         for _ in 0..MAX_ATTEMPTS {
-            let (stored, revision) = match store.read().await? {
+            let (stored, reservations) = store.read_with_reservations().await?;
+            let (stored, revision) = match stored {
                 Some(s) => s,
                 // First pass for this range: start from nothing; everything in use gets marked.
                 None => (Allocation::new(store.range().clone()), 0),
             };
+            let now = now_ms();
+            let in_flight: HashSet<R::Value> = reservations
+                .iter()
+                .filter(|l| !l.expired(now, self.reservation_ttl))
+                .map(|l| l.value)
+                .collect();
             let mut next_leaks = leaks
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone();
-            let pass = repair_pass(&stored, &pairs, |_| true, &mut next_leaks);
+            let pass = repair_pass(&stored, &pairs, |_| true, &in_flight, &mut next_leaks);
             let unchanged = revision != 0 && pass.rebuilt.bitmap() == stored.bitmap();
             if !unchanged && store.replace(&pass.rebuilt, revision, fence).await?.is_none() {
                 continue; // someone allocated meanwhile: look again

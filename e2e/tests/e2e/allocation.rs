@@ -15,7 +15,7 @@ use kube::{
     Api, Client,
     api::{ObjectMeta, Patch, PatchParams, PostParams},
 };
-use svcplane_allocators::{IpRange, etcd::RangeStore};
+use svcplane_allocators::{IpRange, PortRange, etcd::RangeStore};
 use svcplane_e2e::{
     control_plane, etcd::Etcd, eventually, free_port, process::Svcplane, test_namespace, webhook,
 };
@@ -38,9 +38,14 @@ const B: Ranges = Ranges {
     ports: "30041-30062",
 };
 const C: Ranges = Ranges {
-    v4: "10.96.0.64/26",
-    v6: "fd00:10:96::40/122",
-    ports: "30021-30040",
+    v4: "10.96.0.64/27",
+    v6: "fd00:10:96::40/123",
+    ports: "30021-30030",
+};
+const E: Ranges = Ranges {
+    v4: "10.96.0.96/27",
+    v6: "fd00:10:96::60/123",
+    ports: "30031-30040",
 };
 const D: Ranges = Ranges {
     v4: "10.96.0.192/26",
@@ -53,6 +58,7 @@ struct Bed {
     ns: String,
     prefix: String,
     v4: &'static str,
+    ports: &'static str,
     etcd_url: String,
     cm: Svcplane,
 }
@@ -125,6 +131,7 @@ impl Bed {
             ns,
             prefix,
             v4: ranges.v4,
+            ports: ranges.ports,
             etcd_url,
             cm,
         };
@@ -171,10 +178,19 @@ impl Bed {
         self.services().create(&PostParams::default(), svc).await
     }
 
-    async fn v4_store(&self) -> std::sync::Arc<RangeStore<IpRange>> {
-        let etcd = etcd_client::Client::connect([self.etcd_url.clone()], None)
+    async fn etcd(&self) -> etcd_client::Client {
+        etcd_client::Client::connect([self.etcd_url.clone()], None)
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    async fn ports_store(&self) -> std::sync::Arc<RangeStore<PortRange>> {
+        let range: PortRange = self.ports.parse().unwrap();
+        RangeStore::new(self.etcd().await, &self.prefix, "nodeport", range, "port")
+    }
+
+    async fn v4_store(&self) -> std::sync::Arc<RangeStore<IpRange>> {
+        let etcd = self.etcd().await;
         let range: IpRange = self.v4.parse().unwrap();
         RangeStore::new(
             etcd,
@@ -387,6 +403,101 @@ async fn deletion_releases_and_a_leak_is_reclaimed_after_three_repairs() {
         start.elapsed() >= Duration::from_secs(2),
         "reclaimed after {:?}",
         start.elapsed()
+    );
+}
+
+/// A Service refused after the webhook allocated for it (by schema validation, by a
+/// ResourceQuota: both run after mutating admission) gets its values back once their
+/// reservation expires, at the default TTL (60 s) and the default repair interval (3 min,
+/// which alone would take 6-9 min).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_of_a_service_refused_after_the_webhook_return_within_the_reservation_ttl() {
+    let bed = Bed::new(&E).await;
+    let (ips, ports) = (bed.v4_store().await, bed.ports_store().await);
+    let node_port = |name: &str, port_name: &str| {
+        bed.service(name, |s| {
+            s.type_ = Some("NodePort".into());
+            s.ports = Some(vec![ServicePort {
+                name: Some(port_name.into()),
+                port: 80,
+                ..Default::default()
+            }]);
+        })
+    };
+    // An invalid port name: allocated for by the webhook, then refused by validation.
+    let err = bed.create(&node_port("invalid", "Not_A_Name")).await.unwrap_err();
+    assert!(err.to_string().contains("Not_A_Name"), "{err}");
+    // A quota of no NodePorts in the namespace: refused by the quota after the webhook.
+    let quota: k8s_openapi::api::core::v1::ResourceQuota = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "no-node-ports"},
+        "spec": {"hard": {"services.nodeports": "0"}}
+    }))
+    .unwrap();
+    let quotas: Api<k8s_openapi::api::core::v1::ResourceQuota> = Api::namespaced(bed.client.clone(), &bed.ns);
+    quotas.create(&PostParams::default(), &quota).await.unwrap();
+    // No kube-controller-manager here: the test computes the quota's status as its controller
+    // would (the quota admission plugin decides from the status).
+    let status = serde_json::json!({"status": {
+        "hard": {"services.nodeports": "0"},
+        "used": {"services.nodeports": "0"}
+    }});
+    quotas
+        .patch_status("no-node-ports", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+    let err = bed.create(&node_port("over-quota", "http")).await.unwrap_err();
+    assert!(err.to_string().contains("exceeded quota"), "{err}");
+    let refused_at = std::time::Instant::now();
+
+    // What the two requests were given is reserved for them and still held.
+    let refused = |r: Option<&svcplane_allocators::reservation::Reservation>| {
+        r.is_some_and(|r| r.namespace == bed.ns && ["invalid", "over-quota"].contains(&r.name.as_str()))
+    };
+    let reserved_ips: Vec<IpAddr> = ips
+        .reservations()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|l| refused(l.reservation.as_ref()))
+        .map(|l| l.value)
+        .collect();
+    let reserved_ports: Vec<u16> = ports
+        .reservations()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|l| refused(l.reservation.as_ref()))
+        .map(|l| l.value)
+        .collect();
+    assert_eq!(reserved_ips.len(), 2, "{reserved_ips:?}");
+    assert_eq!(reserved_ports.len(), 2, "{reserved_ports:?}");
+    let (bitmap, _) = ips.read().await.unwrap().unwrap();
+    assert!(reserved_ips.iter().all(|ip| bitmap.has(*ip)));
+
+    // Back in the pool within the TTL and a sweep or two, records and all.
+    let freed = eventually(Duration::from_secs(90), "the reservations to expire", || async {
+        let (ip_map, _) = ips.read().await.ok()??;
+        let (port_map, _) = ports.read().await.ok()??;
+        let gone = reserved_ips.iter().all(|ip| !ip_map.has(*ip))
+            && reserved_ports.iter().all(|p| !port_map.has(*p))
+            && ips.reservations().await.ok()?.is_empty()
+            && ports.reservations().await.ok()?.is_empty();
+        gone.then(|| refused_at.elapsed())
+    })
+    .await;
+    eprintln!(
+        "values of the refused Services freed {:.1}s after the refusals",
+        freed.as_secs_f64()
+    );
+    assert!(
+        freed >= Duration::from_secs(50),
+        "freed after {freed:?}, before the TTL"
+    );
+    assert!(
+        bed.log()
+            .contains("reservation expired with no Service holding it"),
+        "{}",
+        bed.log()
     );
 }
 

@@ -1,7 +1,7 @@
 //! The etcd-backed range store against the control plane's real etcd: compare-and-swap under
 //! concurrent writers, the range-full message, refusal before initialization, a corrupt bitmap
-//! that stops allocation instead of being reset, and the leader-epoch fence of the leader's own
-//! writes.
+//! that stops allocation instead of being reset, the leader-epoch fence of the leader's own
+//! writes, reservations written and removed with the bitmap, and a replica's stale cache.
 
 use std::{
     collections::HashSet,
@@ -16,6 +16,7 @@ use std::{
 use svcplane_allocators::{
     Allocation, IpRange,
     etcd::{ClaimCheck, Done, EpochKey, EtcdOptions, Fence, Op, RangeStore, StoreError, connect},
+    reservation::Requester,
 };
 use svcplane_e2e::control_plane;
 
@@ -255,4 +256,148 @@ async fn a_deposed_terms_writes_fail_and_change_nothing() {
         .err()
         .expect("a replica that does not lead cannot begin a term");
     assert!(matches!(err, StoreError::Deposed), "{err}");
+}
+
+fn web() -> Option<Arc<Requester>> {
+    Some(Arc::new(Requester {
+        namespace: "ns".into(),
+        name: "web".into(),
+    }))
+}
+
+async fn allocated(store: &RangeStore<IpRange>, op: Op<IpAddr>, requester: Option<Arc<Requester>>) -> IpAddr {
+    match store.submit_for(op, requester).await.unwrap() {
+        Done::Allocated(ip) => ip,
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn held(store: &RangeStore<IpRange>, ip: IpAddr) -> bool {
+    store.read().await.unwrap().unwrap().0.has(ip)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_go_with_the_bitmap_and_end_by_release_confirmation_or_expiry() {
+    let prefix = unique_prefix();
+    let store = initialized(client().await, &prefix, "10.105.0.0/24").await;
+    let fence = term(&prefix).await;
+
+    // Allocated for a request: reserved for it in the same transaction.
+    let ip = allocated(&store, Op::AllocateNext, web()).await;
+    let listed = store.reservations().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].value, ip);
+    let record = listed[0].reservation.clone().expect("a readable record");
+    assert_eq!((record.namespace.as_str(), record.name.as_str()), ("ns", "web"));
+    assert_eq!(record.value, ip.to_string());
+    // Without a requester (the leader's own writes, tests): nothing reserved.
+    let plain = allocated(&store, Op::AllocateNext, None).await;
+    assert_eq!(store.reservations().await.unwrap().len(), 1);
+
+    // A release (the webhook rolling back a failed request) takes the reservation with it.
+    store.submit(Op::Release(ip)).await.unwrap();
+    assert!(store.reservations().await.unwrap().is_empty());
+
+    // Confirmed: the record goes, the value stays.
+    let ip = allocated(&store, Op::AllocateNext, web()).await;
+    let keys: Vec<String> = store
+        .reservations()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.key)
+        .collect();
+    store.confirm(&keys, &fence).await.unwrap();
+    assert!(store.reservations().await.unwrap().is_empty());
+    assert!(held(&store, ip).await);
+
+    // Expired: value and record go together.
+    let ip = allocated(&store, Op::AllocateNext, web()).await;
+    let listed = store.reservations().await.unwrap().remove(0);
+    assert!(store.expire(&listed, &fence).await.unwrap());
+    assert!(!held(&store, ip).await);
+    assert!(store.reservations().await.unwrap().is_empty());
+
+    // A record rewritten since it was listed (the value freed and handed out again) is left
+    // alone, and so is its value.
+    let ip = allocated(&store, Op::Allocate(ip), web()).await;
+    let stale = store.reservations().await.unwrap().remove(0);
+    store.submit(Op::Release(ip)).await.unwrap();
+    allocated(&store, Op::Allocate(ip), web()).await;
+    assert!(!store.expire(&stale, &fence).await.unwrap());
+    assert!(held(&store, ip).await);
+    assert_eq!(store.reservations().await.unwrap().len(), 1);
+
+    // Repair reads both at one revision.
+    let (bitmap, reservations) = store.read_with_reservations().await.unwrap();
+    let (bitmap, _) = bitmap.unwrap();
+    assert!(bitmap.has(ip) && bitmap.has(plain));
+    assert_eq!(reservations.iter().map(|l| l.value).collect::<Vec<_>>(), [ip]);
+
+    // A deposed term confirms and expires nothing.
+    let _new_term = term(&prefix).await;
+    let listed = store.reservations().await.unwrap().remove(0);
+    assert!(matches!(
+        store.expire(&listed, &fence).await,
+        Err(StoreError::Deposed)
+    ));
+    assert!(matches!(
+        store.confirm(std::slice::from_ref(&listed.key), &fence).await,
+        Err(StoreError::Deposed)
+    ));
+    assert!(held(&store, ip).await);
+    assert_eq!(store.reservations().await.unwrap().len(), 1);
+}
+
+/// Many requests at once on one replica: batches stay within etcd's 128 operations per
+/// transaction, bitmap and reservation records together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_reserved_allocations_fits_etcds_transaction_limit() {
+    let prefix = unique_prefix();
+    let store = initialized(client().await, &prefix, "10.106.0.0/22").await;
+    let tasks: Vec<_> = (0..400)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.submit_for(Op::AllocateNext, web()).await })
+        })
+        .collect();
+    let mut got = HashSet::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(Done::Allocated(ip)) => assert!(got.insert(ip)),
+            other => panic!("{other:?}"),
+        }
+    }
+    let reserved: HashSet<IpAddr> = store
+        .reservations()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.value)
+        .collect();
+    assert_eq!(reserved, got);
+}
+
+/// A replica decides from its cached bitmap only what etcd then accepts: a release or a
+/// user-chosen value that its stale cache calls a no-op or a conflict is decided again from etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_cache_neither_loses_a_release_nor_refuses_a_free_value() {
+    let prefix = unique_prefix();
+    let a = initialized(client().await, &prefix, "10.107.0.0/24").await;
+    let b = RangeStore::new(client().await, &prefix, "clusterip", a.range().clone(), "IP");
+    let fence = term(&prefix).await;
+    // b's cache is taken now; a allocates afterwards.
+    allocated(&b, Op::AllocateNext, None).await;
+    let ip = allocated(&a, Op::AllocateNext, web()).await;
+    // The leader (b) releases what a allocated: not a no-op, though b's cache says it is free.
+    assert_eq!(
+        b.submit_as_leader(Op::Release(ip), &fence).await.unwrap(),
+        Done::Released(true)
+    );
+    assert!(!held(&a, ip).await);
+    // a's cache still has ip taken: a user asking for it exactly gets it.
+    assert_eq!(a.submit(Op::Allocate(ip)).await.unwrap(), Done::Allocated(ip));
+    // And a value truly taken is still refused, from a fresh read.
+    let err = b.submit(Op::Allocate(ip)).await.unwrap_err();
+    assert!(err.to_string().contains("already allocated"), "{err}");
 }
