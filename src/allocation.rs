@@ -18,7 +18,7 @@ use kube::{
 use prometheus::Registry;
 use svcplane_allocators::{
     IpRange, PortRange,
-    admission::ClusterFamilies,
+    admission::{ClusterFamilies, Limits},
     etcd::{EpochKey, EtcdOptions, RangeStore, connect},
     metrics::AllocatorMetrics,
     pool::RangeUsage,
@@ -103,6 +103,10 @@ pub struct AllocationArgs {
     /// be stored after its webhook call.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub allocation_reservation_ttl: Duration,
+    /// The most NodePorts one Service may take (its ports, and a health-check port); 0: no
+    /// limit. One request must not be able to drain the range.
+    #[arg(long, default_value_t = 256)]
+    pub max_node_ports_per_service: usize,
     /// How often every replica reads the ranges from etcd for its allocator gauges, its readiness
     /// and (leader) the ServicePool status.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
@@ -246,6 +250,9 @@ pub async fn start(
     let state = Arc::new(WebhookState {
         allocators: allocators.clone(),
         families,
+        limits: Limits {
+            max_node_ports: (args.max_node_ports_per_service > 0).then_some(args.max_node_ports_per_service),
+        },
         metrics: WebhookMetrics::register(registry).context("registering webhook metrics")?,
     });
     let listener = server::bind(args.webhook_bind_address).await?;

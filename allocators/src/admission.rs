@@ -64,6 +64,30 @@ impl Plan {
     }
 }
 
+impl Plan {
+    /// NodePorts this plan takes from the range (chosen ones included).
+    pub fn node_port_count(&self) -> usize {
+        self.node_ports.len() + usize::from(self.health_check_node_port.is_some())
+    }
+
+    /// Whether one request may take this much: a single Service (or a forged request) must not
+    /// be able to drain a range.
+    pub fn within(&self, limits: &Limits) -> Result<(), Refusal> {
+        let wanted = self.node_port_count();
+        match limits.max_node_ports {
+            Some(max) if wanted > max => Err(Refusal::TooManyNodePorts { wanted, max }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What one request may take.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// NodePorts per Service (`--max-node-ports-per-service`); `None`: no limit.
+    pub max_node_ports: Option<usize>,
+}
+
 /// A request the webhook refuses, with the message the user sees.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Refusal {
@@ -77,6 +101,10 @@ pub enum Refusal {
     BadNodePort { index: usize, value: i32 },
     #[error("spec.healthCheckNodePort: {0} is not a valid port")]
     BadHealthCheckNodePort(i32),
+    #[error(
+        "spec.ports: this Service needs {wanted} NodePorts, more than the {max} one Service may take (the controller-manager's --max-node-ports-per-service)"
+    )]
+    TooManyNodePorts { wanted: usize, max: usize },
 }
 
 fn spec(svc: &Service) -> ServiceSpec {
@@ -431,6 +459,51 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn one_service_takes_at_most_the_node_port_limit() {
+        let many = |n: i32, hc: bool| {
+            svc(|s| {
+                s.type_ = Some("LoadBalancer".into());
+                if hc {
+                    s.external_traffic_policy = Some("Local".into());
+                }
+                s.ports = Some(
+                    (1..=n)
+                        .map(|p| ServicePort {
+                            name: Some(format!("p{p}")),
+                            port: p,
+                            protocol: Some("TCP".into()),
+                            ..Default::default()
+                        })
+                        .collect(),
+                );
+            })
+        };
+        let limits = Limits {
+            max_node_ports: Some(3),
+        };
+        assert_eq!(
+            plan_create(&many(3, false), &v4()).unwrap().within(&limits),
+            Ok(())
+        );
+        // The health-check NodePort counts too.
+        assert_eq!(
+            plan_create(&many(3, true), &v4()).unwrap().within(&limits),
+            Err(Refusal::TooManyNodePorts { wanted: 4, max: 3 })
+        );
+        let refusal = plan_create(&many(3000, false), &v4())
+            .unwrap()
+            .within(&limits)
+            .unwrap_err();
+        assert!(refusal.to_string().contains("needs 3000 NodePorts"), "{refusal}");
+        assert_eq!(
+            plan_create(&many(3000, false), &v4())
+                .unwrap()
+                .within(&Limits::default()),
+            Ok(())
+        );
     }
 
     #[test]

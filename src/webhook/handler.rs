@@ -12,7 +12,7 @@ use kube::core::{
 };
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry, exponential_buckets};
 use svcplane_allocators::{
-    admission::{ClusterFamilies, patch, plan_create, plan_update},
+    admission::{ClusterFamilies, Limits, patch, plan_create, plan_update},
     ranges::Ranges,
     reservation::Requester,
 };
@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 pub struct WebhookState {
     pub allocators: Arc<Ranges>,
     pub families: ClusterFamilies,
+    pub limits: Limits,
     pub metrics: WebhookMetrics,
 }
 
@@ -93,7 +94,7 @@ async fn answer(
         (Operation::Update, Some(new), Some(old)) => ("update", plan_update(old, new, &state.families)),
         _ => return ("other", "allowed", resp),
     };
-    let plan = match plan {
+    let plan = match plan.and_then(|p| p.within(&state.limits).map(|()| p)) {
         Ok(p) => p,
         Err(refusal) => return (op, "refused", resp.deny(refusal.to_string())),
     };

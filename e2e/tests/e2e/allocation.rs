@@ -329,6 +329,28 @@ async fn the_webhook_allocates_distinct_ips_and_ports_from_etcd() {
         "{err}"
     );
 
+    // One Service cannot drain the range: 3,000 ports is over the default limit of 256.
+    let huge = bed.service("huge", |s| {
+        s.type_ = Some("NodePort".into());
+        s.ports = Some(
+            (1..=3000)
+                .map(|p| ServicePort {
+                    name: Some(format!("p{p}")),
+                    port: p,
+                    ..Default::default()
+                })
+                .collect(),
+        );
+    });
+    let before_ports = bed.ports_store().await.read().await.unwrap().unwrap().0.used();
+    let err = bed.create(&huge).await.unwrap_err();
+    assert!(
+        err.to_string().contains("this Service needs 3000 NodePorts, more than the 256"),
+        "{err}"
+    );
+    let after_ports = bed.ports_store().await.read().await.unwrap().unwrap().0.used();
+    assert_eq!(before_ports, after_ports, "a refused Service took NodePorts");
+
     // A dry run reserves nothing.
     let before = bed.v4_store().await.read().await.unwrap().unwrap().0.used();
     let dry = PostParams {
