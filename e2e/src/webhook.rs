@@ -1,5 +1,6 @@
 //! Registering svcplane's Service webhook with the apiserver under test, at a URL (no kube-proxy
-//! here, so not through a Service), optionally for some namespaces only.
+//! here, so not through a Service), optionally for some namespaces only, with the shipped
+//! configuration's match conditions.
 
 use k8s_openapi::{
     api::admissionregistration::v1::{
@@ -12,8 +13,21 @@ use kube::{
     api::{ObjectMeta, PostParams},
 };
 
+/// The shipped configuration's webhook (`manifests/allocation/webhook.yaml`).
+pub fn shipped() -> MutatingWebhook {
+    let path = crate::repo_root().join("manifests/allocation/webhook.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    text.split("\n---")
+        .filter_map(|doc| serde_saphyr::from_str::<serde_json::Value>(doc).ok())
+        .find(|doc| doc["kind"] == "MutatingWebhookConfiguration")
+        .and_then(|doc| serde_json::from_value::<MutatingWebhookConfiguration>(doc).ok())
+        .and_then(|c| c.webhooks?.into_iter().next())
+        .unwrap_or_else(|| panic!("{} holds no webhook configuration", path.display()))
+}
+
 /// Creates MutatingWebhookConfiguration `name` sending Service creates and updates to
-/// `https://127.0.0.1:{port}/mutate-services`, failing closed as the shipped one does.
+/// `https://127.0.0.1:{port}/mutate-services`, failing closed and skipping what the shipped one
+/// skips (its match conditions).
 pub async fn register(client: &Client, name: &str, port: u16, namespaces: Option<LabelSelector>) {
     let webhook = MutatingWebhookConfiguration {
         metadata: ObjectMeta {
@@ -31,6 +45,7 @@ pub async fn register(client: &Client, name: &str, port: u16, namespaces: Option
                 ..Default::default()
             },
             namespace_selector: namespaces,
+            match_conditions: shipped().match_conditions,
             rules: Some(vec![RuleWithOperations {
                 api_groups: Some(vec!["".into()]),
                 api_versions: Some(vec!["v1".into()]),

@@ -215,7 +215,7 @@ fn cluster_ips(svc: &Service) -> Vec<IpAddr> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_webhook_allocates_distinct_ips_and_ports_from_etcd() {
-    let bed = Bed::new(&A).await;
+    let mut bed = Bed::new(&A).await;
     let v4: IpRange = A.v4.parse().unwrap();
     let v6: IpRange = A.v6.parse().unwrap();
 
@@ -345,7 +345,8 @@ async fn the_webhook_allocates_distinct_ips_and_ports_from_etcd() {
     let before_ports = bed.ports_store().await.read().await.unwrap().unwrap().0.used();
     let err = bed.create(&huge).await.unwrap_err();
     assert!(
-        err.to_string().contains("this Service needs 3000 NodePorts, more than the 256"),
+        err.to_string()
+            .contains("this Service needs 3000 NodePorts, more than the 256"),
         "{err}"
     );
     let after_ports = bed.ports_store().await.read().await.unwrap().unwrap().0.used();
@@ -363,6 +364,28 @@ async fn the_webhook_allocates_distinct_ips_and_ports_from_etcd() {
         .unwrap();
     let after = bed.v4_store().await.read().await.unwrap().unwrap().0.used();
     assert_eq!(before, after, "a dry-run create allocated");
+
+    // With the webhook down (failurePolicy: Fail), what needs no allocation still goes through,
+    // by the shipped match conditions: an update of labels only, and a Service opted out.
+    bed.cm.kill_hard();
+    let label = serde_json::json!({"metadata": {"labels": {"tier": "web"}}});
+    bed.services()
+        .patch("np", &PatchParams::default(), &Patch::Merge(&label))
+        .await
+        .expect("a label-only update does not call the webhook");
+    let mut opted_out = bed.service("opted-out", |_| {});
+    opted_out.metadata.labels = Some([("svcplane.io/allocate".to_owned(), "false".to_owned())].into());
+    bed.create(&opted_out)
+        .await
+        .expect("an opted-out Service does not call the webhook");
+    // An update that needs values does, and fails closed.
+    let to_node_port = serde_json::json!({"spec": {"type": "NodePort"}});
+    let err = bed
+        .services()
+        .patch("dual", &PatchParams::default(), &Patch::Merge(&to_node_port))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("failed calling webhook"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
