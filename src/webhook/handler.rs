@@ -4,7 +4,11 @@
 
 use std::sync::Arc;
 
-use axum::{Json, Router, extract::State, routing::post};
+use axum::{
+    Json, Router,
+    extract::{DefaultBodyLimit, State},
+    routing::post,
+};
 use k8s_openapi::api::core::v1::Service;
 use kube::core::{
     DynamicObject,
@@ -60,9 +64,18 @@ impl WebhookMetrics {
     }
 }
 
+/// The largest AdmissionReview accepted: an UPDATE carries the object and the old object, each
+/// up to etcd's 1.5 MiB, in JSON that may be larger than their stored form.
+const MAX_REVIEW_BYTES: usize = 8 << 20;
+
+/// How long a request may take here: less than the configuration's timeout (10 s), so the
+/// apiserver relays this webhook's reason rather than a timeout.
+const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(8);
+
 pub fn router(state: Arc<WebhookState>) -> Router {
     Router::new()
         .route("/mutate-services", post(mutate))
+        .layer(DefaultBodyLimit::max(MAX_REVIEW_BYTES))
         .with_state(state)
 }
 
@@ -119,13 +132,24 @@ async fn answer(
     // nobody waits for any more is reserved and returns to the pool when the reservation expires.
     let (allocators, plan_owned) = (state.allocators.clone(), plan.clone());
     let execution = tokio::spawn(async move { allocators.execute(&plan_owned, requester).await });
-    let got = match execution.await {
-        Ok(Ok(g)) => g,
-        Ok(Err(e)) => {
+    let got = match tokio::time::timeout(ANSWER_WITHIN, execution).await {
+        Err(_) => {
+            warn!(service = %format_args!("{}/{}", req.namespace.as_deref().unwrap_or_default(), req.name), "allocation did not finish in time");
+            return (
+                op,
+                "failed",
+                resp.deny(format!(
+                    "allocation did not finish within {}s (etcd slow or unreachable); try again",
+                    ANSWER_WITHIN.as_secs()
+                )),
+            );
+        }
+        Ok(Ok(Ok(g))) => g,
+        Ok(Ok(Err(e))) => {
             warn!(service = %format_args!("{}/{}", req.namespace.as_deref().unwrap_or_default(), req.name), error = %e, "refusing Service");
             return (op, "failed", resp.deny(e.to_string()));
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             warn!(error = %e, "the allocation task failed");
             return (op, "failed", resp.deny(format!("internal error allocating: {e}")));
         }

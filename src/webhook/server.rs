@@ -17,7 +17,7 @@ use anyhow::Context;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto::Builder,
     service::TowerToHyperService,
 };
@@ -29,7 +29,7 @@ use rustls::{
 use svcplane_core::metrics::registered;
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::watch,
+    sync::{OwnedSemaphorePermit, Semaphore, watch},
 };
 use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -107,9 +107,22 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// send a request or two, and the next connection goes wherever the proxy now sends it.
 const DRAINING_CONNECTION_AGE: Duration = Duration::from_secs(1);
 
-/// A connection asked to close before it has carried a request waits at most this long for
-/// its first one (the apiserver sends it right after the handshake) before it is dropped.
-const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection that has carried no request this long after its handshake is dropped (the
+/// apiserver sends one right after it), so idle connections cannot hold the server's slots; one
+/// asked to close meanwhile waits for that first request until then.
+const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections served at once; more wait in the kernel's accept queue. The apiserver needs a
+/// few per replica.
+const MAX_CONNECTIONS: usize = 512;
+
+/// An HTTP/1.1 client has this long to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// HTTP/2 connections are pinged this often when quiet, and closed when a ping goes unanswered
+/// for the timeout: a peer that vanished (a node gone) does not hold its slot.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The webhook server: what it serves and how its connections are wound down.
 pub struct Server {
@@ -158,7 +171,8 @@ impl Server {
         info!(addr = %listener.local_addr()?, "serving the admission webhook over HTTPS");
         let acceptor = TlsAcceptor::from(self.tls.clone());
         let connections = TaskTracker::new();
-        let spawn = |tcp: TcpStream, peer: SocketAddr| {
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let spawn = |tcp: TcpStream, peer: SocketAddr, slot: OwnedSemaphorePermit| {
             // Connections open when draining starts are closed then; later ones live briefly.
             let late = control.draining.is_cancelled();
             let age = if late {
@@ -174,15 +188,23 @@ impl Server {
                 control: control.clone(),
                 metrics: self.metrics.clone(),
             };
-            connections.spawn(conn.run(acceptor.clone(), tcp, self.router.clone()));
+            let (acceptor, router) = (acceptor.clone(), self.router.clone());
+            connections.spawn(async move {
+                conn.run(acceptor, tcp, router).await;
+                drop(slot);
+            });
         };
         loop {
+            let slot = tokio::select! {
+                () = control.stop.cancelled() => break,
+                slot = slots.clone().acquire_owned() => slot?,
+            };
             tokio::select! {
                 () = control.stop.cancelled() => break,
                 r = listener.accept() => match r {
                     Ok((tcp, peer)) => {
                         control.accepted();
-                        spawn(tcp, peer);
+                        spawn(tcp, peer, slot);
                     }
                     Err(e) => debug!(error = %e, "accept failed"),
                 },
@@ -202,12 +224,13 @@ impl Server {
                     warn!(open = connections.len(), grace = ?self.grace, "webhook connections still open after the grace period");
                     break;
                 }
-                r = listener.accept() => match r {
-                    Ok((tcp, peer)) => {
+                r = listener.accept() => match (r, slots.clone().try_acquire_owned()) {
+                    (Ok((tcp, peer)), Ok(slot)) => {
                         after_stop += 1;
-                        spawn(tcp, peer);
+                        spawn(tcp, peer, slot);
                     }
-                    Err(e) => debug!(error = %e, "accept failed"),
+                    (Ok(_), Err(_)) => debug!("connection limit reached while stopping; connection dropped"),
+                    (Err(e), _) => debug!(error = %e, "accept failed"),
                 },
             }
         }
@@ -254,12 +277,21 @@ impl Connection {
                 req
             })
         };
-        let builder = Builder::new(TokioExecutor::new());
+        let mut builder = Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(KEEP_ALIVE_INTERVAL)
+            .keep_alive_timeout(KEEP_ALIVE_TIMEOUT);
         let conn = builder.serve_connection(TokioIo::new(tls), TowerToHyperService::new(service));
         tokio::pin!(conn);
         let expiry = tokio::time::sleep(self.age);
         tokio::pin!(expiry);
-        let give_up = tokio::time::sleep(Duration::MAX);
+        let give_up = tokio::time::sleep(FIRST_REQUEST_TIMEOUT);
         tokio::pin!(give_up);
         let (mut asked, mut closing, mut has_request) = (false, false, false);
         loop {
@@ -278,8 +310,8 @@ impl Connection {
                     has_request = true;
                     false
                 }
-                () = &mut give_up, if asked && !has_request => {
-                    debug!(%peer, "no request on a connection asked to close");
+                () = &mut give_up, if !has_request => {
+                    debug!(%peer, "no request on the connection in time");
                     self.metrics.ended("no_request");
                     return;
                 }
@@ -287,11 +319,8 @@ impl Connection {
                 () = self.control.draining.cancelled(), if !asked && !self.late => true,
                 () = self.control.stop.cancelled(), if !asked => true,
             };
-            if close && !asked {
+            if close {
                 asked = true;
-                give_up
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + FIRST_REQUEST_TIMEOUT);
             }
             if asked && has_request && !closing {
                 closing = true;
@@ -381,7 +410,7 @@ mod tests {
                 ca_pem,
                 task,
             } = self;
-            tokio::time::timeout(Duration::from_secs(8), task)
+            tokio::time::timeout(FIRST_REQUEST_TIMEOUT + Duration::from_secs(5), task)
                 .await
                 .expect("the server stops")
                 .unwrap()
@@ -485,13 +514,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_client_that_sends_nothing_is_dropped_once_asked_to_close() {
+    async fn a_client_that_sends_nothing_is_dropped() {
         let server = start().await;
-        let _idle = server.connect().await.unwrap();
-        server.control.stop.cancel();
-        let server = server.stopped().await;
+        let mut idle = server.connect().await.unwrap();
+        let started = Instant::now();
+        // The server closes it: the client reads the end of the stream.
+        let mut buf = [0_u8; 64];
+        let read = tokio::time::timeout(
+            FIRST_REQUEST_TIMEOUT + Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read(&mut idle, &mut buf),
+        )
+        .await
+        .expect("the idle connection is closed");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        assert!(started.elapsed() >= FIRST_REQUEST_TIMEOUT - Duration::from_secs(1));
+        settle().await;
         assert_eq!(server.ended("no_request"), 1);
         assert_eq!(server.ended("served"), 0);
+        server.control.stop.cancel();
+        server.stopped().await;
     }
 
     #[tokio::test]
