@@ -45,7 +45,40 @@ gen_certs() {
   pki_cert apiserver /CN=kube-apiserver serverAuth \
     "IP:127.0.0.1,IP:$FIRST_SERVICE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
   pki_cert admin /O=system:masters/CN=svcplane-admin clientAuth
+  # What the apiserver presents to admission webhooks (AdmissionConfiguration below), from a CA
+  # of its own: a webhook verifying client certificates trusts that CA and nothing else.
+  pki_ca webhook-client-ca svcplane-webhook-client-ca
+  pki_cert webhook-client /CN=kube-apiserver-webhook-client clientAuth "" webhook-client-ca
   pki_sa_keys
+}
+
+# The apiserver authenticates to every webhook with the webhook-client certificate (user `*` of
+# the webhooks' kubeconfig); webhooks that do not ask for one never see it.
+write_admission_config() {
+  cat > "$DIR/webhook-client.kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+users:
+- name: '*'
+  user:
+    client-certificate: $DIR/pki/webhook-client.crt
+    client-key: $DIR/pki/webhook-client.key
+EOF
+  cat > "$DIR/admission.yaml" <<EOF
+apiVersion: apiserver.config.k8s.io/v1
+kind: AdmissionConfiguration
+plugins:
+- name: MutatingAdmissionWebhook
+  configuration:
+    apiVersion: apiserver.config.k8s.io/v1
+    kind: WebhookAdmissionConfiguration
+    kubeConfigFile: $DIR/webhook-client.kubeconfig
+- name: ValidatingAdmissionWebhook
+  configuration:
+    apiVersion: apiserver.config.k8s.io/v1
+    kind: WebhookAdmissionConfiguration
+    kubeConfigFile: $DIR/webhook-client.kubeconfig
+EOF
 }
 
 write_kubeconfig() {
@@ -84,6 +117,7 @@ start_apiserver() {
     --service-node-port-range="$SERVICE_NODE_PORT_RANGE" \
     --endpoint-reconciler-type=none \
     --allow-privileged=true --profiling=false --enable-priority-and-fairness=false \
+    --admission-control-config-file="$DIR/admission.yaml" \
     --cert-dir="$DIR/apiserver-certs" \
     > "$DIR/apiserver.log" 2>&1 &
   echo $! > "$DIR/apiserver.pid"
@@ -105,7 +139,7 @@ start() {
   KUBE_BIN=${KUBE_BIN:-$("$HERE/build-kube.sh")}
   command -v etcd >/dev/null || { log "etcd is not installed (hack/install-deps.sh)"; return 1; }
   mkdir -p "$DIR"; DIR=$(cd "$DIR" && pwd)
-  gen_certs; write_kubeconfig
+  gen_certs; write_kubeconfig; write_admission_config
   start_etcd
   start_apiserver
   cat > "$DIR/env" <<EOF

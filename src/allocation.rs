@@ -69,6 +69,11 @@ pub struct AllocationArgs {
     pub webhook_tls_key_file: Option<PathBuf>,
     #[arg(long)]
     pub webhook_ca_file: Option<PathBuf>,
+    /// Serve only clients presenting a certificate signed by this CA (PEM): the apiserver, given
+    /// a client certificate for this webhook in its AdmissionConfiguration. Use a CA of its own,
+    /// not the cluster's, which signs every node's and user's certificate.
+    #[arg(long)]
+    pub webhook_client_ca_file: Option<PathBuf>,
     /// namespace/name of the Secret holding the generated serving certificate.
     #[arg(long, default_value = "kube-system/svcplane-webhook-tls")]
     pub webhook_cert_secret: String,
@@ -246,7 +251,17 @@ pub async fn start(
         );
         tokio::spawn(async move { keep_ca_bundle(&client, &name, &ca, stop).await });
     }
-    let tls = server::tls_config(&cert)?;
+    let client_ca = match &args.webhook_client_ca_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading --webhook-client-ca-file {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let tls = server::tls_config(&cert, client_ca.as_deref()).context("the webhook's TLS configuration")?;
+    if client_ca.is_some() {
+        info!("webhook clients must present a certificate signed by --webhook-client-ca-file");
+    }
     let state = Arc::new(WebhookState {
         allocators: allocators.clone(),
         families,

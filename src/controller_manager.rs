@@ -378,7 +378,7 @@ impl LeaderWork {
         {
             // Releases and confirmations follow the controllers' Service watch rather than a
             // second one.
-            let (handler, releases, seen) = release::handler();
+            let (handler, releases, holdings) = release::handler();
             service_handlers.push(handler);
             group.spawn_fallible(
                 "allocation",
@@ -386,7 +386,7 @@ impl LeaderWork {
                     ranges,
                     repair,
                     sweeper,
-                    (releases, seen),
+                    (releases, holdings),
                     self.identity,
                     self.claim,
                     group.token(),

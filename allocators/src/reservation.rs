@@ -5,7 +5,9 @@
 //! until repair had seen them leaked three times (6-9 minutes at the default interval). So every
 //! value the webhook hands out is also recorded as a reservation, in the same etcd transaction as
 //! the bitmap: who asked for it and when. The leader then
-//! - confirms a reservation (deletes the record) once it sees a Service holding the value;
+//! - confirms a reservation (deletes the record) once it sees the Service it was made for
+//!   holding the value (matched by name too: a value freed and handed out again must not be
+//!   confirmed by the Service that held it before);
 //! - frees the value of a reservation that reaches its TTL while no stored Service holds it (a
 //!   consistent read of the Services), bitmap and record in one fenced transaction.
 //!
@@ -100,18 +102,19 @@ pub enum Verdict {
     Free,
 }
 
-/// The verdict on `listed`, given the values the leader has seen Services hold since the last
-/// sweep (`seen`, from its watch: enough to confirm, never to free) and, once it is expired,
-/// what the stored Services hold (`stored`, from a consistent read; `None` when not read).
-/// An expired reservation without `stored` is kept until it can be checked.
+/// The verdict on `listed`. `requester_holds`: the leader's view of the Services (its watch)
+/// shows the Service the value was reserved for holding it: enough to confirm, never to free.
+/// `stored`: what the stored Services hold, from a consistent read, once the reservation has
+/// expired (`None` when not read); an expired reservation without it is kept until it can be
+/// checked.
 pub fn verdict<V: Eq + Hash>(
     listed: &Listed<V>,
-    seen: &HashSet<V>,
+    requester_holds: bool,
     stored: Option<&HashSet<V>>,
     now_ms: u64,
     ttl: Duration,
 ) -> Verdict {
-    if seen.contains(&listed.value) {
+    if requester_holds {
         return Verdict::Confirm;
     }
     if !listed.expired(now_ms, ttl) {
@@ -119,6 +122,7 @@ pub fn verdict<V: Eq + Hash>(
     }
     match stored {
         None => Verdict::Keep,
+        // Held by any stored Service: whoever holds it, freeing it would hand it out twice.
         Some(held) if held.contains(&listed.value) => Verdict::Confirm,
         Some(_) => Verdict::Free,
     }
@@ -169,20 +173,20 @@ mod tests {
         let none = HashSet::new();
         let fresh = listed(30080, Some(now - 1_000));
         let old = listed(30081, Some(now - 61_000));
-        // Seen held by a Service: confirmed, however old.
-        assert_eq!(verdict(&fresh, &[30080].into(), None, now, TTL), Verdict::Confirm);
-        assert_eq!(verdict(&old, &[30081].into(), None, now, TTL), Verdict::Confirm);
+        // Its Service seen holding it: confirmed, however old.
+        assert_eq!(verdict(&fresh, true, None, now, TTL), Verdict::Confirm);
+        assert_eq!(verdict(&old, true, None, now, TTL), Verdict::Confirm);
         // In flight.
-        assert_eq!(verdict(&fresh, &none, None, now, TTL), Verdict::Keep);
-        assert_eq!(verdict(&fresh, &none, Some(&none), now, TTL), Verdict::Keep);
+        assert_eq!(verdict(&fresh, false, None, now, TTL), Verdict::Keep);
+        assert_eq!(verdict(&fresh, false, Some(&none), now, TTL), Verdict::Keep);
         // Expired: only the stored Services decide, and only once read.
-        assert_eq!(verdict(&old, &none, None, now, TTL), Verdict::Keep);
+        assert_eq!(verdict(&old, false, None, now, TTL), Verdict::Keep);
         assert_eq!(
-            verdict(&old, &none, Some(&[30081].into()), now, TTL),
+            verdict(&old, false, Some(&[30081].into()), now, TTL),
             Verdict::Confirm
         );
         assert_eq!(
-            verdict(&old, &none, Some(&[30080].into()), now, TTL),
+            verdict(&old, false, Some(&[30080].into()), now, TTL),
             Verdict::Free
         );
     }

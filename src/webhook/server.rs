@@ -23,8 +23,9 @@ use hyper_util::{
 };
 use prometheus::{IntCounterVec, Opts, Registry};
 use rustls::{
-    ServerConfig,
+    RootCertStore, ServerConfig,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    server::WebPkiClientVerifier,
 };
 use svcplane_core::metrics::registered;
 use tokio::{
@@ -38,15 +39,37 @@ use tracing::{debug, info, warn};
 
 use super::certs::ServingCert;
 
-pub fn tls_config(cert: &ServingCert) -> anyhow::Result<Arc<ServerConfig>> {
+/// The server's TLS: `cert` to serve, and with `client_ca` (PEM) only clients presenting a
+/// certificate that CA signed are served (the apiserver, configured through its
+/// AdmissionConfiguration; a CA of its own, since any certificate it signed gets in).
+pub fn tls_config(cert: &ServingCert, client_ca: Option<&str>) -> anyhow::Result<Arc<ServerConfig>> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
         .collect::<Result<_, _>>()
         .context("parsing the serving certificate")?;
     let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).context("parsing the serving key")?;
-    let mut config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .context("TLS versions")?
-        .with_no_client_auth()
+        .context("TLS versions")?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(pem) => {
+            let mut roots = RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                roots
+                    .add(c.context("parsing the client CA")?)
+                    .context("the client CA is not a usable certificate")?;
+            }
+            if roots.is_empty() {
+                anyhow::bail!("the client CA file holds no certificate");
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .context("building the client certificate verifier")?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
         .with_single_cert(chain, key)
         .context("the serving certificate and key do not match")?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -356,13 +379,18 @@ mod tests {
     }
 
     async fn start() -> Running {
+        start_with(None).await
+    }
+
+    /// A server; with `client_ca`, one that verifies client certificates against it.
+    async fn start_with(client_ca: Option<&str>) -> Running {
         let cert = certs::generate(&["127.0.0.1".into()]).unwrap();
         let metrics = ConnectionMetrics::register(&Registry::new()).unwrap();
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.0.local_addr().unwrap();
         let control = Control::new();
         let server = Server {
-            tls: tls_config(&cert).unwrap(),
+            tls: tls_config(&cert, client_ca).unwrap(),
             router: Router::new().route("/mutate-services", axum::routing::post(|| async { "ok" })),
             max_connection_age: Duration::from_secs(120),
             grace: Duration::from_secs(10),
@@ -381,16 +409,34 @@ mod tests {
     impl Running {
         /// A TLS connection negotiated for HTTP/2, as the apiserver's client opens one.
         async fn connect(&self) -> std::io::Result<TlsStream<TcpStream>> {
+            self.connect_as(None).await
+        }
+
+        /// The same, presenting `identity` (certificate and key, PEM) when given.
+        async fn connect_as(
+            &self,
+            identity: Option<&ClientIdentity>,
+        ) -> std::io::Result<TlsStream<TcpStream>> {
             let mut roots = RootCertStore::empty();
             for c in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
                 roots.add(c.unwrap()).unwrap();
             }
-            let mut config =
+            let builder =
                 ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
                     .with_safe_default_protocol_versions()
                     .unwrap()
-                    .with_root_certificates(roots)
-                    .with_no_client_auth();
+                    .with_root_certificates(roots);
+            let mut config = match identity {
+                None => builder.with_no_client_auth(),
+                Some(id) => builder
+                    .with_client_auth_cert(
+                        CertificateDer::pem_slice_iter(id.cert_pem.as_bytes())
+                            .map(Result::unwrap)
+                            .collect(),
+                        PrivateKeyDer::from_pem_slice(id.key_pem.as_bytes()).unwrap(),
+                    )
+                    .unwrap(),
+            };
             config.alpn_protocols = vec![b"h2".to_vec()];
             let tcp = TcpStream::connect(self.addr).await?;
             let name = ServerName::try_from("127.0.0.1").unwrap();
@@ -531,6 +577,63 @@ mod tests {
         settle().await;
         assert_eq!(server.ended("no_request"), 1);
         assert_eq!(server.ended("served"), 0);
+        server.control.stop.cancel();
+        server.stopped().await;
+    }
+
+    /// A client certificate and key, and the CA that signed them (PEM).
+    struct ClientIdentity {
+        ca_pem: String,
+        cert_pem: String,
+        key_pem: String,
+    }
+
+    fn client_identity(cn: &str) -> ClientIdentity {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        };
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.distinguished_name.push(DnType::CommonName, "test client CA");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, &ca_key);
+        let key = KeyPair::generate().unwrap();
+        let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+        leaf.distinguished_name.push(DnType::CommonName, cn);
+        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = leaf.signed_by(&key, &issuer).unwrap();
+        ClientIdentity {
+            ca_pem: ca_cert.pem(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    #[tokio::test]
+    async fn with_a_client_ca_only_clients_it_signed_are_served() {
+        let apiserver = client_identity("kube-apiserver-webhook-client");
+        let stranger = client_identity("kube-apiserver-webhook-client");
+        let server = start_with(Some(&apiserver.ca_pem)).await;
+        // The apiserver's certificate: served.
+        let (mut sender, _conn) = h2(server.connect_as(Some(&apiserver)).await.unwrap())
+            .await
+            .unwrap();
+        assert_eq!(send(&mut sender).await.unwrap(), StatusCode::OK);
+        // No certificate, or one another CA signed (whatever its name): refused in the handshake
+        // (TLS 1.3 reports it on the client's first read, hence the request).
+        for who in [None, Some(&stranger)] {
+            let refused = match server.connect_as(who).await {
+                Err(_) => true,
+                Ok(tls) => match h2(tls).await {
+                    Err(_) => true,
+                    Ok((mut sender, _conn)) => send(&mut sender).await.is_err(),
+                },
+            };
+            assert!(refused, "a client without the CA's certificate was served");
+        }
+        settle().await;
+        assert_eq!(server.ended("tls_failed"), 2);
         server.control.stop.cancel();
         server.stopped().await;
     }

@@ -29,7 +29,7 @@ pub async fn run_term(
     ranges: Arc<Ranges>,
     repair: Arc<repair::Repair>,
     sweeper: Arc<reservations::Sweeper>,
-    (releases, seen): (release::Releases, reservations::Seen),
+    (releases, holdings): (release::Releases, Arc<reservations::Holdings>),
     identity: String,
     claim: Claim,
     stop: CancellationToken,
@@ -42,7 +42,7 @@ pub async fn run_term(
     group.spawn("allocation repair", async move { repair.run(&term, token).await });
     let (token, term) = (group.token(), fence.clone());
     group.spawn("allocation reservations", async move {
-        sweeper.run(&term, seen, token).await;
+        sweeper.run(&term, holdings, token).await;
     });
     group.spawn(
         "allocation releases",

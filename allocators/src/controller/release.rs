@@ -3,7 +3,7 @@
 //!
 //! They follow the leader's one Service watch, the endpoint controllers' informer: [`handler`]
 //! is added to it and queues what each deletion or update drops; [`run`] frees it. The same
-//! handler passes on what each Service it sees holds, which confirms reservations
+//! handler keeps what each Service holds now ([`Holdings`]), which confirms reservations
 //! ([`super::reservations`]).
 
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use super::reservations::Seen;
+use super::reservations::Holdings;
 use crate::{
     admission::held,
     etcd::Fence,
@@ -36,18 +36,18 @@ fn held_by(v: &ServiceView) -> Held {
     )
 }
 
-/// The Service informer's handler: queues what a deletion or update drops, and what each Service
-/// seen holds (a handler must not block the watch, so the releases themselves happen in [`run`],
-/// the confirmations in the reservation sweeper).
-pub fn handler() -> (Handler<ServiceView>, Releases, Seen) {
+/// The Service informer's handler: queues what a deletion or update drops, and keeps what each
+/// Service holds (a handler must not block the watch, so the releases themselves happen in
+/// [`run`], the confirmations in the reservation sweeper).
+pub fn handler() -> (Handler<ServiceView>, Releases, Arc<Holdings>) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let (seen_tx, seen) = mpsc::unbounded_channel();
+    let holdings = Arc::new(Holdings::default());
+    let current = holdings.clone();
     let handler: Handler<ServiceView> = Box::new(move |old, new| {
-        if let Some(new) = new {
-            let (ips, ports) = held_by(new);
-            if !ips.is_empty() || !ports.is_empty() {
-                let _ = seen_tx.send((ips, ports));
-            }
+        match (old, new) {
+            (_, Some(n)) => current.set(&n.namespace, &n.name, Some(held_by(n))),
+            (Some(o), None) => current.set(&o.namespace, &o.name, None),
+            (None, None) => {}
         }
         if let Some(old) = old {
             let (ips, ports) = dropped(held_by(old), new.map(|n| held_by(n)));
@@ -56,7 +56,7 @@ pub fn handler() -> (Handler<ServiceView>, Releases, Seen) {
             }
         }
     });
-    (handler, rx, seen)
+    (handler, rx, holdings)
 }
 
 /// Frees what the handler queued until `stop`, every release fenced by this leader term. Ends
@@ -107,7 +107,7 @@ mod tests {
 
     #[test]
     fn the_handler_queues_what_an_update_or_deletion_drops() {
-        let (handler, mut releases, mut seen) = handler();
+        let (handler, mut releases, _holdings) = handler();
         let np = Arc::new(ServiceView::from(&svc(json!({
             "type": "NodePort", "clusterIP": "10.96.0.6", "ports": [{"port": 80, "nodePort": 30080}]
         }))));
@@ -123,15 +123,5 @@ mod tests {
             (vec!["10.96.0.6".parse().unwrap()], vec![])
         );
         assert!(releases.try_recv().is_err(), "an add drops nothing");
-        // What each Service seen holds, for confirmations; a deletion holds nothing.
-        assert_eq!(
-            seen.try_recv().unwrap(),
-            (vec!["10.96.0.6".parse().unwrap()], vec![30080])
-        );
-        assert_eq!(
-            seen.try_recv().unwrap(),
-            (vec!["10.96.0.6".parse().unwrap()], vec![])
-        );
-        assert!(seen.try_recv().is_err());
     }
 }

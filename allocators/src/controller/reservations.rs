@@ -1,15 +1,21 @@
 //! The reservations' I/O (leader only): every couple of seconds, each range's reservations are
-//! listed from etcd and judged ([`verdict`]): confirmed when the leader's Service watch has seen
-//! a Service hold the value since the last sweep, or, once expired, by a consistent read of the
-//! stored Services; freed when expired and held by none. Every write is fenced by the term.
+//! listed from etcd and judged ([`verdict`]): confirmed when the leader's Service watch shows the
+//! Service a value was reserved for holding it ([`Holdings`]), or, once expired, by a consistent
+//! read of the stored Services; freed when expired and held by none. Every write is fenced by
+//! the term.
 
-use std::{collections::HashSet, hash::Hash, net::IpAddr, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    hash::Hash,
+    net::IpAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use k8s_openapi::api::core::v1::Service;
 use kube::{Api, Client, api::ListParams};
 use prometheus::{IntCounterVec, Opts, Registry};
 use svcplane_core::metrics::registered;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -19,15 +25,66 @@ use crate::{
     etcd::{Fence, RangeStore, StoreError},
     ranges::Ranges,
     release::Held,
-    reservation::{Listed, Verdict, now_ms, verdict},
+    reservation::{Listed, Reservation, Verdict, now_ms, verdict},
 };
 
 /// How often reservations are swept: a refused request's values are back within the TTL and
 /// about this.
 const SWEEP_PERIOD: Duration = Duration::from_secs(2);
 
-/// What the leader's Service watch saw Services hold, for confirmations.
-pub type Seen = mpsc::UnboundedReceiver<Held>;
+/// What each Service holds, as the leader's Service watch last saw it (kept by the watch's
+/// handler, read by the sweeper). Current state, matched by name: a Service deleted since, or
+/// another one, cannot confirm a value that was freed and handed out again.
+#[derive(Default)]
+pub struct Holdings(Mutex<HashMap<String, HashMap<String, Held>>>);
+
+impl Holdings {
+    /// Records what `namespace/name` holds now (`None`: it is gone).
+    pub fn set(&self, namespace: &str, name: &str, held: Option<Held>) {
+        let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match held {
+            Some(h) => {
+                map.entry(namespace.to_owned())
+                    .or_default()
+                    .insert(name.to_owned(), h);
+            }
+            None => {
+                if let Some(names) = map.get_mut(namespace) {
+                    names.remove(name);
+                    if names.is_empty() {
+                        map.remove(namespace);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the Service `r` was made for holds what `held` looks for (for a `generateName`
+    /// create, whose name was not known at admission: any Service of its namespace).
+    fn holds(&self, r: &Reservation, held: impl Fn(&Held) -> bool) -> bool {
+        let map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(names) = map.get(&r.namespace) else {
+            return false;
+        };
+        if r.name.is_empty() {
+            names.values().any(held)
+        } else {
+            names.get(&r.name).is_some_and(held)
+        }
+    }
+
+    fn holds_ip(&self, l: &Listed<IpAddr>) -> bool {
+        l.reservation
+            .as_ref()
+            .is_some_and(|r| self.holds(r, |h| h.0.contains(&l.value)))
+    }
+
+    fn holds_port(&self, l: &Listed<u16>) -> bool {
+        l.reservation
+            .as_ref()
+            .is_some_and(|r| self.holds(r, |h| h.1.contains(&l.value)))
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 enum SweepError {
@@ -36,6 +93,9 @@ enum SweepError {
     #[error("listing Services: {0}")]
     Api(#[from] kube::Error),
 }
+
+/// A listed reservation, and whether its Service is seen holding the value.
+type Judged<V> = (Listed<V>, bool);
 
 pub struct Sweeper {
     client: Client,
@@ -70,67 +130,70 @@ impl Sweeper {
         })
     }
 
-    /// Sweeps every period until `stop`.
-    pub async fn run(&self, fence: &Fence, mut seen: Seen, stop: CancellationToken) {
-        let (mut ips, mut ports) = (HashSet::new(), HashSet::new());
+    /// Sweeps every period until `stop`. (A deposed replica's sweeps fail until the elector
+    /// ends its term.)
+    pub async fn run(&self, fence: &Fence, holdings: Arc<Holdings>, stop: CancellationToken) {
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(SWEEP_PERIOD) => {}
             }
-            while let Ok((i, p)) = seen.try_recv() {
-                ips.extend(i);
-                ports.extend(p);
-            }
-            // What was seen is not needed again after a failed sweep: an unconfirmed
-            // reservation is checked against the stored Services when it expires. (A deposed
-            // replica's sweeps fail until the elector ends its term.)
             if let Err(e) = self
-                .sweep(fence, &ips, &ports)
+                .sweep(fence, &holdings)
                 .instrument(info_span!("reservations"))
                 .await
             {
                 warn!(error = %e, "reservation sweep failed; retrying");
             }
-            ips.clear();
-            ports.clear();
         }
     }
 
-    async fn sweep(
-        &self,
-        fence: &Fence,
-        seen_ips: &HashSet<IpAddr>,
-        seen_ports: &HashSet<u16>,
-    ) -> Result<(), SweepError> {
+    async fn sweep(&self, fence: &Fence, holdings: &Holdings) -> Result<(), SweepError> {
         let now = now_ms();
-        let mut ip_listed = Vec::new();
+        let mut ip_listed: Vec<(_, Vec<Judged<IpAddr>>)> = Vec::new();
         for store in self.ranges.cluster_ips.values() {
-            ip_listed.push((store, store.reservations().await?));
+            let listed = store.reservations().await?;
+            let judged = listed
+                .into_iter()
+                .map(|l| {
+                    let seen = holdings.holds_ip(&l);
+                    (l, seen)
+                })
+                .collect();
+            ip_listed.push((store, judged));
         }
-        let port_listed = self.ranges.node_ports.reservations().await?;
-        let check_ips = ip_listed
+        let port_listed: Vec<Judged<u16>> = self
+            .ranges
+            .node_ports
+            .reservations()
+            .await?
+            .into_iter()
+            .map(|l| {
+                let seen = holdings.holds_port(&l);
+                (l, seen)
+            })
+            .collect();
+        let check = ip_listed
             .iter()
             .flat_map(|(_, l)| l)
-            .any(|l| l.expired(now, self.ttl) && !seen_ips.contains(&l.value));
-        let check_ports = port_listed
-            .iter()
-            .any(|l| l.expired(now, self.ttl) && !seen_ports.contains(&l.value));
+            .any(|(l, seen)| !seen && l.expired(now, self.ttl))
+            || port_listed
+                .iter()
+                .any(|(l, seen)| !seen && l.expired(now, self.ttl));
         // Only expired reservations need the stored Services, read consistently (never from a
         // cache: this read decides what is freed).
-        let stored = if check_ips || check_ports {
+        let stored = if check {
             Some(self.stored_values().await?)
         } else {
             None
         };
         for (store, listed) in &ip_listed {
-            self.settle(store, listed, seen_ips, stored.as_ref().map(|s| &s.0), now, fence)
+            self.settle(store, listed, stored.as_ref().map(|s| &s.0), now, fence)
                 .await?;
         }
         self.settle(
             &self.ranges.node_ports,
             &port_listed,
-            seen_ports,
             stored.as_ref().map(|s| &s.1),
             now,
             fence,
@@ -155,8 +218,7 @@ impl Sweeper {
     async fn settle<R>(
         &self,
         store: &RangeStore<R>,
-        listed: &[Listed<R::Value>],
-        seen: &HashSet<R::Value>,
+        listed: &[Judged<R::Value>],
         stored: Option<&HashSet<R::Value>>,
         now: u64,
         fence: &Fence,
@@ -166,8 +228,8 @@ impl Sweeper {
         R::Value: Hash + Send + Sync + 'static,
     {
         let mut confirmed = Vec::new();
-        for l in listed {
-            match verdict(l, seen, stored, now, self.ttl) {
+        for (l, requester_holds) in listed {
+            match verdict(l, *requester_holds, stored, now, self.ttl) {
                 Verdict::Keep => {}
                 Verdict::Confirm => confirmed.push(l.key.clone()),
                 Verdict::Free => {
@@ -190,5 +252,44 @@ impl Sweeper {
                 .inc_by(confirmed.len() as u64);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reservation::Requester;
+
+    fn listed_ip(ip: &str, namespace: &str, name: &str) -> Listed<IpAddr> {
+        let value: IpAddr = ip.parse().unwrap();
+        Listed {
+            value,
+            key: String::new(),
+            mod_revision: 1,
+            reservation: Some(
+                Requester {
+                    namespace: namespace.into(),
+                    name: name.into(),
+                }
+                .reserve(value, 0),
+            ),
+        }
+    }
+
+    #[test]
+    fn only_the_service_a_value_was_reserved_for_confirms_it() {
+        let h = Holdings::default();
+        let ip: IpAddr = "10.96.0.5".parse().unwrap();
+        // `probe` held 10.96.0.5, then went; the value was handed out again to `web`.
+        h.set("ns", "probe", Some((vec![ip], vec![])));
+        assert!(!h.holds_ip(&listed_ip("10.96.0.5", "ns", "web")));
+        h.set("ns", "probe", None);
+        assert!(!h.holds_ip(&listed_ip("10.96.0.5", "ns", "probe")));
+        h.set("ns", "web", Some((vec![ip], vec![])));
+        assert!(h.holds_ip(&listed_ip("10.96.0.5", "ns", "web")));
+        assert!(!h.holds_ip(&listed_ip("10.96.0.5", "other", "web")));
+        // A generateName create: any Service of its namespace.
+        assert!(h.holds_ip(&listed_ip("10.96.0.5", "ns", "")));
+        assert!(!h.holds_ip(&listed_ip("10.96.0.6", "ns", "")));
     }
 }

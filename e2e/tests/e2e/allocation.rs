@@ -56,6 +56,8 @@ const D: Ranges = Ranges {
 struct Bed {
     client: Client,
     ns: String,
+    /// The webhook's port on loopback.
+    port: u16,
     prefix: String,
     v4: &'static str,
     ports: &'static str,
@@ -129,6 +131,7 @@ impl Bed {
         let bed = Self {
             client,
             ns,
+            port,
             prefix,
             v4: ranges.v4,
             ports: ranges.ports,
@@ -143,6 +146,49 @@ impl Bed {
         })
         .await;
         bed
+    }
+
+    /// Sends the webhook an AdmissionReview no apiserver sent (a NodePort Service `name` in the
+    /// test's namespace) from curl, presenting the client certificate `as_cert` (a name under
+    /// the control plane's pki/) if given; the response body, or why it failed.
+    fn forge(&self, name: &str, as_cert: Option<&str>) -> Result<String, String> {
+        let review = serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": format!("forged-{name}"),
+                "kind": {"group": "", "version": "v1", "kind": "Service"},
+                "resource": {"group": "", "version": "v1", "resource": "services"},
+                "namespace": self.ns,
+                "name": name,
+                "operation": "CREATE",
+                "userInfo": {"username": "mallory"},
+                "object": {
+                    "apiVersion": "v1", "kind": "Service",
+                    "metadata": {"name": name, "namespace": self.ns},
+                    "spec": {"type": "NodePort", "ports": [{"port": 80, "protocol": "TCP"}]}
+                },
+                "dryRun": false
+            }
+        });
+        let pki = control_plane().dir.join("pki");
+        let mut curl = std::process::Command::new("curl");
+        curl.args(["-sS", "-k", "--fail", "--max-time", "10", "-X", "POST"])
+            .args(["-H", "Content-Type: application/json", "--data-binary"])
+            .arg(review.to_string())
+            .arg(format!("https://127.0.0.1:{}/mutate-services", self.port));
+        if let Some(cert) = as_cert {
+            curl.arg("--cert")
+                .arg(pki.join(format!("{cert}.crt")))
+                .arg("--key")
+                .arg(pki.join(format!("{cert}.key")));
+        }
+        let out = curl.output().map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
     }
 
     fn log(&self) -> String {
@@ -215,7 +261,11 @@ fn cluster_ips(svc: &Service) -> Vec<IpAddr> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_webhook_allocates_distinct_ips_and_ports_from_etcd() {
-    let mut bed = Bed::new(&A).await;
+    // Only the apiserver may call: clients must present a certificate from the CA the control
+    // plane's apiserver has its webhook client certificate from (its AdmissionConfiguration).
+    let ca = control_plane().dir.join("pki/webhook-client-ca.crt");
+    let only_the_apiserver = format!("--webhook-client-ca-file={}", ca.display());
+    let mut bed = Bed::with_args(&A, &[&only_the_apiserver]).await;
     let v4: IpRange = A.v4.parse().unwrap();
     let v6: IpRange = A.v6.parse().unwrap();
 
@@ -365,6 +415,18 @@ async fn the_webhook_allocates_distinct_ips_and_ports_from_etcd() {
     let after = bed.v4_store().await.read().await.unwrap().unwrap().0.used();
     assert_eq!(before, after, "a dry-run create allocated");
 
+    // Every create above came from the apiserver through client-certificate verification. A
+    // review forged by another client is refused in the handshake; with the apiserver's
+    // certificate the same request is answered (the refusal was the certificate's).
+    let err = bed
+        .forge("forged", None)
+        .expect_err("a client without a certificate was served");
+    assert!(!err.is_empty());
+    let answer = bed
+        .forge("forged-as-apiserver", Some("webhook-client"))
+        .expect("the apiserver's client certificate is accepted");
+    assert!(answer.contains("\"allowed\":true"), "{answer}");
+
     // With the webhook down (failurePolicy: Fail), what needs no allocation still goes through,
     // by the shipped match conditions: an update of labels only, and a Service opted out.
     bed.cm.kill_hard();
@@ -452,7 +514,8 @@ async fn deletion_releases_and_a_leak_is_reclaimed_after_three_repairs() {
 }
 
 /// A Service refused after the webhook allocated for it (by schema validation, by a
-/// ResourceQuota: both run after mutating admission) gets its values back once their
+/// ResourceQuota: both run after mutating admission), or a forged review, gets its values back
+/// once their
 /// reservation expires, at the default TTL (60 s) and the default repair interval (3 min,
 /// which alone would take 6-9 min).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -492,11 +555,19 @@ async fn values_of_a_service_refused_after_the_webhook_return_within_the_reserva
         .unwrap();
     let err = bed.create(&node_port("over-quota", "http")).await.unwrap_err();
     assert!(err.to_string().contains("exceeded quota"), "{err}");
+    // Without client verification anyone reaching the port can have values allocated: a forged
+    // review (no Service is ever stored) holds them for one TTL only, like the refused ones.
+    let answer = bed
+        .forge("forged", None)
+        .expect("no client verification configured");
+    assert!(answer.contains("\"allowed\":true"), "{answer}");
     let refused_at = std::time::Instant::now();
 
     // What the two requests were given is reserved for them and still held.
     let refused = |r: Option<&svcplane_allocators::reservation::Reservation>| {
-        r.is_some_and(|r| r.namespace == bed.ns && ["invalid", "over-quota"].contains(&r.name.as_str()))
+        r.is_some_and(|r| {
+            r.namespace == bed.ns && ["invalid", "over-quota", "forged"].contains(&r.name.as_str())
+        })
     };
     let reserved_ips: Vec<IpAddr> = ips
         .reservations()
@@ -514,22 +585,33 @@ async fn values_of_a_service_refused_after_the_webhook_return_within_the_reserva
         .filter(|l| refused(l.reservation.as_ref()))
         .map(|l| l.value)
         .collect();
-    assert_eq!(reserved_ips.len(), 2, "{reserved_ips:?}");
-    assert_eq!(reserved_ports.len(), 2, "{reserved_ports:?}");
+    assert_eq!(reserved_ips.len(), 3, "{reserved_ips:?}");
+    assert_eq!(reserved_ports.len(), 3, "{reserved_ports:?}");
     let (bitmap, _) = ips.read().await.unwrap().unwrap();
     assert!(reserved_ips.iter().all(|ip| bitmap.has(*ip)));
 
     // Back in the pool within the TTL and a sweep or two, records and all.
-    let freed = eventually(Duration::from_secs(90), "the reservations to expire", || async {
-        let (ip_map, _) = ips.read().await.ok()??;
-        let (port_map, _) = ports.read().await.ok()??;
+    let freed = loop {
+        let ip_map = ips.read().await.unwrap().unwrap().0;
+        let port_map = ports.read().await.unwrap().unwrap().0;
+        let (ip_left, port_left) = (
+            ips.reservations().await.unwrap(),
+            ports.reservations().await.unwrap(),
+        );
         let gone = reserved_ips.iter().all(|ip| !ip_map.has(*ip))
             && reserved_ports.iter().all(|p| !port_map.has(*p))
-            && ips.reservations().await.ok()?.is_empty()
-            && ports.reservations().await.ok()?.is_empty();
-        gone.then(|| refused_at.elapsed())
-    })
-    .await;
+            && ip_left.is_empty()
+            && port_left.is_empty();
+        if gone {
+            break refused_at.elapsed();
+        }
+        assert!(
+            refused_at.elapsed() < Duration::from_secs(90),
+            "not freed after 90s; reservations left {ip_left:?} {port_left:?}; log:\n{}",
+            bed.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     eprintln!(
         "values of the refused Services freed {:.1}s after the refusals",
         freed.as_secs_f64()
