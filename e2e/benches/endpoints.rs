@@ -7,6 +7,9 @@
 //! - `big`: one Service x BENCH_BIG (10000) Pods;
 //! - `rolling`: one Service x BENCH_ROLL (1000) Pods replaced 10% at a time while the controller runs.
 //!
+//! BENCH_CONTROLLERS (`svcplane`, `kube-controller-manager`, `kube-controller-manager (qps 1000)`)
+//! and BENCH_SCENARIOS (`many`, `big`, `rolling`), comma-separated, run a subset.
+//!
 //! Run with `hack/bench/endpoints.sh` (builds svcplane in release mode first).
 
 #![allow(clippy::unwrap_used)]
@@ -326,34 +329,53 @@ async fn rolling_update(cluster: &mut Cluster, c: Controller, round: usize) -> R
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let controllers = [
+    // BENCH_CONTROLLERS / BENCH_SCENARIOS (comma-separated names) pick a subset, e.g. to compare
+    // two svcplane builds (SVCPLANE_BIN) on one scenario.
+    let picked = |var: &str, name: &str| {
+        std::env::var(var)
+            .map(|v| v.split(',').any(|p| p.trim() == name))
+            .unwrap_or(true)
+    };
+    let controllers: Vec<Controller> = [
         Controller::Svcplane,
         Controller::Upstream,
         Controller::UpstreamUnthrottled,
-    ];
+    ]
+    .into_iter()
+    .filter(|c| picked("BENCH_CONTROLLERS", c.name()))
+    .collect();
     let mut rows = Vec::new();
 
-    let (services, pods) = (env("BENCH_SERVICES", 2000), env("BENCH_PODS", 10));
-    eprintln!("scenario many: {services} Services x {pods} Pods");
-    let mut many = Cluster::new("bench-many").await;
-    many.populate(services, pods).await;
-    for c in controllers {
-        rows.push(converge_from_scratch(&many, "many", c).await);
+    if picked("BENCH_SCENARIOS", "many") {
+        let (services, pods) = (env("BENCH_SERVICES", 2000), env("BENCH_PODS", 10));
+        eprintln!("scenario many: {services} Services x {pods} Pods");
+        let mut many = Cluster::new("bench-many").await;
+        many.populate(services, pods).await;
+        for &c in &controllers {
+            rows.push(converge_from_scratch(&many, "many", c).await);
+        }
     }
-    drop(many);
 
-    let big = env("BENCH_BIG", 10_000);
-    eprintln!("scenario big: 1 Service x {big} Pods");
-    let mut cluster = Cluster::new("bench-big").await;
-    cluster.populate(1, big).await;
-    for c in controllers {
-        rows.push(converge_from_scratch(&cluster, "big", c).await);
+    if picked("BENCH_SCENARIOS", "big") {
+        let big = env("BENCH_BIG", 10_000);
+        eprintln!("scenario big: 1 Service x {big} Pods");
+        let mut cluster = Cluster::new("bench-big").await;
+        cluster.populate(1, big).await;
+        for &c in &controllers {
+            rows.push(converge_from_scratch(&cluster, "big", c).await);
+        }
     }
-    drop(cluster);
 
     let roll = env("BENCH_ROLL", 1000);
-    eprintln!("scenario rolling: 1 Service x {roll} Pods, replaced in 10 batches");
-    for (round, c) in controllers.into_iter().enumerate() {
+    if picked("BENCH_SCENARIOS", "rolling") {
+        eprintln!("scenario rolling: 1 Service x {roll} Pods, replaced in 10 batches");
+    }
+    for (round, c) in controllers
+        .iter()
+        .copied()
+        .enumerate()
+        .filter(|_| picked("BENCH_SCENARIOS", "rolling"))
+    {
         let mut cluster = Cluster::new(&format!("bench-roll-{round}")).await;
         let fixtures: Vec<PodFixture> = (0..roll)
             .map(|i| {

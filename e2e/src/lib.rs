@@ -218,7 +218,8 @@ impl ControlPlane {
     /// (cluster-scoped objects get a per-namespace name), so every test has its own copy of
     /// exactly the shipped permissions.
     pub fn apply_controller_manager_rbac(&self, ns: &str) {
-        let yaml = shipped_rbac("controller-manager", ns, "svcplane:controller-manager")
+        let yaml = (shipped_rbac("controller-manager", ns, "svcplane:controller-manager")
+            + &webhook_secret(ns))
             // The webhook configuration a test registers is its own too.
             .replace(
                 "resourceNames: [\"svcplane\"]",
@@ -258,6 +259,7 @@ impl ControlPlane {
         for f in [
             "controller-manager/serviceaccount.yaml",
             "controller-manager/rbac.yaml",
+            "allocation/webhook-tls-secret.yaml",
         ] {
             yaml.push_str(&std::fs::read_to_string(manifests.join(f)).unwrap());
             yaml.push_str("\n---\n");
@@ -308,6 +310,14 @@ impl ControlPlane {
 
 /// `manifests/<component>/{serviceaccount,rbac}.yaml` moved into `ns`, the cluster-scoped
 /// objects named `cluster_name` renamed `<cluster_name>:<ns>`.
+/// The shipped (empty) webhook certificate Secret, moved into `ns`: the RBAC grants no
+/// `create`, so it must exist, as the manifests make it.
+fn webhook_secret(ns: &str) -> String {
+    std::fs::read_to_string(repo_root().join("manifests/allocation/webhook-tls-secret.yaml"))
+        .unwrap()
+        .replace("namespace: kube-system", &format!("namespace: {ns}"))
+}
+
 fn shipped_rbac(component: &str, ns: &str, cluster_name: &str) -> String {
     let dir = repo_root().join("manifests").join(component);
     let mut yaml = String::new();

@@ -102,6 +102,10 @@ pub async fn load(client: &Client, source: &Source) -> anyhow::Result<ServingCer
     }
 }
 
+/// The replicas' one certificate, kept in the Secret `namespace/name`: read when it holds one;
+/// generated and written otherwise. The Secret normally exists already, empty (the manifests
+/// ship it, so no `create` on Secrets is needed); two replicas filling it at once both write
+/// with its resourceVersion, and the loser reads the winner's.
 async fn shared(
     client: &Client,
     namespace: &str,
@@ -109,12 +113,14 @@ async fn shared(
     names: &[String],
 ) -> anyhow::Result<ServingCert> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    if let Some(existing) = api
+    let existing = api
         .get_opt(name)
         .await
-        .context("reading the webhook certificate Secret")?
+        .context("reading the webhook certificate Secret")?;
+    if let Some(secret) = &existing
+        && holds_certificate(secret)
     {
-        return from_secret(&existing);
+        return from_secret(secret);
     }
     let fresh = generate(names)?;
     let data: BTreeMap<String, ByteString> = [
@@ -125,17 +131,28 @@ async fn shared(
     .into_iter()
     .map(|(k, v)| (k.to_owned(), ByteString(v.as_bytes().to_vec())))
     .collect();
-    let secret = Secret {
-        metadata: ObjectMeta {
-            name: Some(name.to_owned()),
-            namespace: Some(namespace.to_owned()),
-            ..Default::default()
-        },
-        type_: Some("kubernetes.io/tls".into()),
-        data: Some(data),
-        ..Default::default()
+    let written = match existing {
+        Some(mut secret) => {
+            // Keeps the Secret's resourceVersion: the write fails if another replica filled it
+            // since it was read.
+            secret.data = Some(data);
+            api.replace(name, &PostParams::default(), &secret).await
+        }
+        None => {
+            let secret = Secret {
+                metadata: ObjectMeta {
+                    name: Some(name.to_owned()),
+                    namespace: Some(namespace.to_owned()),
+                    ..Default::default()
+                },
+                type_: Some("Opaque".into()),
+                data: Some(data),
+                ..Default::default()
+            };
+            api.create(&PostParams::default(), &secret).await
+        }
     };
-    match api.create(&PostParams::default(), &secret).await {
+    match written {
         Ok(_) => {
             info!(secret = %format_args!("{namespace}/{name}"), "generated the webhook serving certificate");
             Ok(fresh)
@@ -146,8 +163,21 @@ async fn shared(
                 .await
                 .context("reading the webhook certificate Secret")?,
         ),
-        Err(e) => Err(e).context("creating the webhook certificate Secret"),
+        Err(kube::Error::Api(s)) if s.code == 403 => Err(anyhow::anyhow!(
+            "the webhook certificate Secret {namespace}/{name} does not exist and this replica may not create it ({}); apply manifests/allocation/webhook-tls-secret.yaml",
+            s.message
+        )),
+        Err(e) => Err(e).context("writing the webhook certificate Secret"),
     }
+}
+
+/// Whether a Secret holds a certificate (the shipped one is empty until a replica fills it).
+fn holds_certificate(secret: &Secret) -> bool {
+    secret.data.as_ref().is_some_and(|d| {
+        ["ca.crt", "tls.crt", "tls.key"]
+            .iter()
+            .all(|k| d.get(*k).is_some_and(|v| !v.0.is_empty()))
+    })
 }
 
 fn from_secret(secret: &Secret) -> anyhow::Result<ServingCert> {
@@ -203,6 +233,31 @@ mod tests {
                 .verify_server_cert(&chain[0], &[], &other, &[], rustls::pki_types::UnixTime::now())
                 .is_err()
         );
+    }
+
+    #[test]
+    fn an_empty_or_partial_secret_holds_no_certificate() {
+        let secret = |keys: &[(&str, &str)]| Secret {
+            data: (!keys.is_empty()).then(|| {
+                keys.iter()
+                    .map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec())))
+                    .collect()
+            }),
+            ..Default::default()
+        };
+        // As shipped.
+        assert!(!holds_certificate(&secret(&[])));
+        assert!(!holds_certificate(&secret(&[("ca.crt", "x"), ("tls.crt", "x")])));
+        assert!(!holds_certificate(&secret(&[
+            ("ca.crt", "x"),
+            ("tls.crt", "x"),
+            ("tls.key", "")
+        ])));
+        assert!(holds_certificate(&secret(&[
+            ("ca.crt", "x"),
+            ("tls.crt", "x"),
+            ("tls.key", "x")
+        ])));
     }
 
     fn rustls_pemfile_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
