@@ -397,22 +397,43 @@ where
         Ok((bitmap, listed))
     }
 
-    /// Deletes the records of reservations a Service was seen to hold (leader only, fenced).
-    pub async fn confirm(&self, keys: &[String], fence: &Fence) -> Result<(), StoreError> {
-        for chunk in keys.chunks(MAX_BATCH) {
-            fence.check()?;
-            let txn = Txn::new()
-                .when([fence.compare()])
+    /// Deletes the records of reservations their Service was seen to hold (leader only, fenced),
+    /// each only if it is still the record listed (`listed`: key and mod_revision): a value
+    /// freed and reserved again since keeps its new record. Records that changed are left.
+    pub async fn confirm(&self, listed: &[(String, i64)], fence: &Fence) -> Result<(), StoreError> {
+        let txn = |records: &[(String, i64)]| {
+            let mut when = vec![fence.compare()];
+            when.extend(
+                records
+                    .iter()
+                    .map(|(k, rev)| Compare::mod_revision(k.as_bytes(), CompareOp::Equal, *rev)),
+            );
+            Txn::new()
+                .when(when)
                 .and_then(
-                    chunk
+                    records
                         .iter()
-                        .map(|k| TxnOp::delete(k.as_bytes(), None))
+                        .map(|(k, _)| TxnOp::delete(k.as_bytes(), None))
                         .collect::<Vec<_>>(),
                 )
-                .or_else([fence.read_back()]);
-            let resp = self.txn(txn).await?;
-            if !resp.succeeded() {
+                .or_else([fence.read_back()])
+        };
+        for chunk in listed.chunks(MAX_BATCH) {
+            fence.check()?;
+            let resp = self.txn(txn(chunk)).await?;
+            if resp.succeeded() {
+                continue;
+            }
+            if fence.lost(&resp) {
                 return Err(StoreError::Deposed);
+            }
+            // Some record changed: the rest one by one.
+            for record in chunk {
+                fence.check()?;
+                let resp = self.txn(txn(std::slice::from_ref(record))).await?;
+                if !resp.succeeded() && fence.lost(&resp) {
+                    return Err(StoreError::Deposed);
+                }
             }
         }
         Ok(())

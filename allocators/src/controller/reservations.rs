@@ -231,7 +231,7 @@ impl Sweeper {
         for (l, requester_holds) in listed {
             match verdict(l, *requester_holds, stored, now, self.ttl) {
                 Verdict::Keep => {}
-                Verdict::Confirm => confirmed.push(l.key.clone()),
+                Verdict::Confirm => confirmed.push((l.key.clone(), l.mod_revision)),
                 Verdict::Free => {
                     if store.expire(l, fence).await? {
                         self.outcomes.with_label_values(&["freed"]).inc();

@@ -300,12 +300,12 @@ async fn reservations_go_with_the_bitmap_and_end_by_release_confirmation_or_expi
 
     // Confirmed: the record goes, the value stays.
     let ip = allocated(&store, Op::AllocateNext, web()).await;
-    let keys: Vec<String> = store
+    let keys: Vec<(String, i64)> = store
         .reservations()
         .await
         .unwrap()
         .into_iter()
-        .map(|l| l.key)
+        .map(|l| (l.key, l.mod_revision))
         .collect();
     store.confirm(&keys, &fence).await.unwrap();
     assert!(store.reservations().await.unwrap().is_empty());
@@ -327,6 +327,12 @@ async fn reservations_go_with_the_bitmap_and_end_by_release_confirmation_or_expi
     assert!(!store.expire(&stale, &fence).await.unwrap());
     assert!(held(&store, ip).await);
     assert_eq!(store.reservations().await.unwrap().len(), 1);
+    // Nor does a confirmation computed from the old record remove the new one.
+    store
+        .confirm(&[(stale.key.clone(), stale.mod_revision)], &fence)
+        .await
+        .unwrap();
+    assert_eq!(store.reservations().await.unwrap().len(), 1);
 
     // Repair reads both at one revision.
     let (bitmap, reservations) = store.read_with_reservations().await.unwrap();
@@ -342,7 +348,9 @@ async fn reservations_go_with_the_bitmap_and_end_by_release_confirmation_or_expi
         Err(StoreError::Deposed)
     ));
     assert!(matches!(
-        store.confirm(std::slice::from_ref(&listed.key), &fence).await,
+        store
+            .confirm(&[(listed.key.clone(), listed.mod_revision)], &fence)
+            .await,
         Err(StoreError::Deposed)
     ));
     assert!(held(&store, ip).await);
