@@ -563,28 +563,10 @@ async fn values_of_a_service_refused_after_the_webhook_return_within_the_reserva
     assert!(answer.contains("\"allowed\":true"), "{answer}");
     let refused_at = std::time::Instant::now();
 
-    // What the two requests were given is reserved for them and still held.
-    let refused = |r: Option<&svcplane_allocators::reservation::Reservation>| {
-        r.is_some_and(|r| {
-            r.namespace == bed.ns && ["invalid", "over-quota", "forged"].contains(&r.name.as_str())
-        })
-    };
-    let reserved_ips: Vec<IpAddr> = ips
-        .reservations()
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|l| refused(l.reservation.as_ref()))
-        .map(|l| l.value)
-        .collect();
-    let reserved_ports: Vec<u16> = ports
-        .reservations()
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|l| refused(l.reservation.as_ref()))
-        .map(|l| l.value)
-        .collect();
+    // What the three requests were given is reserved for them and still held.
+    let names = ["invalid", "over-quota", "forged"];
+    let reserved_ips: Vec<IpAddr> = reserved_for(&ips, &bed.ns, &names).await;
+    let reserved_ports: Vec<u16> = reserved_for(&ports, &bed.ns, &names).await;
     assert_eq!(reserved_ips.len(), 3, "{reserved_ips:?}");
     assert_eq!(reserved_ports.len(), 3, "{reserved_ports:?}");
     let (bitmap, _) = ips.read().await.unwrap().unwrap();
@@ -626,6 +608,26 @@ async fn values_of_a_service_refused_after_the_webhook_return_within_the_reserva
         "{}",
         bed.log()
     );
+}
+
+/// The values of `store` reserved for the Services `names` of namespace `ns`.
+async fn reserved_for<R>(store: &RangeStore<R>, ns: &str, names: &[&str]) -> Vec<R::Value>
+where
+    R: svcplane_allocators::Range + Clone + Send + Sync + 'static,
+    R::Value: Send + Sync + 'static,
+{
+    store
+        .reservations()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|l| {
+            l.reservation
+                .as_ref()
+                .is_some_and(|r| r.namespace == ns && names.contains(&r.name.as_str()))
+        })
+        .map(|l| l.value)
+        .collect()
 }
 
 /// `kubectl get servicepool <name>` as a user runs it: header and row, split into columns.
