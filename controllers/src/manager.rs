@@ -150,10 +150,14 @@ pub async fn run(
         s.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME).cloned()
     })));
 
+    // Except Services: what this watch reports deleted, allocation releases, and a relist from a
+    // watch cache that lags (another apiserver's, after a 410) could report a live Service as
+    // deleted, or replay an old deletion. Their lists are consistent (the current revision; the
+    // apiserver still serves them from its cache once that has caught up).
     let mut service_informer = Informer::new(
         "services",
         Api::<Service>::all(client.clone()),
-        watch_config(),
+        watcher::Config::default(),
         |s| ServiceView::from(&s),
         services.clone(),
     );
