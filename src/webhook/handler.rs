@@ -126,6 +126,7 @@ async fn answer(
         namespace: req.namespace.clone().unwrap_or_default(),
         name: req.name.clone(),
     };
+    let service = format!("{}/{}", requester.namespace, requester.name);
     // In a task of its own: when the apiserver gives up on this call, hyper drops this future,
     // and an allocation cut off midway would keep what it took so far without a rollback. Run
     // to completion, it rolls back what a failure leaves, and what it allocated for a request
@@ -134,7 +135,7 @@ async fn answer(
     let execution = tokio::spawn(async move { allocators.execute(&plan_owned, requester).await });
     let got = match tokio::time::timeout(ANSWER_WITHIN, execution).await {
         Err(_) => {
-            warn!(service = %format_args!("{}/{}", req.namespace.as_deref().unwrap_or_default(), req.name), "allocation did not finish in time");
+            warn!(%service, "allocation did not finish in time");
             return (
                 op,
                 "failed",
@@ -146,7 +147,7 @@ async fn answer(
         }
         Ok(Ok(Ok(g))) => g,
         Ok(Ok(Err(e))) => {
-            warn!(service = %format_args!("{}/{}", req.namespace.as_deref().unwrap_or_default(), req.name), error = %e, "refusing Service");
+            warn!(%service, error = %e, "refusing Service");
             return (op, "failed", resp.deny(e.to_string()));
         }
         Ok(Err(e)) => {

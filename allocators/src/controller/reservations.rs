@@ -97,6 +97,26 @@ enum SweepError {
 /// A listed reservation, and whether its Service is seen holding the value.
 type Judged<V> = (Listed<V>, bool);
 
+/// `store`'s reservations, each with whether its Service is seen holding the value.
+async fn judged<R>(
+    store: &RangeStore<R>,
+    seen: impl Fn(&Listed<R::Value>) -> bool,
+) -> Result<Vec<Judged<R::Value>>, StoreError>
+where
+    R: Range + Clone + Send + Sync + 'static,
+    R::Value: Send + Sync + 'static,
+{
+    Ok(store
+        .reservations()
+        .await?
+        .into_iter()
+        .map(|l| {
+            let s = seen(&l);
+            (l, s)
+        })
+        .collect())
+}
+
 pub struct Sweeper {
     client: Client,
     ranges: Arc<Ranges>,
@@ -150,29 +170,11 @@ impl Sweeper {
 
     async fn sweep(&self, fence: &Fence, holdings: &Holdings) -> Result<(), SweepError> {
         let now = now_ms();
-        let mut ip_listed: Vec<(_, Vec<Judged<IpAddr>>)> = Vec::new();
+        let mut ip_listed = Vec::new();
         for store in self.ranges.cluster_ips.values() {
-            let listed = store.reservations().await?;
-            let judged = listed
-                .into_iter()
-                .map(|l| {
-                    let seen = holdings.holds_ip(&l);
-                    (l, seen)
-                })
-                .collect();
-            ip_listed.push((store, judged));
+            ip_listed.push((store, judged(store, |l| holdings.holds_ip(l)).await?));
         }
-        let port_listed: Vec<Judged<u16>> = self
-            .ranges
-            .node_ports
-            .reservations()
-            .await?
-            .into_iter()
-            .map(|l| {
-                let seen = holdings.holds_port(&l);
-                (l, seen)
-            })
-            .collect();
+        let port_listed = judged(&self.ranges.node_ports, |l| holdings.holds_port(l)).await?;
         let check = ip_listed
             .iter()
             .flat_map(|(_, l)| l)

@@ -43,6 +43,11 @@ fn state(ports: Vec<PortState>) -> DesiredState {
     }
 }
 
+/// The commands that turn `before` into `after` (IPv4; there must be a change).
+fn update(before: &Ruleset, after: &Ruleset) -> Vec<String> {
+    commands(&transaction(Some(before), after, IpFamily::IPv4).unwrap().unwrap())
+}
+
 fn commands(t: &Transaction) -> Vec<String> {
     t.0["nftables"]
         .as_array()
@@ -200,11 +205,7 @@ fn removing_an_endpoint_rewrites_only_its_service() {
         ]),
         IpFamily::IPv4,
     );
-    let cmds = commands(
-        &transaction(Some(&before), &after, IpFamily::IPv4)
-            .unwrap()
-            .unwrap(),
-    );
+    let cmds = update(&before, &after);
     assert_eq!(
         cmds,
         [
@@ -231,11 +232,7 @@ fn losing_every_endpoint_moves_the_address_to_the_reject_map() {
         &state(vec![port("web", "10.96.0.10", Backends::Reject)]),
         IpFamily::IPv4,
     );
-    let cmds = commands(
-        &transaction(Some(&before), &after, IpFamily::IPv4)
-            .unwrap()
-            .unwrap(),
-    );
+    let cmds = update(&before, &after);
     assert_eq!(
         cmds,
         [
