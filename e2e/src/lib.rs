@@ -17,6 +17,7 @@ pub mod pods;
 pub mod process;
 pub mod proxy;
 pub mod upstream;
+pub mod validating;
 pub mod webhook;
 
 use std::{

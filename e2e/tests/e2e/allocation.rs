@@ -17,7 +17,7 @@ use kube::{
 };
 use svcplane_allocators::{IpRange, PortRange, etcd::RangeStore};
 use svcplane_e2e::{
-    control_plane, etcd::Etcd, eventually, free_port, process::Svcplane, test_namespace, webhook,
+    control_plane, etcd::Etcd, eventually, free_port, process::Svcplane, test_namespace, validating, webhook,
 };
 
 /// Ranges of one test; tests running at once use disjoint ones, as two clusters would.
@@ -513,11 +513,10 @@ async fn deletion_releases_and_a_leak_is_reclaimed_after_three_repairs() {
     );
 }
 
-/// A Service refused after the webhook allocated for it (by schema validation, by a
-/// ResourceQuota: both run after mutating admission), or a forged review, gets its values back
-/// once their
-/// reservation expires, at the default TTL (60 s) and the default repair interval (3 min,
-/// which alone would take 6-9 min).
+/// A Service refused after the webhook allocated for it (by schema validation, by a second,
+/// validating webhook, by a ResourceQuota: all run after mutating admission), or a forged review,
+/// gets its values back once their reservation expires, at the default TTL (60 s) and the
+/// default repair interval (3 min, which alone would take 6-9 min).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn values_of_a_service_refused_after_the_webhook_return_within_the_reservation_ttl() {
     let bed = Bed::new(&E).await;
@@ -535,6 +534,21 @@ async fn values_of_a_service_refused_after_the_webhook_return_within_the_reserva
     // An invalid port name: allocated for by the webhook, then refused by validation.
     let err = bed.create(&node_port("invalid", "Not_A_Name")).await.unwrap_err();
     assert!(err.to_string().contains("Not_A_Name"), "{err}");
+    // A second webhook, validating (as policy engines are), refuses one: validating webhooks run
+    // after every mutating one.
+    let _policy = validating::start(
+        &bed.client,
+        &format!("policy-{}", bed.ns),
+        LabelSelector {
+            match_labels: Some([("svcplane-webhook-test".to_owned(), bed.ns.clone())].into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut denied = node_port("denied", "http");
+    denied.metadata.labels = Some([(validating::DENY_LABEL.to_owned(), String::new())].into());
+    let err = bed.create(&denied).await.unwrap_err();
+    assert!(err.to_string().contains(validating::DENIED), "{err}");
     // A quota of no NodePorts in the namespace: refused by the quota after the webhook.
     let quota: k8s_openapi::api::core::v1::ResourceQuota = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "no-node-ports"},
@@ -563,12 +577,12 @@ async fn values_of_a_service_refused_after_the_webhook_return_within_the_reserva
     assert!(answer.contains("\"allowed\":true"), "{answer}");
     let refused_at = std::time::Instant::now();
 
-    // What the three requests were given is reserved for them and still held.
-    let names = ["invalid", "over-quota", "forged"];
+    // What the four requests were given is reserved for them and still held.
+    let names = ["invalid", "denied", "over-quota", "forged"];
     let reserved_ips: Vec<IpAddr> = reserved_for(&ips, &bed.ns, &names).await;
     let reserved_ports: Vec<u16> = reserved_for(&ports, &bed.ns, &names).await;
-    assert_eq!(reserved_ips.len(), 3, "{reserved_ips:?}");
-    assert_eq!(reserved_ports.len(), 3, "{reserved_ports:?}");
+    assert_eq!(reserved_ips.len(), 4, "{reserved_ips:?}");
+    assert_eq!(reserved_ports.len(), 4, "{reserved_ports:?}");
     let (bitmap, _) = ips.read().await.unwrap().unwrap();
     assert!(reserved_ips.iter().all(|ip| bitmap.has(*ip)));
 

@@ -5,6 +5,8 @@
 use std::{
     collections::{BTreeMap, HashSet},
     net::{IpAddr, SocketAddr},
+    path::Path,
+    sync::Arc,
     sync::atomic::{AtomicUsize, Ordering},
     time::Duration,
 };
@@ -24,8 +26,8 @@ use kube::{
 };
 use svcplane_allocators::{IpRange, PortRange, etcd::RangeStore};
 use svcplane_e2e::{
-    OwnedControlPlane, balancer::Balancer, eventually, free_port, http::metric_value, process::Svcplane,
-    test_namespace, webhook,
+    ControlPlane, OwnedControlPlane, balancer::Balancer, eventually, free_port, http::metric_value,
+    process::Svcplane, test_namespace, webhook,
 };
 
 const V4: &str = "10.96.0.0/16";
@@ -133,6 +135,56 @@ fn duplicates<K: std::fmt::Debug>(m: &BTreeMap<K, Vec<String>>) -> Vec<String> {
         .collect()
 }
 
+/// A controller-manager replica `name` allocating from the test's ranges, its webhook on
+/// loopback `port`, with `extra` arguments.
+fn replica(cp: &ControlPlane, kubeconfig: &Path, name: &str, port: u16, extra: &[&str]) -> Svcplane {
+    let args = [
+        "--controllers=".to_owned(),
+        format!("--service-cluster-ip-range={V4},{V6}"),
+        format!("--service-node-port-range={PORTS}"),
+        format!("--etcd-servers=http://127.0.0.1:{}", cp.etcd_port),
+        format!("--webhook-bind-address=127.0.0.1:{port}"),
+        "--webhook-cert-names=127.0.0.1".to_owned(),
+        "--webhook-max-connection-age=100ms".to_owned(),
+    ];
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.extend_from_slice(extra);
+    Svcplane::controller_manager(name, kubeconfig, &cp.dir, &args)
+}
+
+type Stores = (
+    Arc<RangeStore<IpRange>>,
+    Arc<RangeStore<IpRange>>,
+    Arc<RangeStore<PortRange>>,
+);
+
+/// The bitmaps in `etcd`: IPv4, IPv6 and NodePorts.
+fn stores(etcd: etcd_client::Client) -> Stores {
+    (
+        RangeStore::new(
+            etcd.clone(),
+            "/svcplane",
+            "clusterip/10.96.0.0-16",
+            V4.parse::<IpRange>().unwrap(),
+            "IP",
+        ),
+        RangeStore::new(
+            etcd.clone(),
+            "/svcplane",
+            "clusterip/fd00:10:96::-112",
+            V6.parse::<IpRange>().unwrap(),
+            "IP",
+        ),
+        RangeStore::new(
+            etcd,
+            "/svcplane",
+            "nodeport",
+            PORTS.parse::<PortRange>().unwrap(),
+            "port",
+        ),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_behind_one_address_never_duplicate_even_when_the_leader_dies() {
     let owned = OwnedControlPlane::start("alloc-ha").unwrap();
@@ -170,25 +222,17 @@ async fn two_replicas_behind_one_address_never_duplicate_even_when_the_leader_di
         .unwrap();
 
     let kubeconfig = cp.install_controller_manager(&client).await;
-    let replica = |name: &str, port: u16| {
-        let args = [
-            "--controllers=".to_owned(),
-            format!("--service-cluster-ip-range={V4},{V6}"),
-            format!("--service-node-port-range={PORTS}"),
-            format!("--etcd-servers=http://127.0.0.1:{}", cp.etcd_port),
-            format!("--webhook-bind-address=127.0.0.1:{port}"),
-            "--webhook-cert-names=127.0.0.1".to_owned(),
-            "--webhook-max-connection-age=100ms".to_owned(),
-            "--allocation-repair-interval=2s".to_owned(),
-            "--allocation-usage-period=500ms".to_owned(),
-            "--leader-elect-lease-duration=4s".to_owned(),
-            "--leader-elect-renew-deadline=3s".to_owned(),
-            "--leader-elect-retry-period=500ms".to_owned(),
-        ];
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Svcplane::controller_manager(name, &kubeconfig, &cp.dir, &args)
-    };
-    let mut replicas = [replica("cm-a", ports[0]), replica("cm-b", ports[1])];
+    let fast = [
+        "--allocation-repair-interval=2s",
+        "--allocation-usage-period=500ms",
+        "--leader-elect-lease-duration=4s",
+        "--leader-elect-renew-deadline=3s",
+        "--leader-elect-retry-period=500ms",
+    ];
+    let mut replicas = [
+        replica(cp, &kubeconfig, "cm-a", ports[0], &fast),
+        replica(cp, &kubeconfig, "cm-b", ports[1], &fast),
+    ];
 
     let (code, body) = eventually(Duration::from_secs(20), "a readiness answer", || async {
         replicas[0].readyz().await
@@ -271,27 +315,7 @@ async fn two_replicas_behind_one_address_never_duplicate_even_when_the_leader_di
     let etcd = etcd_client::Client::connect([format!("http://127.0.0.1:{}", cp.etcd_port)], None)
         .await
         .unwrap();
-    let v4 = RangeStore::new(
-        etcd.clone(),
-        "/svcplane",
-        "clusterip/10.96.0.0-16",
-        V4.parse::<IpRange>().unwrap(),
-        "IP",
-    );
-    let v6 = RangeStore::new(
-        etcd.clone(),
-        "/svcplane",
-        "clusterip/fd00:10:96::-112",
-        V6.parse::<IpRange>().unwrap(),
-        "IP",
-    );
-    let np = RangeStore::new(
-        etcd,
-        "/svcplane",
-        "nodeport",
-        PORTS.parse::<PortRange>().unwrap(),
-        "port",
-    );
+    let (v4, v6, np) = stores(etcd);
     let want_v4: HashSet<IpAddr> = h.v4.keys().copied().collect();
     let want_v6: HashSet<IpAddr> = h.v6.keys().copied().collect();
     let want_ports: HashSet<u16> = h.ports.keys().copied().collect();
@@ -370,4 +394,106 @@ async fn two_replicas_behind_one_address_never_duplicate_even_when_the_leader_di
             .then_some(())
     })
     .await;
+}
+
+/// With two replicas behind one address each allocates about half the values, and whichever
+/// replica leads (only the leader releases): every delete frees its values within seconds, at
+/// the default repair interval (3 min) and reservation TTL (60 s), which would each take far
+/// longer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_delete_frees_its_values_within_seconds_whichever_replica_allocated() {
+    const N: usize = 60;
+    let owned = OwnedControlPlane::start("alloc-ha-delete").unwrap();
+    let cp = &owned.cp;
+    let client = cp.client().await;
+    let ports = [free_port(), free_port()];
+    let balancer = Balancer::start(
+        ports
+            .iter()
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+            .collect(),
+    )
+    .await;
+    webhook::register(&client, "svcplane", balancer.port, None).await;
+    let kubeconfig = cp.install_controller_manager(&client).await;
+    let replicas = [
+        replica(cp, &kubeconfig, "cm-a", ports[0], &[]),
+        replica(cp, &kubeconfig, "cm-b", ports[1], &[]),
+    ];
+    for r in &replicas {
+        eventually(Duration::from_secs(60), "both replicas ready", || async {
+            (r.readyz().await?.0 == 200).then_some(())
+        })
+        .await;
+    }
+    let etcd = etcd_client::Client::connect([format!("http://127.0.0.1:{}", cp.etcd_port)], None)
+        .await
+        .unwrap();
+    let (v4, v6, np) = stores(etcd);
+    let before = held(&client).await;
+
+    let ns = test_namespace(&client, "ha-delete").await;
+    let api: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let failures = AtomicUsize::new(0);
+    futures::stream::iter(0..N)
+        .map(|i| {
+            let (api, failures) = (&api, &failures);
+            async move { create_until_done(api, &service(i), failures).await }
+        })
+        .buffer_unordered(10)
+        .collect::<Vec<_>>()
+        .await;
+    let served = [
+        webhook_requests(&replicas[0].metrics().await.unwrap_or_default()),
+        webhook_requests(&replicas[1].metrics().await.unwrap_or_default()),
+    ];
+    assert!(
+        served.iter().all(|n| *n > 0.0),
+        "both replicas should have allocated: {served:?}"
+    );
+    let during = held(&client).await;
+    assert!(
+        during.v4.len() >= before.v4.len() + N,
+        "{} IPv4 held",
+        during.v4.len()
+    );
+
+    // Delete them all; the bitmaps return to what the remaining Services hold.
+    futures::stream::iter(0..N)
+        .map(|i| {
+            let api = &api;
+            async move { api.delete(&format!("s{i}"), &Default::default()).await.unwrap() }
+        })
+        .buffer_unordered(10)
+        .collect::<Vec<_>>()
+        .await;
+    let deleted_at = std::time::Instant::now();
+    let want_v4: HashSet<IpAddr> = before.v4.keys().copied().collect();
+    let want_v6: HashSet<IpAddr> = before.v6.keys().copied().collect();
+    let want_ports: HashSet<u16> = before.ports.keys().copied().collect();
+    let left = loop {
+        let got_v4: HashSet<IpAddr> = v4.read().await.unwrap().unwrap().0.values().collect();
+        let got_v6: HashSet<IpAddr> = v6.read().await.unwrap().unwrap().0.values().collect();
+        let got_ports: HashSet<u16> = np.read().await.unwrap().unwrap().0.values().collect();
+        if got_v4 == want_v4 && got_v6 == want_v6 && got_ports == want_ports {
+            break None;
+        }
+        if deleted_at.elapsed() > Duration::from_secs(10) {
+            break Some(format!(
+                "IPv4 {:?}, IPv6 {:?}, NodePorts {:?}",
+                got_v4.difference(&want_v4).collect::<Vec<_>>(),
+                got_v6.difference(&want_v6).collect::<Vec<_>>(),
+                got_ports.difference(&want_ports).collect::<Vec<_>>(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        left.is_none(),
+        "still allocated 10s after the deletes (served by replica: {served:?}): {left:?}"
+    );
+    eprintln!(
+        "{N} Services allocated by both replicas ({served:?} requests), all freed {:.2}s after the deletes",
+        deleted_at.elapsed().as_secs_f64()
+    );
 }
