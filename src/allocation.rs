@@ -22,7 +22,7 @@ use svcplane_allocators::{
     etcd::{EpochKey, EtcdOptions, RangeStore, connect},
     metrics::AllocatorMetrics,
     pool::RangeUsage,
-    ranges::Ranges,
+    ranges::{PendingLimit, Ranges},
     usage::monitor,
 };
 use svcplane_core::IpFamily;
@@ -112,6 +112,13 @@ pub struct AllocationArgs {
     /// limit. One request must not be able to drain the range.
     #[arg(long, default_value_t = 256)]
     pub max_node_ports_per_service: usize,
+    /// The most ClusterIPs and NodePorts one namespace may hold in reservations not yet
+    /// confirmed by a stored Service; 0: no limit. Creates refused after the webhook (or forged
+    /// reviews) must not keep a range drained; Services that are stored are confirmed within
+    /// seconds and hardly count. Each replica counts from etcd every 2s plus what it admitted
+    /// since, so a namespace may briefly exceed it by what the replicas admit in that time.
+    #[arg(long, default_value_t = 1000)]
+    pub max_pending_allocations_per_namespace: usize,
     /// How often every replica reads the ranges from etcd for its allocator gauges, its readiness
     /// and (leader) the ServicePool status.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
@@ -207,6 +214,11 @@ pub async fn start(
         node_ports,
         metrics: AllocatorMetrics::register(registry).context("registering allocator metrics")?,
         epoch,
+        pending: PendingLimit::new(
+            (args.max_pending_allocations_per_namespace > 0)
+                .then_some(args.max_pending_allocations_per_namespace),
+            args.allocation_reservation_ttl,
+        ),
     });
     let (usage_tx, usage) = watch::channel(Vec::new());
     {

@@ -70,6 +70,11 @@ impl Plan {
         self.node_ports.len() + usize::from(self.health_check_node_port.is_some())
     }
 
+    /// Values this plan takes from the ranges: ClusterIPs and NodePorts.
+    pub fn value_count(&self) -> usize {
+        self.cluster_ips.len() + self.node_port_count()
+    }
+
     /// Whether one request may take this much: a single Service (or a forged request) must not
     /// be able to drain a range.
     pub fn within(&self, limits: &Limits) -> Result<(), Refusal> {

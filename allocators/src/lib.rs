@@ -4,8 +4,8 @@
 //! the allocation policy ([`policy`]), the stored form ([`stored`]), what the admission webhook
 //! must allocate for a Service ([`admission`]), what stored Services no longer hold
 //! ([`release`]), the repair pass ([`repair`]), the reservations that hold what the webhook
-//! handed out until a stored Service does ([`reservation`]) and the `ServicePool` objects
-//! ([`pool`]).
+//! handed out until a stored Service does ([`reservation`]), the bound on what one namespace may
+//! hold in them ([`pending`]) and the `ServicePool` objects ([`pool`]).
 //!
 //! Feature `etcd`: the ranges kept atomically in etcd ([`etcd`]), carrying out an admission plan
 //! against them ([`ranges`]), their usage ([`usage`]) and kube-apiserver's allocator metrics
@@ -14,6 +14,7 @@
 
 pub mod admission;
 pub mod bitmap;
+pub mod pending;
 pub mod policy;
 pub mod pool;
 pub mod range;

@@ -1,13 +1,18 @@
 //! Carries out an admission [`Plan`] against the etcd-backed ranges, all or nothing: when one
 //! value cannot be had, the values already taken for the same request are released again. What
 //! it allocates is reserved for the requesting Service ([`crate::reservation`]), so what a crash
-//! or a request refused later leaves behind returns to the pool when the reservation expires.
+//! or a request refused later leaves behind returns to the pool when the reservation expires;
+//! and a namespace with too much reserved already is refused ([`crate::pending`]).
 
-use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
-
-use crate::reservation::Requester;
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use svcplane_core::IpFamily;
+use tokio::sync::Mutex;
 use tracing::warn;
 
 use crate::{
@@ -15,6 +20,8 @@ use crate::{
     admission::{Allocated, ClusterFamilies, Plan, Want},
     etcd::{Done, EpochKey, Fence, Op, RangeStore, StoreError},
     metrics::{AllocatorMetrics, Scope},
+    pending::{self, Ledger, TooManyPending},
+    reservation::{self, Requester},
 };
 
 /// The ranges one controller-manager allocates from.
@@ -25,6 +32,26 @@ pub struct Ranges {
     pub metrics: AllocatorMetrics,
     /// Where the leader's term is recorded, for its fenced writes.
     pub epoch: EpochKey,
+    pub pending: PendingLimit,
+}
+
+/// What one namespace may hold in unconfirmed reservations.
+pub struct PendingLimit {
+    /// Values per namespace (`--max-pending-allocations-per-namespace`); `None`: no limit.
+    limit: Option<usize>,
+    /// The reservation TTL: older reservations are being freed and do not count.
+    ttl: Duration,
+    ledger: Mutex<Ledger>,
+}
+
+impl PendingLimit {
+    pub fn new(limit: Option<usize>, ttl: Duration) -> Self {
+        Self {
+            limit,
+            ttl,
+            ledger: Mutex::new(Ledger::default()),
+        }
+    }
 }
 
 /// Why a request got nothing.
@@ -38,6 +65,8 @@ pub enum AllocationFailure {
     HealthCheckNodePort(#[source] StoreError),
     #[error("no service range is configured for {0}")]
     NoRange(&'static str),
+    #[error(transparent)]
+    TooManyPending(#[from] TooManyPending),
 }
 
 impl AllocationFailure {
@@ -45,7 +74,7 @@ impl AllocationFailure {
     pub fn store_error(&self) -> Option<&StoreError> {
         match self {
             Self::ClusterIp(e) | Self::NodePort(e) | Self::HealthCheckNodePort(e) => Some(e),
-            Self::NoRange(_) => None,
+            Self::NoRange(_) | Self::TooManyPending(_) => None,
         }
     }
 }
@@ -59,9 +88,13 @@ fn to_op<V>(want: Want<V>) -> (Op<V>, Scope) {
 
 impl Ranges {
     pub async fn execute(&self, plan: &Plan, requester: Requester) -> Result<Allocated, AllocationFailure> {
+        let wanted = plan.value_count();
+        self.admit(&requester.namespace, wanted).await?;
+        let namespace = requester.namespace.clone();
         let mut got = Allocated::default();
         let result = self.execute_into(plan, &Arc::new(requester), &mut got).await;
         if let Err(e) = &result {
+            self.pending.ledger.lock().await.undo(&namespace, wanted);
             warn!(error = %e, "allocation failed; releasing what this request already took");
             self.release(
                 &got.cluster_ips,
@@ -75,6 +108,35 @@ impl Ranges {
             .await;
         }
         result.map(|()| got)
+    }
+
+    /// Counts `wanted` values against `namespace`'s limit of pending reservations.
+    async fn admit(&self, namespace: &str, wanted: usize) -> Result<(), TooManyPending> {
+        let Some(limit) = self.pending.limit else {
+            return Ok(());
+        };
+        let mut ledger = self.pending.ledger.lock().await;
+        if ledger.stale(Instant::now(), pending::REFRESH) {
+            match self.pending_by_namespace().await {
+                Ok(read) => ledger.refreshed(read, Instant::now()),
+                // The figures of the last read stand; the allocation itself tells whether etcd
+                // is there.
+                Err(e) => warn!(error = %e, "could not read the reservations to count them"),
+            }
+        }
+        ledger.admit(namespace, wanted, limit)
+    }
+
+    /// Unexpired reservations in etcd, by namespace, over every range.
+    async fn pending_by_namespace(&self) -> Result<HashMap<String, usize>, StoreError> {
+        let now = reservation::now_ms();
+        let ttl = self.pending.ttl;
+        let mut counts = HashMap::new();
+        for store in self.cluster_ips.values() {
+            pending::count(&mut counts, &store.reservations().await?, now, ttl);
+        }
+        pending::count(&mut counts, &self.node_ports.reservations().await?, now, ttl);
+        Ok(counts)
     }
 
     async fn execute_into(

@@ -17,7 +17,7 @@ use kube::core::{
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, Opts, Registry, exponential_buckets};
 use svcplane_allocators::{
     admission::{ClusterFamilies, Limits, patch, plan_create, plan_update},
-    ranges::Ranges,
+    ranges::{AllocationFailure, Ranges},
     reservation::Requester,
 };
 use svcplane_core::metrics::registered;
@@ -146,6 +146,10 @@ async fn answer(
             );
         }
         Ok(Ok(Ok(g))) => g,
+        Ok(Ok(Err(e @ AllocationFailure::TooManyPending(_)))) => {
+            warn!(%service, error = %e, "refusing Service");
+            return (op, "throttled", resp.deny(e.to_string()));
+        }
         Ok(Ok(Err(e))) => {
             warn!(%service, error = %e, "refusing Service");
             return (op, "failed", resp.deny(e.to_string()));

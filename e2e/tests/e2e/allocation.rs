@@ -516,10 +516,12 @@ async fn deletion_releases_and_a_leak_is_reclaimed_after_three_repairs() {
 /// A Service refused after the webhook allocated for it (by schema validation, by a second,
 /// validating webhook, by a ResourceQuota: all run after mutating admission), or a forged review,
 /// gets its values back once their reservation expires, at the default TTL (60 s) and the
-/// default repair interval (3 min, which alone would take 6-9 min).
+/// default repair interval (3 min, which alone would take 6-9 min). Meanwhile they count against
+/// the namespace's limit of pending reservations.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn values_of_a_service_refused_after_the_webhook_return_within_the_reservation_ttl() {
-    let bed = Bed::new(&E).await;
+    // Room for the four refused requests' eight values (and a probe's one, if still counted).
+    let bed = Bed::with_args(&E, &["--max-pending-allocations-per-namespace=9"]).await;
     let (ips, ports) = (bed.v4_store().await, bed.ports_store().await);
     let node_port = |name: &str, port_name: &str| {
         bed.service(name, |s| {
@@ -576,6 +578,14 @@ async fn values_of_a_service_refused_after_the_webhook_return_within_the_reserva
         .expect("no client verification configured");
     assert!(answer.contains("\"allowed\":true"), "{answer}");
     let refused_at = std::time::Instant::now();
+    // The namespace now holds as much as it may in reservations: more is refused, whatever the
+    // range still has, until they are confirmed or expire.
+    let err = bed.create(&node_port("throttled", "http")).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("--max-pending-allocations-per-namespace"),
+        "{err}"
+    );
 
     // What the four requests were given is reserved for them and still held.
     let names = ["invalid", "denied", "over-quota", "forged"];
@@ -622,6 +632,8 @@ async fn values_of_a_service_refused_after_the_webhook_return_within_the_reserva
         "{}",
         bed.log()
     );
+    // And the namespace has its room back.
+    bed.create(&bed.service("after", |_| {})).await.unwrap();
 }
 
 /// The values of `store` reserved for the Services `names` of namespace `ns`.
