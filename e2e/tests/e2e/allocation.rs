@@ -33,9 +33,14 @@ const A: Ranges = Ranges {
     ports: "30000-30020",
 };
 const B: Ranges = Ranges {
-    v4: "10.96.0.128/26",
-    v6: "fd00:10:96::80/122",
-    ports: "30041-30062",
+    v4: "10.96.0.128/27",
+    v6: "fd00:10:96::80/123",
+    ports: "30041-30051",
+};
+const F: Ranges = Ranges {
+    v4: "10.96.0.160/27",
+    v6: "fd00:10:96::a0/123",
+    ports: "30052-30062",
 };
 const C: Ranges = Ranges {
     v4: "10.96.0.64/27",
@@ -72,12 +77,13 @@ impl Bed {
 
     async fn with_args(ranges: &Ranges, extra: &[&str]) -> Self {
         let etcd = format!("http://127.0.0.1:{}", control_plane().etcd_port);
-        Self::build(ranges, etcd, extra).await
+        Self::build(ranges, etcd, None, extra).await
     }
 
-    /// A controller-manager allocating from `ranges` with its bitmaps in the etcd at `etcd_url`,
-    /// acting with the shipped RBAC, its webhook registered for the test's namespace only.
-    async fn build(ranges: &Ranges, etcd_url: String, extra: &[&str]) -> Self {
+    /// A controller-manager allocating from `ranges` with its bitmaps in the etcd at `etcd_url`
+    /// under `prefix` (default: one of the namespace's own), acting with the shipped RBAC, its
+    /// webhook registered for the test's namespace only.
+    async fn build(ranges: &Ranges, etcd_url: String, prefix: Option<&str>, extra: &[&str]) -> Self {
         let cp = control_plane();
         let client = cp.client().await;
         let ns = test_namespace(&client, "alloc").await;
@@ -98,7 +104,7 @@ impl Bed {
             Some(only_this_namespace),
         )
         .await;
-        let prefix = format!("/svcplane-{ns}");
+        let prefix = prefix.map_or_else(|| format!("/svcplane-{ns}"), str::to_owned);
         let dir = cp.dir.join(&ns);
         std::fs::create_dir_all(&dir).unwrap();
         cp.apply_crds();
@@ -460,9 +466,9 @@ async fn a_full_range_refuses_with_a_clear_message() {
             Ok(_) => created += 1,
             Err(e) => break e,
         }
-        assert!(created <= 62, "more Services than addresses");
+        assert!(created <= 30, "more Services than addresses");
     };
-    assert!(err.to_string().contains("range 10.96.0.128/26 is full"), "{err}");
+    assert!(err.to_string().contains("range 10.96.0.128/27 is full"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -688,6 +694,7 @@ async fn etcd_outages_refuse_naming_etcd_and_a_corrupt_bitmap_is_never_reset() {
     let bed = Bed::build(
         &D,
         etcd.url(),
+        None,
         &[
             "--allocation-repair-interval=1s",
             "--allocation-usage-period=300ms",
@@ -786,4 +793,98 @@ async fn etcd_outages_refuse_naming_etcd_and_a_corrupt_bitmap_is_never_reset() {
             .is_some_and(|e| e >= 1.0),
         "repair did not report the corrupt range"
     );
+}
+
+/// etcd with authentication on, as a platform team runs it: svcplane's client certificate is
+/// user `svcplane`, whose one role (made by `hack/etcd-user.sh`, as the README says) covers its
+/// `--etcd-prefix` and nothing else. svcplane allocates, repairs and releases with it, and the
+/// same identity is refused the apiserver's `/registry`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_etcd_authentication_a_role_on_the_prefix_alone_is_enough() {
+    const PREFIX: &str = "/svcplane-least-privilege";
+    let dir = control_plane()
+        .dir
+        .join(format!("etcd-auth-{:08x}", rand::random::<u32>()));
+    let etcd = Etcd::start_secure(&dir).await;
+    let as_root = |args: &[&str]| {
+        let out = etcd.etcdctl("root", args);
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    as_root(&["user", "add", "root", "--no-password"]);
+    as_root(&["user", "grant-role", "root", "root"]);
+    let mut script = std::process::Command::new(svcplane_e2e::repo_root().join("hack/etcd-user.sh"));
+    etcd.etcdctl_env(&mut script, "root");
+    let out = script.arg(PREFIX).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    as_root(&["auth", "enable"]);
+    as_root(&[
+        "put",
+        "/registry/secrets/kube-system/bootstrap",
+        "the apiserver's",
+    ]);
+
+    // svcplane's identity: its prefix only.
+    let mut svcplane = etcd.client_as("svcplane").await;
+    let refused = svcplane
+        .get("/registry/secrets/kube-system/bootstrap", None)
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("permission denied"), "{refused}");
+    let refused = svcplane.put("/registry/x", "y", None).await.unwrap_err();
+    assert!(refused.to_string().contains("permission denied"), "{refused}");
+    // Nor a neighbouring prefix that merely starts the same.
+    let neighbour = format!("{PREFIX}-other/x");
+    assert!(svcplane.put(neighbour.as_str(), "y", None).await.is_err());
+
+    let tls = etcd.client_tls("svcplane");
+    let (ca, cert, key) = (
+        format!("--etcd-cafile={}", tls.ca.display()),
+        format!("--etcd-certfile={}", tls.cert.display()),
+        format!("--etcd-keyfile={}", tls.key.display()),
+    );
+    let bed = Bed::build(&F, etcd.url(), Some(PREFIX), &[&ca, &cert, &key]).await;
+    // Allocation (with its reservation), the leader's confirmation and release all work.
+    let svc = bed
+        .create(&bed.service("np", |s| s.type_ = Some("NodePort".into())))
+        .await
+        .unwrap();
+    let ip = cluster_ips(&svc)[0];
+    let mut root = etcd.client_as("root").await;
+    let v4 = RangeStore::new(
+        root.clone(),
+        PREFIX,
+        &format!("clusterip/{}", F.v4.replace('/', "-")),
+        F.v4.parse::<IpRange>().unwrap(),
+        "IP",
+    );
+    assert!(v4.read().await.unwrap().unwrap().0.has(ip));
+    eventually(Duration::from_secs(30), "the reservation confirmed", || async {
+        v4.reservations().await.unwrap().is_empty().then_some(())
+    })
+    .await;
+    bed.services().delete("np", &Default::default()).await.unwrap();
+    eventually(Duration::from_secs(30), "the IP released", || async {
+        (!v4.read().await.unwrap().unwrap().0.has(ip)).then_some(())
+    })
+    .await;
+    // Nothing svcplane wrote lies outside its prefix, and it met no refusal.
+    let all = root
+        .get(
+            "",
+            Some(etcd_client::GetOptions::new().with_all_keys().with_keys_only()),
+        )
+        .await
+        .unwrap();
+    let outside: Vec<String> = all
+        .kvs()
+        .iter()
+        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+        .filter(|k| !k.starts_with(&format!("{PREFIX}/")) && !k.starts_with("/registry/"))
+        .collect();
+    assert!(outside.is_empty(), "{outside:?}");
+    assert!(!bed.log().contains("permission denied"), "{}", bed.log());
 }
