@@ -254,14 +254,15 @@ pub async fn start(
         }
     };
     let cert = certs::load(client, &source).await?;
+    let keys = server::ServingKeys::new(&cert).context("the webhook's serving certificate")?;
     {
-        let (client, name, ca, stop) = (
+        let (client, name, keys, stop) = (
             client.clone(),
             args.webhook_configuration_name.clone(),
-            cert.ca_pem.clone(),
+            keys.clone(),
             shutdown.clone(),
         );
-        tokio::spawn(async move { keep_ca_bundle(&client, &name, &ca, stop).await });
+        tokio::spawn(async move { keep_certificates(&client, &source, &name, &keys, cert, stop).await });
     }
     let client_ca = match &args.webhook_client_ca_file {
         Some(path) => Some(
@@ -270,7 +271,7 @@ pub async fn start(
         ),
         None => None,
     };
-    let tls = server::tls_config(&cert, client_ca.as_deref()).context("the webhook's TLS configuration")?;
+    let tls = server::tls_config(keys, client_ca.as_deref()).context("the webhook's TLS configuration")?;
     if client_ca.is_some() {
         info!("webhook clients must present a certificate signed by --webhook-client-ca-file");
     }
@@ -311,17 +312,43 @@ pub async fn start(
     })
 }
 
-/// How often the configuration's caBundle is checked: it may be applied after the
-/// controller-manager starts, or re-applied without the bundle.
-const CA_BUNDLE_PERIOD: Duration = Duration::from_secs(10);
+/// How often the certificates are checked for renewal (files re-read, the shared Secret read and
+/// renewed when due) and the configuration's caBundle for the current CAs: the configuration may
+/// be applied after the controller-manager starts, or re-applied without the bundle.
+const CERTIFICATE_PERIOD: Duration = Duration::from_secs(10);
 
-/// Keeps the CA in the webhook configuration, now and every [`CA_BUNDLE_PERIOD`].
-async fn keep_ca_bundle(client: &Client, name: &str, ca_pem: &str, stop: CancellationToken) {
+/// Serves the current certificate and keeps its CAs in the webhook configuration, now and every
+/// [`CERTIFICATE_PERIOD`]. Every replica reads the same Secret, so they agree on the bundle.
+async fn keep_certificates(
+    client: &Client,
+    source: &Source,
+    name: &str,
+    keys: &server::ServingKeys,
+    mut current: certs::ServingCert,
+    stop: CancellationToken,
+) {
     loop {
-        patch_ca_bundle(client, name, ca_pem).await;
+        match certs::load(client, source).await {
+            Ok(cert) if cert != current => match keys.replace(&cert) {
+                Ok(()) => {
+                    info!("serving the webhook's renewed certificate");
+                    current = cert;
+                }
+                Err(e) => warn!(
+                    error = format!("{e:#}"),
+                    "the renewed webhook certificate is unusable; serving the previous one"
+                ),
+            },
+            Ok(_) => {}
+            Err(e) => warn!(
+                error = format!("{e:#}"),
+                "cannot check the webhook certificate for renewal"
+            ),
+        }
+        patch_ca_bundle(client, name, &current.ca_pem).await;
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(CA_BUNDLE_PERIOD) => {}
+            () = tokio::time::sleep(CERTIFICATE_PERIOD) => {}
         }
     }
 }

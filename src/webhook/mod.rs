@@ -5,4 +5,5 @@
 pub mod certs;
 pub mod drain;
 pub mod handler;
+pub mod rotation;
 pub mod server;

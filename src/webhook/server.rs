@@ -25,7 +25,8 @@ use prometheus::{IntCounterVec, Opts, Registry};
 use rustls::{
     RootCertStore, ServerConfig,
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
-    server::WebPkiClientVerifier,
+    server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier},
+    sign::CertifiedKey,
 };
 use svcplane_core::metrics::registered;
 use tokio::{
@@ -39,14 +40,55 @@ use tracing::{debug, info, warn};
 
 use super::certs::ServingCert;
 
-/// The server's TLS: `cert` to serve, and with `client_ca` (PEM) only clients presenting a
-/// certificate that CA signed are served (the apiserver, configured through its
-/// AdmissionConfiguration; a CA of its own, since any certificate it signed gets in).
-pub fn tls_config(cert: &ServingCert, client_ca: Option<&str>) -> anyhow::Result<Arc<ServerConfig>> {
+/// The certificate served, replaceable while serving (renewal): each handshake takes the one
+/// current then.
+#[derive(Debug)]
+pub struct ServingKeys(std::sync::RwLock<Arc<CertifiedKey>>);
+
+impl ServingKeys {
+    pub fn new(cert: &ServingCert) -> anyhow::Result<Arc<Self>> {
+        Ok(Arc::new(Self(std::sync::RwLock::new(Arc::new(certified(cert)?)))))
+    }
+
+    /// Serves `cert` from the next handshake on.
+    pub fn replace(&self, cert: &ServingCert) -> anyhow::Result<()> {
+        let next = Arc::new(certified(cert)?);
+        *self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) = next;
+        Ok(())
+    }
+}
+
+impl ResolvesServerCert for ServingKeys {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.0
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+        )
+    }
+}
+
+fn certified(cert: &ServingCert) -> anyhow::Result<CertifiedKey> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
         .collect::<Result<_, _>>()
         .context("parsing the serving certificate")?;
     let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).context("parsing the serving key")?;
+    let signing = rustls::crypto::ring::default_provider()
+        .key_provider
+        .load_private_key(key)
+        .context("loading the serving key")?;
+    let certified = CertifiedKey::new(chain, signing);
+    certified
+        .keys_match()
+        .context("the serving certificate and key do not match")?;
+    Ok(certified)
+}
+
+/// The server's TLS: the certificate `keys` holds, and with `client_ca` (PEM) only clients
+/// presenting a certificate that CA signed are served (the apiserver, configured through its
+/// AdmissionConfiguration; a CA of its own, since any certificate it signed gets in).
+pub fn tls_config(keys: Arc<ServingKeys>, client_ca: Option<&str>) -> anyhow::Result<Arc<ServerConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -69,9 +111,7 @@ pub fn tls_config(cert: &ServingCert, client_ca: Option<&str>) -> anyhow::Result
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder
-        .with_single_cert(chain, key)
-        .context("the serving certificate and key do not match")?;
+    let mut config = builder.with_cert_resolver(keys);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -390,7 +430,7 @@ mod tests {
         let addr = listener.0.local_addr().unwrap();
         let control = Control::new();
         let server = Server {
-            tls: tls_config(&cert, client_ca).unwrap(),
+            tls: tls_config(ServingKeys::new(&cert).unwrap(), client_ca).unwrap(),
             router: Router::new().route("/mutate-services", axum::routing::post(|| async { "ok" })),
             max_connection_age: Duration::from_secs(120),
             grace: Duration::from_secs(10),

@@ -497,3 +497,104 @@ async fn every_delete_frees_its_values_within_seconds_whichever_replica_allocate
         deleted_at.elapsed().as_secs_f64()
     );
 }
+
+/// The certificate a webhook replica on `port` serves, PEM, as `openssl s_client` receives it.
+fn served_certificate(port: u16) -> Option<String> {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect 127.0.0.1:{port} </dev/null 2>/dev/null | openssl x509"
+        ))
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// A serving certificate near its end is renewed by the replicas, from the CA they share, and
+/// served by both without a failed create: renewal before expiry, one CA for all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serving_certificate_near_its_end_is_renewed_and_served_without_a_failed_create() {
+    use k8s_openapi::{ByteString, api::core::v1::Secret};
+    let owned = OwnedControlPlane::start("alloc-ha-renew").unwrap();
+    let cp = &owned.cp;
+    let client = cp.client().await;
+    let ports = [free_port(), free_port()];
+    let balancer = Balancer::start(
+        ports
+            .iter()
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+            .collect(),
+    )
+    .await;
+    webhook::register(&client, "svcplane", balancer.port, None).await;
+    let kubeconfig = cp.install_controller_manager(&client).await;
+    let replicas = [
+        replica(cp, &kubeconfig, "cm-a", ports[0], &[]),
+        replica(cp, &kubeconfig, "cm-b", ports[1], &[]),
+    ];
+    for r in &replicas {
+        eventually(Duration::from_secs(60), "both replicas ready", || async {
+            (r.readyz().await?.0 == 200).then_some(())
+        })
+        .await;
+    }
+
+    // A serving certificate from the shared CA with 30 days left, as if a year had passed.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "kube-system");
+    let mut secret = secrets.get("svcplane-webhook-tls").await.unwrap();
+    let field = |s: &Secret, k: &str| String::from_utf8(s.data.as_ref().unwrap()[k].0.clone()).unwrap();
+    let (ca_pem, ca_key) = (field(&secret, "ca.crt"), field(&secret, "ca.key"));
+    let issuer =
+        rcgen::Issuer::from_ca_cert_pem(&ca_pem, rcgen::KeyPair::from_pem(&ca_key).unwrap()).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(30);
+    let old = params.signed_by(&key, &issuer).unwrap().pem();
+    let data = secret.data.as_mut().unwrap();
+    data.insert("tls.crt".into(), ByteString(old.clone().into_bytes()));
+    data.insert("tls.key".into(), ByteString(key.serialize_pem().into_bytes()));
+    secrets
+        .replace("svcplane-webhook-tls", &PostParams::default(), &secret)
+        .await
+        .unwrap();
+
+    // Creates go on throughout; none fails.
+    let ns = test_namespace(&client, "renew").await;
+    let api: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let started = std::time::Instant::now();
+    let mut created = 0;
+    let renewed = loop {
+        api.create(&PostParams::default(), &service(created))
+            .await
+            .unwrap_or_else(|e| panic!("create {created} failed during the renewal: {e}"));
+        created += 1;
+        let now = field(&secrets.get("svcplane-webhook-tls").await.unwrap(), "tls.crt");
+        let served: Vec<Option<String>> = ports.iter().map(|p| served_certificate(*p)).collect();
+        if now != old && served.iter().all(|s| s.as_deref() == Some(now.trim())) {
+            break now;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "not renewed and served by both replicas within 60s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // The same CA signed it, and the configuration still trusts that CA alone.
+    assert_eq!(
+        field(&secrets.get("svcplane-webhook-tls").await.unwrap(), "ca.crt"),
+        ca_pem
+    );
+    assert_ne!(renewed, old);
+    for _ in 0..10 {
+        api.create(&PostParams::default(), &service(created))
+            .await
+            .unwrap();
+        created += 1;
+    }
+    eprintln!(
+        "renewed and served by both replicas {:.1}s after the certificate was found near its end; {created} creates, none failed",
+        started.elapsed().as_secs_f64()
+    );
+}
