@@ -71,7 +71,7 @@ fn ca_params(common_name: &str, now: Secs) -> anyhow::Result<CertificateParams> 
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    ca.not_before = at(now)?;
+    ca.not_before = at(now - rotation::BACKDATE)?;
     ca.not_after = at(now + rotation::CA_LIFETIME)?;
     Ok(ca)
 }
@@ -112,7 +112,7 @@ fn new_leaf(ca_pem: &str, ca_key_pem: &str, names: &[String], now: Secs) -> anyh
         .collect::<Result<_, _>>()
         .context("subject alternative names")?;
     leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
-    leaf.not_before = at(now)?;
+    leaf.not_before = at(now - rotation::BACKDATE)?;
     leaf.not_after = at((now + rotation::LEAF_LIFETIME).min(ca_not_after))?;
     let cert = leaf
         .signed_by(&key, &issuer)

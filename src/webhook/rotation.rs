@@ -23,6 +23,9 @@ pub const LEAF_LIFETIME: Secs = 365 * DAY;
 pub const LEAF_RENEW_BEFORE: Secs = 120 * DAY;
 /// How long a new CA is in the bundle before it signs what is served.
 pub const BUNDLE_SETTLE: Secs = 5 * 60;
+/// Certificates are valid from this long before they are made, so that a clock a little behind
+/// (the apiserver's) does not find them not yet valid.
+pub const BACKDATE: Secs = 5 * 60;
 
 /// The CA that signs new certificates (the first of the bundle).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,7 +88,7 @@ pub fn renewal(facts: &Facts, names: &[String], now: Secs) -> Renewal {
     let Some(leaf) = facts.leaf.as_ref().filter(|_| leaf_usable) else {
         return Renewal::NewLeaf;
     };
-    let settled = now - ca.not_before >= BUNDLE_SETTLE;
+    let settled = now - (ca.not_before + BACKDATE) >= BUNDLE_SETTLE;
     let old_issuer = leaf.issuer != ca.subject;
     if leaf.not_after - now < LEAF_RENEW_BEFORE || (old_issuer && settled) {
         return if old_issuer && !settled {
@@ -177,7 +180,7 @@ mod tests {
         let mut f = healthy();
         f.ca = Some(CaFacts {
             subject: "CN=ca-2".into(),
-            not_before: NOW,
+            not_before: NOW - BACKDATE,
             not_after: NOW + CA_LIFETIME,
         });
         assert_eq!(renewal(&f, &names(), NOW + BUNDLE_SETTLE - 1), Renewal::Keep);
