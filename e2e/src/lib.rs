@@ -16,6 +16,7 @@ pub mod objects;
 pub mod pods;
 pub mod process;
 pub mod proxy;
+pub mod soak;
 pub mod upstream;
 pub mod validating;
 pub mod webhook;

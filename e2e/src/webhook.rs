@@ -29,6 +29,17 @@ pub fn shipped() -> MutatingWebhook {
 /// `https://127.0.0.1:{port}/mutate-services`, failing closed and skipping what the shipped one
 /// skips (its match conditions).
 pub async fn register(client: &Client, name: &str, port: u16, namespaces: Option<LabelSelector>) {
+    register_with_timeout(client, name, port, namespaces, 10).await;
+}
+
+/// [`register`], the apiserver giving up on a call after `timeout_seconds`.
+pub async fn register_with_timeout(
+    client: &Client,
+    name: &str,
+    port: u16,
+    namespaces: Option<LabelSelector>,
+    timeout_seconds: i32,
+) {
     let webhook = MutatingWebhookConfiguration {
         metadata: ObjectMeta {
             name: Some(name.into()),
@@ -39,7 +50,7 @@ pub async fn register(client: &Client, name: &str, port: u16, namespaces: Option
             admission_review_versions: vec!["v1".into()],
             side_effects: "NoneOnDryRun".into(),
             failure_policy: Some("Fail".into()),
-            timeout_seconds: Some(10),
+            timeout_seconds: Some(timeout_seconds),
             client_config: WebhookClientConfig {
                 url: Some(format!("https://127.0.0.1:{port}/mutate-services")),
                 ..Default::default()

@@ -3,10 +3,9 @@
 //! unmodified. A control plane of its own, since this webhook intercepts every Service create.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::HashSet,
     net::{IpAddr, SocketAddr},
     path::Path,
-    sync::Arc,
     sync::atomic::{AtomicUsize, Ordering},
     time::Duration,
 };
@@ -21,18 +20,15 @@ use k8s_openapi::{
     jiff::Timestamp,
 };
 use kube::{
-    Api, Client,
-    api::{ListParams, ObjectMeta, PostParams},
+    Api,
+    api::{ObjectMeta, PostParams},
 };
-use svcplane_allocators::{IpRange, PortRange, etcd::RangeStore};
 use svcplane_e2e::{
     ControlPlane, OwnedControlPlane, balancer::Balancer, eventually, free_port, http::metric_value,
     process::Svcplane, test_namespace, webhook,
 };
 
-const V4: &str = "10.96.0.0/16";
-const V6: &str = "fd00:10:96::/112";
-const PORTS: &str = "30000-32767";
+use svcplane_e2e::soak::{PORTS, V4, V6, held, stores};
 const SERVICES: usize = 500;
 /// The leader is killed once this many creates have succeeded.
 const KILL_AFTER: usize = 200;
@@ -89,52 +85,6 @@ fn webhook_requests(metrics: &str) -> f64 {
     .unwrap_or(0.0)
 }
 
-/// What every Service holds: IPv4 and IPv6 ClusterIPs and NodePorts, each with the Services
-/// holding it.
-#[derive(Default)]
-struct Held {
-    v4: BTreeMap<IpAddr, Vec<String>>,
-    v6: BTreeMap<IpAddr, Vec<String>>,
-    ports: BTreeMap<u16, Vec<String>>,
-}
-
-async fn held(client: &Client) -> Held {
-    let mut h = Held::default();
-    for svc in Api::<Service>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-    {
-        let name = format!(
-            "{}/{}",
-            svc.metadata.namespace.unwrap(),
-            svc.metadata.name.unwrap()
-        );
-        let spec = svc.spec.unwrap();
-        for ip in spec.cluster_ips.iter().flatten() {
-            let ip: IpAddr = ip.parse().unwrap();
-            let map = if ip.is_ipv6() { &mut h.v6 } else { &mut h.v4 };
-            map.entry(ip).or_default().push(name.clone());
-        }
-        for p in spec.ports.iter().flatten() {
-            if let Some(np) = p.node_port {
-                h.ports
-                    .entry(u16::try_from(np).unwrap())
-                    .or_default()
-                    .push(name.clone());
-            }
-        }
-    }
-    h
-}
-
-fn duplicates<K: std::fmt::Debug>(m: &BTreeMap<K, Vec<String>>) -> Vec<String> {
-    m.iter()
-        .filter(|(_, v)| v.len() > 1)
-        .map(|(k, v)| format!("{k:?} held by {v:?}"))
-        .collect()
-}
-
 /// A controller-manager replica `name` allocating from the test's ranges, its webhook on
 /// loopback `port`, with `extra` arguments.
 fn replica(cp: &ControlPlane, kubeconfig: &Path, name: &str, port: u16, extra: &[&str]) -> Svcplane {
@@ -150,39 +100,6 @@ fn replica(cp: &ControlPlane, kubeconfig: &Path, name: &str, port: u16, extra: &
     let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
     args.extend_from_slice(extra);
     Svcplane::controller_manager(name, kubeconfig, &cp.dir, &args)
-}
-
-type Stores = (
-    Arc<RangeStore<IpRange>>,
-    Arc<RangeStore<IpRange>>,
-    Arc<RangeStore<PortRange>>,
-);
-
-/// The bitmaps in `etcd`: IPv4, IPv6 and NodePorts.
-fn stores(etcd: etcd_client::Client) -> Stores {
-    (
-        RangeStore::new(
-            etcd.clone(),
-            "/svcplane",
-            "clusterip/10.96.0.0-16",
-            V4.parse::<IpRange>().unwrap(),
-            "IP",
-        ),
-        RangeStore::new(
-            etcd.clone(),
-            "/svcplane",
-            "clusterip/fd00:10:96::-112",
-            V6.parse::<IpRange>().unwrap(),
-            "IP",
-        ),
-        RangeStore::new(
-            etcd,
-            "/svcplane",
-            "nodeport",
-            PORTS.parse::<PortRange>().unwrap(),
-            "port",
-        ),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -299,14 +216,8 @@ async fn two_replicas_behind_one_address_never_duplicate_even_when_the_leader_di
     );
 
     // Nothing is held twice, by any Service in the cluster.
-    let h = held(&client).await;
-    for (what, d) in [
-        ("IPv4", duplicates(&h.v4)),
-        ("IPv6", duplicates(&h.v6)),
-        ("NodePort", duplicates(&h.ports)),
-    ] {
-        assert!(d.is_empty(), "{what} duplicates: {d:?}");
-    }
+    let h = held(&client).await.unwrap();
+    assert!(h.duplicates().is_empty(), "{:?}", h.duplicates());
     assert_eq!(h.v6.len(), SERVICES.div_ceil(7));
     assert_eq!(h.ports.len(), SERVICES.div_ceil(5));
 
@@ -430,7 +341,7 @@ async fn every_delete_frees_its_values_within_seconds_whichever_replica_allocate
         .await
         .unwrap();
     let (v4, v6, np) = stores(etcd);
-    let before = held(&client).await;
+    let before = held(&client).await.unwrap();
 
     let ns = test_namespace(&client, "ha-delete").await;
     let api: Api<Service> = Api::namespaced(client.clone(), &ns);
@@ -451,7 +362,7 @@ async fn every_delete_frees_its_values_within_seconds_whichever_replica_allocate
         served.iter().all(|n| *n > 0.0),
         "both replicas should have allocated: {served:?}"
     );
-    let during = held(&client).await;
+    let during = held(&client).await.unwrap();
     assert!(
         during.v4.len() >= before.v4.len() + N,
         "{} IPv4 held",

@@ -13,4 +13,5 @@ mod endpointslices;
 mod fencing;
 mod leader_election;
 mod manifests;
+mod soak;
 mod upstream;
