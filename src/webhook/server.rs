@@ -8,8 +8,11 @@
 //! same reasoning as kube-apiserver's `--goaway-chance`.
 
 use std::{
+    io,
     net::SocketAddr,
+    pin::Pin,
     sync::{Arc, Mutex},
+    task::{self, Poll},
     time::{Duration, Instant},
 };
 
@@ -30,13 +33,14 @@ use rustls::{
 };
 use svcplane_core::metrics::registered;
 use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore, watch},
+    sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch},
 };
 use tokio_rustls::TlsAcceptor;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use super::certs::ServingCert;
 
@@ -175,6 +179,13 @@ const DRAINING_CONNECTION_AGE: Duration = Duration::from_secs(1);
 /// asked to close meanwhile waits for that first request until then.
 const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Once hyper has closed a connection (after its last response and the TLS close_notify: see
+/// [`linger`]), how long at most the socket stays open for the client to read to the end and
+/// close its side. A Go client closes as soon as it has read everything, normally within
+/// milliseconds; more than Go's own HTTP/2 server waits (1 s, `goAwayTimeout`, golang/go#18701)
+/// for a client still reading a backlog of responses queued in the kernel.
+const LINGER: Duration = Duration::from_secs(5);
+
 /// Connections served at once; more wait in the kernel's accept queue. The apiserver needs a
 /// few per replica.
 const MAX_CONNECTIONS: usize = 512;
@@ -252,10 +263,13 @@ impl Server {
                 metrics: self.metrics.clone(),
             };
             let (acceptor, router) = (acceptor.clone(), self.router.clone());
-            connections.spawn(async move {
-                conn.run(acceptor, tcp, router).await;
-                drop(slot);
-            });
+            connections.spawn(
+                async move {
+                    conn.run(acceptor, tcp, router).await;
+                    drop(slot);
+                }
+                .instrument(tracing::debug_span!("webhook_conn", %peer)),
+            );
         };
         loop {
             let slot = tokio::select! {
@@ -314,6 +328,7 @@ struct Connection {
 impl Connection {
     async fn run(self, acceptor: TlsAcceptor, tcp: TcpStream, router: Router) {
         let peer = self.peer;
+        let (tcp, handed_back) = HandBack::new(tcp);
         let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
@@ -327,6 +342,17 @@ impl Connection {
                 return;
             }
         };
+        if self.serve(tls, router).await == Ended::ByHyper {
+            // The TLS stream and hyper's connection are gone: the socket is ours again.
+            if let Ok(tcp) = handed_back.await {
+                linger(tcp, peer).await;
+            }
+        }
+    }
+
+    /// HTTP over the connection until hyper ends it (or the client sends no request).
+    async fn serve(&self, tls: tokio_rustls::server::TlsStream<HandBack>, router: Router) -> Ended {
+        let peer = self.peer;
         // Set by the connection's first request. Before it, a graceful shutdown is no GOAWAY:
         // hyper has not read the client's preface yet and simply drops the connection, failing
         // the request the client sends right after its handshake. So a close asked for earlier
@@ -364,8 +390,9 @@ impl Connection {
                         debug!(%peer, error = %e, "webhook connection ended with an error");
                     }
                     let outcome = if *first.borrow() { "served" } else { "no_request" };
+                    debug!(%peer, outcome, "connection ended");
                     self.metrics.ended(outcome);
-                    return;
+                    return Ended::ByHyper;
                 }
                 r = served.wait_for(|s| *s), if !has_request => {
                     // An error means the service is gone with the connection: nothing to wait for.
@@ -376,7 +403,7 @@ impl Connection {
                 () = &mut give_up, if !has_request => {
                     debug!(%peer, "no request on the connection in time");
                     self.metrics.ended("no_request");
-                    return;
+                    return Ended::NoRequest;
                 }
                 () = &mut expiry, if !asked => true,
                 () = self.control.draining.cancelled(), if !asked && !self.late => true,
@@ -387,9 +414,121 @@ impl Connection {
             }
             if asked && has_request && !closing {
                 closing = true;
+                debug!(%peer, "graceful shutdown");
                 conn.as_mut().graceful_shutdown();
             }
         }
+    }
+}
+
+#[derive(PartialEq)]
+enum Ended {
+    /// hyper closed the connection (after its GOAWAY and last response, or the client's end).
+    ByHyper,
+    /// The client sent no request in time: dropped.
+    NoRequest,
+}
+
+/// Keeps a closed connection's socket open until the client has closed its side (or for
+/// [`LINGER`]), reading and discarding what it still sends.
+///
+/// hyper (h2) ends an HTTP/2 connection as soon as its last stream is answered after a GOAWAY:
+/// it writes the responses, the TLS close_notify and a FIN, and the future returns. Dropping the
+/// socket then closes it for reading too, while the client is still reading those responses and
+/// answering them: a WINDOW_UPDATE for every body it consumes, RST_STREAMs, its own close_notify.
+/// Whatever of that arrives after the close makes the kernel reset the connection: a response
+/// still in our send queue is discarded, and the client sees a reset before it has read the
+/// responses to streams the GOAWAY promised to answer. Go's transport then fails them with
+/// `http2: server sent GOAWAY and closed the connection` (a read error after a GOAWAY), or, when
+/// one of its writes hits the reset first, closes the connection and fails them all with
+/// `http2: client connection force closed via ClientConn.Close`; the apiserver retries neither.
+async fn linger(mut tcp: TcpStream, peer: SocketAddr) {
+    // hyper has normally sent the FIN already; if not (an error), send it now.
+    let _ = tcp.shutdown().await;
+    let started = Instant::now();
+    let mut buf = [0_u8; 4096];
+    let drained = tokio::time::timeout(LINGER, async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        debug!(%peer, "client did not close the connection after it ended; closing");
+    } else {
+        debug!(%peer, lingered = ?started.elapsed(), "client closed the connection");
+    }
+}
+
+/// The TCP stream under the TLS stream hyper serves, handed back through a channel when they
+/// drop it (hyper gives no I/O back from an HTTP/2 connection), so that it can [`linger`].
+struct HandBack {
+    tcp: Option<TcpStream>,
+    back: Option<oneshot::Sender<TcpStream>>,
+}
+
+impl HandBack {
+    fn new(tcp: TcpStream) -> (Self, oneshot::Receiver<TcpStream>) {
+        let (back, handed_back) = oneshot::channel();
+        (
+            Self {
+                tcp: Some(tcp),
+                back: Some(back),
+            },
+            handed_back,
+        )
+    }
+
+    fn tcp(self: Pin<&mut Self>) -> Pin<&mut TcpStream> {
+        Pin::new(self.get_mut().tcp.as_mut().expect("present until dropped"))
+    }
+}
+
+impl Drop for HandBack {
+    fn drop(&mut self) {
+        if let (Some(tcp), Some(back)) = (self.tcp.take(), self.back.take()) {
+            // Nobody waiting (the connection was not ended by hyper): the socket just closes.
+            drop(back.send(tcp));
+        }
+    }
+}
+
+impl AsyncRead for HandBack {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.tcp().poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for HandBack {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut task::Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.tcp().poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.tcp().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.as_ref().is_some_and(AsyncWrite::is_write_vectored)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut task::Context<'_>) -> Poll<io::Result<()>> {
+        self.tcp().poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut task::Context<'_>) -> Poll<io::Result<()>> {
+        self.tcp().poll_shutdown(cx)
     }
 }
 
@@ -457,6 +596,15 @@ mod tests {
             &self,
             identity: Option<&ClientIdentity>,
         ) -> std::io::Result<TlsStream<TcpStream>> {
+            let tcp = TcpStream::connect(self.addr).await?;
+            let name = ServerName::try_from("127.0.0.1").unwrap();
+            TlsConnector::from(self.client_config(identity))
+                .connect(name, tcp)
+                .await
+        }
+
+        /// A client's TLS configuration, trusting the server's CA and offering HTTP/2.
+        fn client_config(&self, identity: Option<&ClientIdentity>) -> Arc<ClientConfig> {
             let mut roots = RootCertStore::empty();
             for c in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
                 roots.add(c.unwrap()).unwrap();
@@ -478,9 +626,7 @@ mod tests {
                     .unwrap(),
             };
             config.alpn_protocols = vec![b"h2".to_vec()];
-            let tcp = TcpStream::connect(self.addr).await?;
-            let name = ServerName::try_from("127.0.0.1").unwrap();
-            TlsConnector::from(Arc::new(config)).connect(name, tcp).await
+            Arc::new(config)
         }
 
         fn ended(&self, outcome: &str) -> u64 {
@@ -599,6 +745,84 @@ mod tests {
         server.stopped().await;
     }
 
+    /// The client's side of a connection, handed back when hyper's client drops it, which never
+    /// shuts it down: as a client that has not yet read to the end of what the server sent.
+    struct StillOpen(HandBack);
+
+    impl AsyncRead for StillOpen {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut task::Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for StillOpen {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut task::Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.0).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut task::Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.0).poll_flush(cx)
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut task::Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// After the server has closed a connection gracefully, what the client still sends on it
+    /// (the WINDOW_UPDATEs for responses it is still reading, its close_notify) does not reset
+    /// it: a reset would discard responses not yet delivered, which Go's client reports as
+    /// "http2: server sent GOAWAY and closed the connection".
+    #[tokio::test]
+    async fn a_closed_connection_is_not_reset_by_what_the_client_still_sends() {
+        let server = start().await;
+        let (tcp, handed_back) = HandBack::new(TcpStream::connect(server.addr).await.unwrap());
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let tls = TlsConnector::from(server.client_config(None))
+            .connect(name, StillOpen(tcp))
+            .await
+            .unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        let conn = tokio::spawn(conn);
+        let req = http::Request::post("https://127.0.0.1/mutate-services")
+            .body(String::from("{}"))
+            .unwrap();
+        assert_eq!(sender.send_request(req).await.unwrap().status(), StatusCode::OK);
+        // GOAWAY, then the server closes the connection: the client reads to the end.
+        server.control.draining.cancel();
+        closed(conn).await;
+        let mut tcp = handed_back.await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut tcp, b"a late frame")
+            .await
+            .unwrap();
+        settle().await;
+        tokio::io::AsyncWriteExt::write_all(&mut tcp, b"another")
+            .await
+            .unwrap();
+        tokio::io::AsyncWriteExt::shutdown(&mut tcp).await.unwrap();
+        // What the client had not read yet (its TLS layer stops at close_notify), then the end of
+        // the stream, not a reset.
+        let mut rest = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut rest)
+            .await
+            .unwrap();
+        settle().await;
+        assert_eq!(server.ended("served"), 1);
+        server.control.stop.cancel();
+        server.stopped().await;
+    }
+
     #[tokio::test]
     async fn a_client_that_sends_nothing_is_dropped() {
         let server = start().await;
@@ -690,5 +914,62 @@ mod tests {
         assert_eq!(server.ended("tls_failed"), 1);
         server.control.stop.cancel();
         server.stopped().await;
+    }
+
+    /// Not a test: the server side of `hack/goaway-repro` (run through `hack/goaway-repro/run.sh`).
+    /// Serves `/mutate-services` (answering after 1-5 ms, as the handler does) with a short
+    /// `max_connection_age` (`GOAWAY_REPRO_AGE_MS`, 200) on `GOAWAY_REPRO_ADDR`
+    /// (127.0.0.1:0), writes its address and CA to `GOAWAY_REPRO_DIR`, and stops when a file
+    /// `stop` appears there. `RUST_LOG` selects traces.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a reproduction's server, run by hack/goaway-repro/run.sh"]
+    async fn goaway_repro_server() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+        let var = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.into());
+        let dir = std::path::PathBuf::from(var("GOAWAY_REPRO_DIR", "/tmp/goaway-repro"));
+        let age = Duration::from_millis(var("GOAWAY_REPRO_AGE_MS", "200").parse().unwrap());
+        std::fs::create_dir_all(&dir).unwrap();
+        let _ = std::fs::remove_file(dir.join("stop"));
+        let cert = certs::generate(&["127.0.0.1".into()]).unwrap();
+        let registry = Registry::new();
+        let metrics = ConnectionMetrics::register(&registry).unwrap();
+        let listener = bind(var("GOAWAY_REPRO_ADDR", "127.0.0.1:0").parse().unwrap())
+            .await
+            .unwrap();
+        let addr = listener.0.local_addr().unwrap();
+        let control = Control::new();
+        let answer = |body: String| async move {
+            tokio::time::sleep(Duration::from_micros(rand::random_range(1000..5000))).await;
+            format!(
+                r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{{"uid":"{}","allowed":true,"patchType":"JSONPatch","patch":"{}"}}}}"#,
+                body.len(),
+                "A".repeat(400)
+            )
+        };
+        let server = Server {
+            tls: tls_config(ServingKeys::new(&cert).unwrap(), None).unwrap(),
+            router: Router::new().route("/mutate-services", axum::routing::post(answer)),
+            max_connection_age: age,
+            grace: Duration::from_secs(10),
+            metrics: metrics.clone(),
+        };
+        std::fs::write(dir.join("ca.pem"), &cert.ca_pem).unwrap();
+        std::fs::write(dir.join("addr"), addr.to_string()).unwrap();
+        eprintln!("goaway_repro_server: listening on {addr}, max connection age {age:?}");
+        let task = tokio::spawn(server.serve(listener, control.clone()));
+        while !dir.join("stop").exists() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        control.stop.cancel();
+        task.await.unwrap().unwrap();
+        for outcome in ["served", "no_request", "tls_failed", "tls_timeout"] {
+            eprintln!(
+                "connections {outcome}: {}",
+                metrics.0.with_label_values(&[outcome]).get()
+            );
+        }
     }
 }
