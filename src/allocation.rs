@@ -219,6 +219,7 @@ pub async fn start(
                 .then_some(args.max_pending_allocations_per_namespace),
             args.allocation_reservation_ttl,
         ),
+        repair_gate: tokio::sync::Mutex::new(()),
     });
     let (usage_tx, usage) = watch::channel(Vec::new());
     {

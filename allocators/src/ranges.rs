@@ -33,6 +33,12 @@ pub struct Ranges {
     /// Where the leader's term is recorded, for its fenced writes.
     pub epoch: EpochKey,
     pub pending: PendingLimit,
+    /// Held by a repair pass from its list of the Services to its last write, and by the
+    /// leader's releases and reservation confirmations while they write. Those act on what the
+    /// leader's watch saw, which may be newer than the pass's list: a release made in between
+    /// would be marked again by the pass (its Service still listed), and a value confirmed in
+    /// between for a Service stored after the list, its record gone, would look orphaned.
+    pub repair_gate: Mutex<()>,
 }
 
 /// What one namespace may hold in unconfirmed reservations.

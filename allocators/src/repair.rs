@@ -6,8 +6,14 @@
 //! know which Service should give it up); one outside the range is reported (`out-of-range`);
 //! a value marked but used by no Service is a leak, released only after it has been seen leaked
 //! in three consecutive passes, since an allocation whose Service is still being created looks
-//! exactly like a leak for a moment. A value with a reservation ([`crate::reservation`]) is in
-//! flight, not leaked: its reservation's expiry decides, and repair leaves it marked.
+//! exactly like a leak for a moment. Here every value the webhook hands out carries a reservation
+//! record ([`crate::reservation`]) until its Service is seen stored, so the moment is visible:
+//! a value with an unexpired reservation is in flight and left marked; a marked value no Service
+//! holds and no record covers was confirmed for a Service that has gone since (deleted while no
+//! leader watched, or while the leader's release could not be made) and is an orphan, released
+//! at once. That holds if no reservation was confirmed between the list of the Services and the
+//! read of the records, which the caller guarantees (`Ranges::repair_gate`). A value whose
+//! reservation expired is the sweeper's to free; repair counts it as a leak, as a backstop.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -27,7 +33,10 @@ pub enum Finding<S, V> {
     Duplicate { service: S, other: S, value: V },
     /// Held by `service` but outside the range.
     OutOfRange { service: S, value: V },
-    /// Marked but unused; `released` once seen in enough consecutive passes.
+    /// Marked, unused, and with no reservation record: released at once.
+    Orphan { value: V },
+    /// Marked but unused with an expired reservation; `released` once seen in enough
+    /// consecutive passes.
     Leak {
         value: V,
         sightings: u32,
@@ -42,7 +51,7 @@ impl<S, V> Finding<S, V> {
             Self::NotAllocated { .. } => "repair",
             Self::Duplicate { .. } => "duplicate",
             Self::OutOfRange { .. } => "outOfRange",
-            Self::Leak { .. } => "leak",
+            Self::Orphan { .. } | Self::Leak { .. } => "leak",
         }
     }
 }
@@ -54,15 +63,32 @@ pub struct Pass<R: Range, S> {
     pub findings: Vec<Finding<S, R::Value>>,
 }
 
+/// What the range's reservation records say, read with the bitmap.
+#[derive(Debug)]
+pub struct Records<V> {
+    /// Values with an unexpired reservation: handed out, their Service not stored yet.
+    pub reserved: HashSet<V>,
+    /// Values with any record, expired or not.
+    pub recorded: HashSet<V>,
+}
+
+impl<V> Default for Records<V> {
+    fn default() -> Self {
+        Self {
+            reserved: HashSet::new(),
+            recorded: HashSet::new(),
+        }
+    }
+}
+
 /// Rebuilds `stored` from `in_use` (every value some Service holds, with that Service; values of
-/// other ranges may be included, they are skipped if `belongs` says so) and `reserved` (values
-/// handed out whose Service is not stored yet). `leaks` carries the consecutive sightings of
-/// each leaked value from pass to pass.
+/// other ranges may be included, they are skipped if `belongs` says so) and `records`. `leaks`
+/// carries the consecutive sightings of each leaked value from pass to pass.
 pub fn repair_pass<R, S>(
     stored: &Allocation<R>,
     in_use: &[(S, R::Value)],
     belongs: impl Fn(&R::Value) -> bool,
-    reserved: &HashSet<R::Value>,
+    records: &Records<R::Value>,
     leaks: &mut HashMap<R::Value, u32>,
 ) -> Pass<R, S>
 where
@@ -111,8 +137,12 @@ where
         if holder.contains_key(&value) {
             continue;
         }
-        if reserved.contains(&value) {
+        if records.reserved.contains(&value) {
             let _ = rebuilt.allocate(value, "value");
+            continue;
+        }
+        if !records.recorded.contains(&value) {
+            findings.push(Finding::Orphan { value });
             continue;
         }
         let sightings = leaks.get(&value).copied().unwrap_or(0) + 1;
@@ -158,7 +188,13 @@ mod tests {
             ("d", 40000),
             ("a", 30001),
         ];
-        let pass = repair_pass(&stored(&[30001]), &in_use, |_| true, &HashSet::new(), &mut leaks);
+        let pass = repair_pass(
+            &stored(&[30001]),
+            &in_use,
+            |_| true,
+            &Records::default(),
+            &mut leaks,
+        );
         assert_eq!(pass.rebuilt.values().collect::<Vec<_>>(), [30001, 30002]);
         assert_eq!(
             pass.findings,
@@ -184,13 +220,21 @@ mod tests {
         );
     }
 
+    /// 30005's reservation expired: the sweeper's to free; repair counts it as a leak.
+    fn expired(values: &[u16]) -> Records<u16> {
+        Records {
+            reserved: HashSet::new(),
+            recorded: values.iter().copied().collect(),
+        }
+    }
+
     #[test]
     fn leaks_are_released_on_the_third_consecutive_sighting() {
         let mut leaks = HashMap::new();
         let mut current = stored(&[30005, 30006]);
         let in_use = [("a", 30006)];
         for pass_no in 1..=3u32 {
-            let pass = repair_pass(&current, &in_use, |_| true, &HashSet::new(), &mut leaks);
+            let pass = repair_pass(&current, &in_use, |_| true, &expired(&[30005]), &mut leaks);
             let released = pass_no == 3;
             assert_eq!(
                 pass.findings,
@@ -211,14 +255,15 @@ mod tests {
     fn a_leak_that_turns_out_used_starts_over() {
         let mut leaks = HashMap::new();
         let s = stored(&[30005]);
-        repair_pass(&s, &[] as &[(&str, u16)], |_| true, &HashSet::new(), &mut leaks);
+        let records = expired(&[30005]);
+        repair_pass(&s, &[] as &[(&str, u16)], |_| true, &records, &mut leaks);
         assert_eq!(leaks.get(&30005), Some(&1));
         // The Service whose create was in flight is now stored.
-        let pass = repair_pass(&s, &[("late", 30005)], |_| true, &HashSet::new(), &mut leaks);
+        let pass = repair_pass(&s, &[("late", 30005)], |_| true, &records, &mut leaks);
         assert!(pass.findings.is_empty());
         assert!(leaks.is_empty());
         // Leaked again later: counting restarts from one.
-        let pass = repair_pass(&s, &[] as &[(&str, u16)], |_| true, &HashSet::new(), &mut leaks);
+        let pass = repair_pass(&s, &[] as &[(&str, u16)], |_| true, &records, &mut leaks);
         assert_eq!(
             pass.findings,
             [Finding::Leak {
@@ -236,7 +281,11 @@ mod tests {
         // 30001 is reserved (its Service not stored yet), 30002 is not: only 30002 is a leak,
         // however many passes see 30001 unheld.
         for sightings in 1..=LEAK_SIGHTINGS_BEFORE_RELEASE {
-            let pass = repair_pass(&s, &[] as &[(&str, u16)], |_| true, &[30001].into(), &mut leaks);
+            let records = Records {
+                reserved: [30001].into(),
+                recorded: [30001, 30002].into(),
+            };
+            let pass = repair_pass(&s, &[] as &[(&str, u16)], |_| true, &records, &mut leaks);
             assert!(pass.rebuilt.has(30001));
             assert_eq!(
                 pass.findings,
@@ -257,7 +306,7 @@ mod tests {
             &stored(&[]),
             &[("a", 12345u16), ("b", 30001)],
             |p| *p >= 30000,
-            &HashSet::new(),
+            &Records::default(),
             &mut leaks,
         );
         assert_eq!(
@@ -267,5 +316,22 @@ mod tests {
                 value: 30001
             }]
         );
+    }
+
+    #[test]
+    fn a_marked_value_without_holder_or_record_is_an_orphan_released_at_once() {
+        let mut leaks = HashMap::new();
+        // 30007's Service was confirmed, then deleted while no leader watched.
+        let pass = repair_pass(
+            &stored(&[30006, 30007]),
+            &[("a", 30006)],
+            |_| true,
+            &Records::default(),
+            &mut leaks,
+        );
+        assert_eq!(pass.findings, [Finding::Orphan { value: 30007 }]);
+        assert_eq!(pass.findings[0].kind(), "leak");
+        assert_eq!(pass.rebuilt.values().collect::<Vec<_>>(), [30006]);
+        assert!(leaks.is_empty());
     }
 }

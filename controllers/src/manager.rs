@@ -161,8 +161,9 @@ pub async fn run(
         |s| ServiceView::from(&s),
         services.clone(),
     );
+    // Allocation's handlers keep what every Service holds, the first list included.
     for handler in service_handlers {
-        service_informer.on_change(handler);
+        service_informer.on_change_from_start(handler);
     }
     let mut pod_informer = Informer::new(
         "pods",

@@ -38,8 +38,10 @@ pub async fn run_term(
         return Ok(()); // stopped before the term could begin
     };
     let mut group = Supervisor::new(&stop);
-    let (token, term) = (group.token(), fence.clone());
-    group.spawn("allocation repair", async move { repair.run(&term, token).await });
+    let (token, term, first_list) = (group.token(), fence.clone(), holdings.first_list());
+    group.spawn("allocation repair", async move {
+        repair.run(&term, first_list, token).await;
+    });
     let (token, term) = (group.token(), fence.clone());
     group.spawn("allocation reservations", async move {
         sweeper.run(&term, holdings, token).await;

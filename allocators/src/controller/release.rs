@@ -36,9 +36,9 @@ fn held_by(v: &ServiceView) -> Held {
     )
 }
 
-/// The Service informer's handler: queues what a deletion or update drops, and keeps what each
-/// Service holds (a handler must not block the watch, so the releases themselves happen in
-/// [`run`], the confirmations in the reservation sweeper).
+/// The Service informer's handler, from its first list on: queues what a deletion or update
+/// drops, and keeps what each Service holds (a handler must not block the watch, so the releases
+/// themselves happen in [`run`], the confirmations in the reservation sweeper).
 pub fn handler() -> (Handler<ServiceView>, Releases, Arc<Holdings>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let holdings = Arc::new(Holdings::default());
@@ -47,7 +47,7 @@ pub fn handler() -> (Handler<ServiceView>, Releases, Arc<Holdings>) {
         match (old, new) {
             (_, Some(n)) => current.set(&n.namespace, &n.name, Some(held_by(n))),
             (Some(o), None) => current.set(&o.namespace, &o.name, None),
-            (None, None) => {}
+            (None, None) => current.listed(),
         }
         if let Some(old) = old {
             let (ips, ports) = dropped(held_by(old), new.map(|n| held_by(n)));
@@ -68,6 +68,7 @@ pub async fn run(allocators: Arc<Ranges>, fence: Fence, mut releases: Releases, 
             next = releases.recv() => match next {
                 Some((ips, ports)) => {
                     info!(?ips, ?ports, "releasing what a Service no longer holds");
+                    let _gate = allocators.repair_gate.lock().await;
                     allocators.release(&ips, &ports, Some(&fence)).await;
                 }
                 None => break,

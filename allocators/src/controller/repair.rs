@@ -4,7 +4,7 @@
 //! run, the ranges do not exist in etcd and the webhook refuses to allocate.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     hash::Hash,
     net::IpAddr,
     sync::{Arc, Mutex},
@@ -25,7 +25,7 @@ use crate::{
     admission::held_values,
     etcd::{Fence, RangeStore, StoreError},
     ranges::Ranges,
-    repair::{Finding, repair_pass},
+    repair::{Finding, Records, repair_pass},
     reservation::now_ms,
 };
 
@@ -97,6 +97,10 @@ pub struct Repair {
     port_leaks: Mutex<HashMap<u16, u32>>,
 }
 
+/// What stored Services hold: IPs and ports, each with its Service and the Service's UID.
+#[derive(Default)]
+struct InUse(Vec<(ObjectKey, IpAddr, String)>, Vec<(ObjectKey, u16, String)>);
+
 /// What kind of range a pass repairs, for messages, events and metrics.
 #[derive(Clone, Copy)]
 enum Kind {
@@ -130,8 +134,18 @@ impl Repair {
         }
     }
 
-    /// Repairs now, then every interval, until `stop`; every write is fenced by this term.
-    pub async fn run(&self, fence: &Fence, stop: CancellationToken) {
+    /// Repairs now, again once the leader's Service watch has its first list, then every
+    /// interval, until `stop`; every write is fenced by this term.
+    ///
+    /// The second pass closes the term's blind spot: a Service deleted after the first pass
+    /// listed it but before the watch's first list is released by neither (the watch never saw
+    /// it), and would hold its values until the next interval.
+    pub async fn run(
+        &self,
+        fence: &Fence,
+        mut first_list: tokio::sync::watch::Receiver<bool>,
+        stop: CancellationToken,
+    ) {
         // Sightings from an earlier term are stale: a value whose create was in flight then may
         // have been seen only once since, and must not be freed on this term's first pass.
         for leaks in self.ip_leaks.values() {
@@ -144,46 +158,46 @@ impl Repair {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clear();
+        let mut listed = false;
         loop {
             if let Err(e) = self.run_once(fence).instrument(info_span!("repair")).await {
                 warn!(error = %e, "repair pass failed; retrying at the next interval");
             }
             tokio::select! {
                 () = stop.cancelled() => return,
+                ok = async { first_list.wait_for(|l| *l).await.is_ok() }, if !listed => {
+                    // A closed channel: the watch is gone with the term; the interval goes on.
+                    listed = true;
+                    if !ok {
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            () = tokio::time::sleep(self.interval) => {}
+                        }
+                    }
+                }
                 () = tokio::time::sleep(self.interval) => {}
             }
         }
     }
 
-    /// One pass over every range.
+    /// One pass over every range. The leader's releases and confirmations wait meanwhile
+    /// (`Ranges::repair_gate`).
     pub async fn run_once(&self, fence: &Fence) -> Result<(), kube::Error> {
-        let services = Api::<Service>::all(self.client.clone())
-            .list(&ListParams::default())
-            .await?;
-        let mut ips: Vec<(ObjectKey, IpAddr, String)> = Vec::new();
-        let mut ports: Vec<(ObjectKey, u16, String)> = Vec::new();
-        for svc in &services.items {
-            let key = ObjectKey::new(
-                svc.metadata.namespace.clone().unwrap_or_default(),
-                svc.metadata.name.clone().unwrap_or_default(),
-            );
-            let uid = svc.metadata.uid.clone().unwrap_or_default();
-            let (held_ips, held_ports) = held_values(svc);
-            ips.extend(held_ips.into_iter().map(|ip| (key.clone(), ip, uid.clone())));
-            ports.extend(held_ports.into_iter().map(|p| (key.clone(), p, uid.clone())));
-        }
+        let _gate = self.allocators.repair_gate.lock().await;
+        let in_use = self.in_use().await?;
         for (family, store) in &self.allocators.cluster_ips {
+            let Some(leaks) = self.ip_leaks.get(family) else {
+                continue;
+            };
             let v6 = family.as_str() == "IPv6";
-            let in_use: Vec<_> = ips
+            let ips: Vec<_> = in_use
+                .0
                 .iter()
                 .filter(|(_, ip, _)| ip.is_ipv6() == v6)
                 .cloned()
                 .collect();
-            let Some(leaks) = self.ip_leaks.get(family) else {
-                continue;
-            };
             if let Err(e) = self
-                .repair_range(store, &in_use, leaks, Kind::ClusterIp, fence)
+                .repair_range(store, &ips, leaks, Kind::ClusterIp, fence)
                 .await
             {
                 self.metrics.ip_reconcile_errors.inc();
@@ -193,7 +207,7 @@ impl Repair {
         if let Err(e) = self
             .repair_range(
                 &self.allocators.node_ports,
-                &ports,
+                &in_use.1,
                 &self.port_leaks,
                 Kind::NodePort,
                 fence,
@@ -206,6 +220,33 @@ impl Repair {
         Ok(())
     }
 
+    /// What every stored Service holds, from a consistent list: IPs and ports, each with its
+    /// Service and the Service's UID.
+    async fn in_use(&self) -> Result<InUse, kube::Error> {
+        let services = Api::<Service>::all(self.client.clone())
+            .list(&ListParams::default())
+            .await?;
+        let mut in_use = InUse::default();
+        for svc in &services.items {
+            let key = ObjectKey::new(
+                svc.metadata.namespace.clone().unwrap_or_default(),
+                svc.metadata.name.clone().unwrap_or_default(),
+            );
+            let uid = svc.metadata.uid.clone().unwrap_or_default();
+            let (held_ips, held_ports) = held_values(svc);
+            in_use
+                .0
+                .extend(held_ips.into_iter().map(|ip| (key.clone(), ip, uid.clone())));
+            in_use
+                .1
+                .extend(held_ports.into_iter().map(|p| (key.clone(), p, uid.clone())));
+        }
+        Ok(in_use)
+    }
+
+    /// Repairs one range from `in_use` (listed before, with the gate held since): the bitmap
+    /// and records are read, and the bitmap written only if unchanged since the read (a value
+    /// handed out meanwhile: read again).
     async fn repair_range<R>(
         &self,
         store: &RangeStore<R>,
@@ -227,16 +268,19 @@ impl Repair {
                 None => (Allocation::new(store.range().clone()), 0),
             };
             let now = now_ms();
-            let in_flight: HashSet<R::Value> = reservations
-                .iter()
-                .filter(|l| !l.expired(now, self.reservation_ttl))
-                .map(|l| l.value)
-                .collect();
+            let records = Records {
+                reserved: reservations
+                    .iter()
+                    .filter(|l| !l.expired(now, self.reservation_ttl))
+                    .map(|l| l.value)
+                    .collect(),
+                recorded: reservations.iter().map(|l| l.value).collect(),
+            };
             let mut next_leaks = leaks
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone();
-            let pass = repair_pass(&stored, &pairs, |_| true, &in_flight, &mut next_leaks);
+            let pass = repair_pass(&stored, &pairs, |_| true, &records, &mut next_leaks);
             let unchanged = revision != 0 && pass.rebuilt.bitmap() == stored.bitmap();
             if !unchanged && store.replace(&pass.rebuilt, revision, fence).await?.is_none() {
                 continue; // someone allocated meanwhile: look again
@@ -265,8 +309,11 @@ impl Repair {
             Kind::ClusterIp => &self.metrics.ip_errors,
             Kind::NodePort => &self.metrics.port_errors,
         };
-        let leak_released = matches!(finding, Finding::Leak { released: true, .. });
-        if !matches!(finding, Finding::Leak { .. }) || leak_released {
+        let leak_released = matches!(
+            finding,
+            Finding::Leak { released: true, .. } | Finding::Orphan { .. }
+        );
+        if !matches!(finding, Finding::Leak { .. } | Finding::Orphan { .. }) || leak_released {
             counter.with_label_values(&[finding.kind()]).inc();
         }
         let uid_of = |svc: &ObjectKey| {
@@ -296,6 +343,10 @@ impl Repair {
                 format!("{prefix}OutOfRange"),
                 format!("{what} {value} is not within the configured range; please recreate service"),
             ),
+            Finding::Orphan { value } => {
+                info!(%value, "released a value no Service holds and no reservation covers (its Service went while no leader watched)");
+                return;
+            }
             Finding::Leak {
                 value,
                 sightings,

@@ -36,12 +36,29 @@ const SWEEP_PERIOD: Duration = Duration::from_secs(2);
 /// handler, read by the sweeper). Current state, matched by name: a Service deleted since, or
 /// another one, cannot confirm a value that was freed and handed out again.
 #[derive(Default)]
-pub struct Holdings(Mutex<HashMap<String, HashMap<String, Held>>>);
+pub struct Holdings {
+    by_namespace: Mutex<HashMap<String, HashMap<String, Held>>>,
+    /// Whether the watch's first list is in.
+    listed: tokio::sync::watch::Sender<bool>,
+}
 
 impl Holdings {
+    /// The watch's first list is in: every Service that existed then is here.
+    pub fn listed(&self) {
+        self.listed.send_replace(true);
+    }
+
+    /// Resolves once the first list is in.
+    pub fn first_list(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.listed.subscribe()
+    }
+
     /// Records what `namespace/name` holds now (`None`: it is gone).
     pub fn set(&self, namespace: &str, name: &str, held: Option<Held>) {
-        let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut map = self
+            .by_namespace
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match held {
             Some(h) => {
                 map.entry(namespace.to_owned())
@@ -62,7 +79,10 @@ impl Holdings {
     /// Whether the Service `r` was made for holds what `held` looks for (for a `generateName`
     /// create, whose name was not known at admission: any Service of its namespace).
     fn holds(&self, r: &Reservation, held: impl Fn(&Held) -> bool) -> bool {
-        let map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let map = self
+            .by_namespace
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(names) = map.get(&r.namespace) else {
             return false;
         };
@@ -169,6 +189,7 @@ impl Sweeper {
     }
 
     async fn sweep(&self, fence: &Fence, holdings: &Holdings) -> Result<(), SweepError> {
+        let _gate = self.ranges.repair_gate.lock().await;
         let now = now_ms();
         let mut ip_listed = Vec::new();
         for store in self.ranges.cluster_ips.values() {

@@ -27,6 +27,8 @@ pub trait Versioned: Send + Sync + 'static {
 }
 
 /// Called with `(old, new)`: `(None, Some)` added, `(Some, Some)` changed, `(Some, None)` deleted.
+/// A handler added with [`Informer::on_change_from_start`] also gets `(None, None)`, once: the
+/// first list is complete.
 pub type Handler<V> = Box<dyn Fn(Option<&Arc<V>>, Option<&Arc<V>>) + Send + Sync>;
 
 pub struct Informer<K, V> {
@@ -35,7 +37,8 @@ pub struct Informer<K, V> {
     config: watcher::Config,
     convert: fn(K) -> V,
     store: Arc<Store<V>>,
-    handlers: Vec<Handler<V>>,
+    /// Each with whether it sees the first list too.
+    handlers: Vec<(Handler<V>, bool)>,
     synced: watch::Sender<bool>,
 }
 
@@ -79,7 +82,14 @@ where
     }
 
     pub fn on_change(&mut self, handler: Handler<V>) {
-        self.handlers.push(handler);
+        self.handlers.push((handler, false));
+    }
+
+    /// Like [`Self::on_change`], and the first list too: every object as added, then
+    /// `(None, None)` once it is complete (for handlers that keep their own view of every
+    /// object rather than syncing from the store).
+    pub fn on_change_from_start(&mut self, handler: Handler<V>) {
+        self.handlers.push((handler, true));
     }
 
     pub fn synced(&self) -> Synced {
@@ -87,7 +97,8 @@ where
     }
 
     /// Watches until `stop`. Handlers are not called for the first list (controllers sync every
-    /// object once their caches are complete), only for what changes after it.
+    /// object once their caches are complete), only for what changes after it, except those
+    /// added with [`Self::on_change_from_start`].
     pub async fn run(self, stop: CancellationToken) {
         let stream = watcher(self.api.clone(), self.config.clone()).default_backoff();
         futures::pin_mut!(stream);
@@ -117,7 +128,7 @@ where
                 watcher::Event::Delete(obj) => {
                     let key = key_of(&obj);
                     if let Some(old) = self.store.remove(&key) {
-                        self.notify(Some(&old), None);
+                        self.notify(Some(&old), None, false);
                     }
                 }
                 watcher::Event::Init => relist_seen = Some(HashSet::new()),
@@ -133,7 +144,7 @@ where
                             if let Some(old) = self.store.remove(&key)
                                 && listed_once
                             {
-                                self.notify(Some(&old), None);
+                                self.notify(Some(&old), None, false);
                             }
                         }
                     }
@@ -143,6 +154,7 @@ where
                             objects = self.store.len(),
                             "initial list complete"
                         );
+                        self.notify(None, None, true);
                     } else {
                         debug!(
                             informer = self.name,
@@ -165,14 +177,17 @@ where
         let unchanged = old
             .as_ref()
             .is_some_and(|o| o.resource_version() == new.resource_version());
-        if notify && !unchanged {
-            self.notify(old.as_ref(), Some(&new));
+        if !unchanged {
+            self.notify(old.as_ref(), Some(&new), !notify);
         }
     }
 
-    fn notify(&self, old: Option<&Arc<V>>, new: Option<&Arc<V>>) {
-        for h in &self.handlers {
-            h(old, new);
+    /// Tells the handlers; during the first list (`first_list`) only those that asked for it.
+    fn notify(&self, old: Option<&Arc<V>>, new: Option<&Arc<V>>, first_list: bool) {
+        for (h, from_start) in &self.handlers {
+            if *from_start || !first_list {
+                h(old, new);
+            }
         }
     }
 }
