@@ -251,6 +251,7 @@ pub async fn start(
                 namespace: namespace.into(),
                 name: name.into(),
                 names: args.webhook_cert_names.clone(),
+                configuration: args.webhook_configuration_name.clone(),
             }
         }
     };

@@ -77,6 +77,12 @@ impl Ledger {
         Ok(())
     }
 
+    /// A read of etcd failed at `now`: the figures of the last one stand, and the next read is
+    /// a period away (requests must not each wait on a slow etcd in turn).
+    pub fn read_failed(&mut self, now: Instant) {
+        self.read_at = Some(now);
+    }
+
     /// Takes back an admission whose request got nothing (it failed and was rolled back).
     pub fn undo(&mut self, namespace: &str, wanted: usize) {
         if let Some(n) = self.since.get_mut(namespace) {

@@ -127,7 +127,10 @@ impl Ranges {
                 Ok(read) => ledger.refreshed(read, Instant::now()),
                 // The figures of the last read stand; the allocation itself tells whether etcd
                 // is there.
-                Err(e) => warn!(error = %e, "could not read the reservations to count them"),
+                Err(e) => {
+                    warn!(error = %e, "could not read the reservations to count them");
+                    ledger.read_failed(Instant::now());
+                }
             }
         }
         ledger.admit(namespace, wanted, limit)

@@ -12,8 +12,13 @@
 //! holds and no record covers was confirmed for a Service that has gone since (deleted while no
 //! leader watched, or while the leader's release could not be made) and is an orphan, released
 //! at once. That holds if no reservation was confirmed between the list of the Services and the
-//! read of the records, which the caller guarantees (`Ranges::repair_gate`). A value whose
-//! reservation expired is the sweeper's to free; repair counts it as a leak, as a backstop.
+//! read of the records, which the caller guarantees (`Ranges::repair_gate`), and only for values
+//! the leader's watch neither shows a Service holding nor has a release pending for: those are
+//! the watch's to release, and freeing one here too would free it again, later, after it was
+//! handed out anew. (A watch lagging by more than the reservation TTL could still miss a
+//! Service altogether; the watch is consistent and seconds behind at most in practice.) A
+//! value whose reservation expired is the sweeper's to free; repair counts it as a leak, as a
+//! backstop.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -63,13 +68,18 @@ pub struct Pass<R: Range, S> {
     pub findings: Vec<Finding<S, R::Value>>,
 }
 
-/// What the range's reservation records say, read with the bitmap.
+/// What the range's reservation records say, read with the bitmap, and what the leader's watch
+/// knows.
 #[derive(Debug)]
 pub struct Records<V> {
     /// Values with an unexpired reservation: handed out, their Service not stored yet.
     pub reserved: HashSet<V>,
     /// Values with any record, expired or not.
     pub recorded: HashSet<V>,
+    /// Whether orphans can be told: the leader's watch has its first list.
+    pub orphans_known: bool,
+    /// Values the watch shows a Service holding, or has a release pending for.
+    pub watched: HashSet<V>,
 }
 
 impl<V> Default for Records<V> {
@@ -77,6 +87,8 @@ impl<V> Default for Records<V> {
         Self {
             reserved: HashSet::new(),
             recorded: HashSet::new(),
+            orphans_known: true,
+            watched: HashSet::new(),
         }
     }
 }
@@ -142,7 +154,12 @@ where
             continue;
         }
         if !records.recorded.contains(&value) {
-            findings.push(Finding::Orphan { value });
+            if records.orphans_known && !records.watched.contains(&value) {
+                findings.push(Finding::Orphan { value });
+            } else {
+                // The watch's to release (or, before its first list, not yet known).
+                let _ = rebuilt.allocate(value, "value");
+            }
             continue;
         }
         let sightings = leaks.get(&value).copied().unwrap_or(0) + 1;
@@ -223,8 +240,8 @@ mod tests {
     /// 30005's reservation expired: the sweeper's to free; repair counts it as a leak.
     fn expired(values: &[u16]) -> Records<u16> {
         Records {
-            reserved: HashSet::new(),
             recorded: values.iter().copied().collect(),
+            ..Records::default()
         }
     }
 
@@ -284,6 +301,7 @@ mod tests {
             let records = Records {
                 reserved: [30001].into(),
                 recorded: [30001, 30002].into(),
+                ..Records::default()
             };
             let pass = repair_pass(&s, &[] as &[(&str, u16)], |_| true, &records, &mut leaks);
             assert!(pass.rebuilt.has(30001));
@@ -333,5 +351,27 @@ mod tests {
         assert_eq!(pass.findings[0].kind(), "leak");
         assert_eq!(pass.rebuilt.values().collect::<Vec<_>>(), [30006]);
         assert!(leaks.is_empty());
+    }
+
+    #[test]
+    fn an_orphan_the_watch_knows_of_is_left_to_its_release() {
+        let mut leaks = HashMap::new();
+        let s = stored(&[30007, 30008]);
+        // 30007: the watch still shows its Service, or has its release queued.
+        let records = Records {
+            watched: [30007].into(),
+            ..Records::default()
+        };
+        let pass = repair_pass(&s, &[] as &[(&str, u16)], |_| true, &records, &mut leaks);
+        assert_eq!(pass.findings, [Finding::Orphan { value: 30008 }]);
+        assert!(pass.rebuilt.has(30007) && !pass.rebuilt.has(30008));
+        // Before the watch's first list nothing is known to be orphaned.
+        let before = Records {
+            orphans_known: false,
+            ..Records::default()
+        };
+        let pass = repair_pass(&s, &[] as &[(&str, u16)], |_| true, &before, &mut leaks);
+        assert!(pass.findings.is_empty());
+        assert_eq!(pass.rebuilt.values().collect::<Vec<_>>(), [30007, 30008]);
     }
 }

@@ -11,7 +11,10 @@ use std::{
 
 use anyhow::Context;
 use base64::Engine;
-use k8s_openapi::{ByteString, api::core::v1::Secret};
+use k8s_openapi::{
+    ByteString,
+    api::{admissionregistration::v1::MutatingWebhookConfiguration, core::v1::Secret},
+};
 use kube::{
     Api, Client,
     api::{ObjectMeta, PostParams},
@@ -220,6 +223,7 @@ fn facts(stored: &Stored, now: Secs) -> Facts {
     Facts {
         ca,
         ca_key: stored.ca_key_pem.is_some(),
+        ca_trusted: true,
         leaf,
         expired_in_bundle: parsed
             .iter()
@@ -287,6 +291,9 @@ pub enum Source {
         namespace: String,
         name: String,
         names: Vec<String>,
+        /// The MutatingWebhookConfiguration whose caBundle must trust a new CA before it signs
+        /// what is served.
+        configuration: String,
     },
 }
 
@@ -307,7 +314,8 @@ pub async fn load(client: &Client, source: &Source) -> anyhow::Result<ServingCer
             namespace,
             name,
             names,
-        } => shared(client, namespace, name, names).await,
+            configuration,
+        } => shared(client, namespace, name, names, configuration).await,
     }
 }
 
@@ -320,6 +328,7 @@ async fn shared(
     namespace: &str,
     name: &str,
     names: &[String],
+    configuration: &str,
 ) -> anyhow::Result<ServingCert> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     let existing = api
@@ -330,9 +339,14 @@ async fn shared(
     let mut names = names.to_vec();
     names.sort();
     let now = now();
-    let renewal = stored
-        .as_ref()
-        .map_or(Renewal::Fresh, |s| rotation::renewal(&facts(s, now), &names, now));
+    let renewal = match &stored {
+        None => Renewal::Fresh,
+        Some(s) => {
+            let mut facts = facts(s, now);
+            facts.ca_trusted = ca_trusted(client, configuration, &s.serving.ca_pem).await;
+            rotation::renewal(&facts, &names, now)
+        }
+    };
     if let (Renewal::Keep, Some(s)) = (renewal, &stored) {
         return Ok(s.serving.clone());
     }
@@ -387,6 +401,29 @@ async fn shared(
             s.message
         )),
         Err(e) => Err(e).context("writing the webhook certificate Secret"),
+    }
+}
+
+/// Whether the webhook configuration's every caBundle holds the current CA (the first of
+/// `bundle`): replicas still running an older version, or a configuration re-applied without
+/// the bundle, can keep an old one there longer than the settle time. A configuration that does
+/// not exist (yet) calls nobody, so it trusts whatever comes.
+async fn ca_trusted(client: &Client, configuration: &str, bundle: &str) -> bool {
+    let Some(current) = pem_certs(bundle).into_iter().next() else {
+        return false;
+    };
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    match api.get_opt(configuration).await {
+        Ok(Some(c)) => c.webhooks.iter().flatten().all(|w| {
+            w.client_config
+                .ca_bundle
+                .as_ref()
+                .and_then(|b| std::str::from_utf8(&b.0).ok())
+                .is_some_and(|pem| pem_certs(pem).contains(&current))
+        }),
+        Ok(None) => true,
+        // Unknown: wait, the certificate served now is still valid.
+        Err(_) => false,
     }
 }
 

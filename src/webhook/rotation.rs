@@ -7,8 +7,8 @@
 //! Renewal never leaves the apiserver without trust in what is served:
 //! - a new CA joins the bundle before anything it signs is served: the serving certificate is
 //!   re-issued by it only once it has been in the Secret for [`BUNDLE_SETTLE`] (replicas copy
-//!   the bundle into the webhook configuration every few seconds), unless the old certificate
-//!   cannot be served any longer anyway;
+//!   the bundle into the webhook configuration every few seconds) and the configuration is seen
+//!   to hold it, unless the old certificate cannot be served any longer anyway;
 //! - a CA stays in the bundle until it expires, so a certificate it signed is trusted to its end.
 
 /// Seconds, Unix time.
@@ -54,6 +54,8 @@ pub struct Facts {
     pub leaf: Option<LeafFacts>,
     /// Expired CAs still in the bundle.
     pub expired_in_bundle: usize,
+    /// Whether the webhook configuration's caBundle holds the current CA.
+    pub ca_trusted: bool,
 }
 
 /// What to write.
@@ -88,7 +90,7 @@ pub fn renewal(facts: &Facts, names: &[String], now: Secs) -> Renewal {
     let Some(leaf) = facts.leaf.as_ref().filter(|_| leaf_usable) else {
         return Renewal::NewLeaf;
     };
-    let settled = now - (ca.not_before + BACKDATE) >= BUNDLE_SETTLE;
+    let settled = now - (ca.not_before + BACKDATE) >= BUNDLE_SETTLE && facts.ca_trusted;
     let old_issuer = leaf.issuer != ca.subject;
     if leaf.not_after - now < LEAF_RENEW_BEFORE || (old_issuer && settled) {
         return if old_issuer && !settled {
@@ -129,6 +131,7 @@ mod tests {
                 names: names(),
             }),
             expired_in_bundle: 0,
+            ca_trusted: true,
         }
     }
 
@@ -185,6 +188,12 @@ mod tests {
         });
         assert_eq!(renewal(&f, &names(), NOW + BUNDLE_SETTLE - 1), Renewal::Keep);
         assert_eq!(renewal(&f, &names(), NOW + BUNDLE_SETTLE), Renewal::NewLeaf);
+        // Not in the configuration's bundle yet (an older replica writes its own): wait.
+        let untrusted = Facts {
+            ca_trusted: false,
+            ..f.clone()
+        };
+        assert_eq!(renewal(&untrusted, &names(), NOW + BUNDLE_SETTLE), Renewal::Keep);
         // Near its end too: still waits while it can be served.
         f.leaf.as_mut().unwrap().not_after = NOW + 60;
         assert_eq!(renewal(&f, &names(), NOW + 30), Renewal::Keep);

@@ -38,17 +38,17 @@ pub async fn run_term(
         return Ok(()); // stopped before the term could begin
     };
     let mut group = Supervisor::new(&stop);
-    let (token, term, first_list) = (group.token(), fence.clone(), holdings.first_list());
+    let (token, term, watch) = (group.token(), fence.clone(), holdings.clone());
     group.spawn("allocation repair", async move {
-        repair.run(&term, first_list, token).await;
+        repair.run(&term, watch, token).await;
     });
-    let (token, term) = (group.token(), fence.clone());
+    let (token, term, watch) = (group.token(), fence.clone(), holdings.clone());
     group.spawn("allocation reservations", async move {
-        sweeper.run(&term, holdings, token).await;
+        sweeper.run(&term, watch, token).await;
     });
     group.spawn(
         "allocation releases",
-        release::run(ranges, fence, releases, group.token()),
+        release::run(ranges, fence, (releases, holdings), group.token()),
     );
     group.supervise().await
 }

@@ -52,7 +52,9 @@ pub fn handler() -> (Handler<ServiceView>, Releases, Arc<Holdings>) {
         if let Some(old) = old {
             let (ips, ports) = dropped(held_by(old), new.map(|n| held_by(n)));
             if !ips.is_empty() || !ports.is_empty() {
-                let _ = tx.send((ips, ports));
+                let held = (ips, ports);
+                current.releasing(&held);
+                let _ = tx.send(held);
             }
         }
     });
@@ -61,7 +63,12 @@ pub fn handler() -> (Handler<ServiceView>, Releases, Arc<Holdings>) {
 
 /// Frees what the handler queued until `stop`, every release fenced by this leader term. Ends
 /// early only if the informer holding the handler went away.
-pub async fn run(allocators: Arc<Ranges>, fence: Fence, mut releases: Releases, stop: CancellationToken) {
+pub async fn run(
+    allocators: Arc<Ranges>,
+    fence: Fence,
+    (mut releases, holdings): (Releases, Arc<Holdings>),
+    stop: CancellationToken,
+) {
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
@@ -70,6 +77,7 @@ pub async fn run(allocators: Arc<Ranges>, fence: Fence, mut releases: Releases, 
                     info!(?ips, ?ports, "releasing what a Service no longer holds");
                     let _gate = allocators.repair_gate.lock().await;
                     allocators.release(&ips, &ports, Some(&fence)).await;
+                    holdings.released(&(ips, ports));
                 }
                 None => break,
             },

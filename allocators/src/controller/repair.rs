@@ -20,6 +20,7 @@ use svcplane_core::{IpFamily, ObjectKey};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
+use super::reservations::{Holdings, Watched};
 use crate::{
     Allocation, Range,
     admission::held_values,
@@ -140,12 +141,8 @@ impl Repair {
     /// The second pass closes the term's blind spot: a Service deleted after the first pass
     /// listed it but before the watch's first list is released by neither (the watch never saw
     /// it), and would hold its values until the next interval.
-    pub async fn run(
-        &self,
-        fence: &Fence,
-        mut first_list: tokio::sync::watch::Receiver<bool>,
-        stop: CancellationToken,
-    ) {
+    pub async fn run(&self, fence: &Fence, watch: Arc<Holdings>, stop: CancellationToken) {
+        let mut first_list = watch.first_list();
         // Sightings from an earlier term are stale: a value whose create was in flight then may
         // have been seen only once since, and must not be freed on this term's first pass.
         for leaks in self.ip_leaks.values() {
@@ -160,7 +157,11 @@ impl Repair {
             .clear();
         let mut listed = false;
         loop {
-            if let Err(e) = self.run_once(fence).instrument(info_span!("repair")).await {
+            if let Err(e) = self
+                .run_once(fence, &watch)
+                .instrument(info_span!("repair"))
+                .await
+            {
                 warn!(error = %e, "repair pass failed; retrying at the next interval");
             }
             tokio::select! {
@@ -182,7 +183,7 @@ impl Repair {
 
     /// One pass over every range. The leader's releases and confirmations wait meanwhile
     /// (`Ranges::repair_gate`).
-    pub async fn run_once(&self, fence: &Fence) -> Result<(), kube::Error> {
+    pub async fn run_once(&self, fence: &Fence, watch: &Holdings) -> Result<(), kube::Error> {
         let _gate = self.allocators.repair_gate.lock().await;
         let in_use = self.in_use().await?;
         for (family, store) in &self.allocators.cluster_ips {
@@ -197,7 +198,7 @@ impl Repair {
                 .cloned()
                 .collect();
             if let Err(e) = self
-                .repair_range(store, &ips, leaks, Kind::ClusterIp, fence)
+                .repair_range(store, &ips, || watch.watched_ips(), leaks, Kind::ClusterIp, fence)
                 .await
             {
                 self.metrics.ip_reconcile_errors.inc();
@@ -208,6 +209,7 @@ impl Repair {
             .repair_range(
                 &self.allocators.node_ports,
                 &in_use.1,
+                || watch.watched_ports(),
                 &self.port_leaks,
                 Kind::NodePort,
                 fence,
@@ -251,6 +253,7 @@ impl Repair {
         &self,
         store: &RangeStore<R>,
         in_use: &[(ObjectKey, R::Value, String)],
+        watched: impl Fn() -> Watched<R::Value>,
         leaks: &Mutex<HashMap<R::Value, u32>>,
         kind: Kind,
         fence: &Fence,
@@ -268,6 +271,7 @@ impl Repair {
                 None => (Allocation::new(store.range().clone()), 0),
             };
             let now = now_ms();
+            let watched = watched();
             let records = Records {
                 reserved: reservations
                     .iter()
@@ -275,6 +279,8 @@ impl Repair {
                     .map(|l| l.value)
                     .collect(),
                 recorded: reservations.iter().map(|l| l.value).collect(),
+                orphans_known: watched.listed,
+                watched: watched.values,
             };
             let mut next_leaks = leaks
                 .lock()

@@ -40,9 +40,71 @@ pub struct Holdings {
     by_namespace: Mutex<HashMap<String, HashMap<String, Held>>>,
     /// Whether the watch's first list is in.
     listed: tokio::sync::watch::Sender<bool>,
+    /// Values whose release is queued or under way (the watch saw their Service drop them).
+    releasing: Mutex<Held>,
+}
+
+/// What the leader's watch knows of the values of one range, for repair: values it shows a
+/// Service holding or has a release pending for. Repair must leave those to the watch: freeing
+/// one itself, it would race the release, which would then free the value again after it was
+/// handed out anew.
+#[derive(Debug)]
+pub struct Watched<V> {
+    /// Whether the watch has its first list (before it, it knows nothing).
+    pub listed: bool,
+    pub values: HashSet<V>,
 }
 
 impl Holdings {
+    /// The watch's view of the IPs (`ips`) or the ports.
+    pub fn watched_ips(&self) -> Watched<IpAddr> {
+        self.watched(|h| h.0.clone())
+    }
+
+    pub fn watched_ports(&self) -> Watched<u16> {
+        self.watched(|h| h.1.clone())
+    }
+
+    fn watched<V: Eq + Hash>(&self, part: impl Fn(&Held) -> Vec<V>) -> Watched<V> {
+        let mut values: HashSet<V> = part(
+            &self
+                .releasing
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+        .into_iter()
+        .collect();
+        let map = self
+            .by_namespace
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        values.extend(map.values().flat_map(|names| names.values()).flat_map(&part));
+        Watched {
+            listed: *self.listed.borrow(),
+            values,
+        }
+    }
+
+    /// A release of `held` is queued.
+    pub fn releasing(&self, held: &Held) {
+        let mut r = self
+            .releasing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        r.0.extend(&held.0);
+        r.1.extend(&held.1);
+    }
+
+    /// The release of `held` is done (or failed: repair's to judge now).
+    pub fn released(&self, held: &Held) {
+        let mut r = self
+            .releasing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        r.0.retain(|v| !held.0.contains(v));
+        r.1.retain(|v| !held.1.contains(v));
+    }
+
     /// The watch's first list is in: every Service that existed then is here.
     pub fn listed(&self) {
         self.listed.send_replace(true);

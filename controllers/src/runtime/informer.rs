@@ -141,10 +141,10 @@ where
                 watcher::Event::InitDone => {
                     if let Some(seen) = relist_seen.take() {
                         for key in self.store.keys().into_iter().filter(|k| !seen.contains(k)) {
-                            if let Some(old) = self.store.remove(&key)
-                                && listed_once
-                            {
-                                self.notify(Some(&old), None, false);
+                            // A first list that had to start again: only handlers that
+                            // saw its partial adds hear of the removal.
+                            if let Some(old) = self.store.remove(&key) {
+                                self.notify(Some(&old), None, !listed_once);
                             }
                         }
                     }
