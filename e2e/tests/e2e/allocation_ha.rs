@@ -102,6 +102,46 @@ fn replica(cp: &ControlPlane, kubeconfig: &Path, name: &str, port: u16, extra: &
     Svcplane::controller_manager(name, kubeconfig, &cp.dir, &args)
 }
 
+/// A replica and its webhook port.
+struct Replica {
+    process: Svcplane,
+    webhook_port: u16,
+}
+
+impl std::ops::Deref for Replica {
+    type Target = Svcplane;
+
+    fn deref(&self) -> &Svcplane {
+        &self.process
+    }
+}
+
+/// Two replicas at default settings behind one address, where the webhook is registered, both
+/// ready.
+async fn two_ready_replicas(cp: &ControlPlane, client: &kube::Client) -> (Balancer, [Replica; 2]) {
+    let ports = [free_port(), free_port()];
+    let balancer = Balancer::start(
+        ports
+            .iter()
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+            .collect(),
+    )
+    .await;
+    webhook::register(client, "svcplane", balancer.port, None).await;
+    let kubeconfig = cp.install_controller_manager(client).await;
+    let replicas = [("cm-a", ports[0]), ("cm-b", ports[1])].map(|(name, port)| Replica {
+        process: replica(cp, &kubeconfig, name, port, &[]),
+        webhook_port: port,
+    });
+    for r in &replicas {
+        eventually(Duration::from_secs(60), "both replicas ready", || async {
+            (r.readyz().await?.0 == 200).then_some(())
+        })
+        .await;
+    }
+    (balancer, replicas)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_behind_one_address_never_duplicate_even_when_the_leader_dies() {
     let owned = OwnedControlPlane::start("alloc-ha").unwrap();
@@ -317,26 +357,7 @@ async fn every_delete_frees_its_values_within_seconds_whichever_replica_allocate
     let owned = OwnedControlPlane::start("alloc-ha-delete").unwrap();
     let cp = &owned.cp;
     let client = cp.client().await;
-    let ports = [free_port(), free_port()];
-    let balancer = Balancer::start(
-        ports
-            .iter()
-            .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
-            .collect(),
-    )
-    .await;
-    webhook::register(&client, "svcplane", balancer.port, None).await;
-    let kubeconfig = cp.install_controller_manager(&client).await;
-    let replicas = [
-        replica(cp, &kubeconfig, "cm-a", ports[0], &[]),
-        replica(cp, &kubeconfig, "cm-b", ports[1], &[]),
-    ];
-    for r in &replicas {
-        eventually(Duration::from_secs(60), "both replicas ready", || async {
-            (r.readyz().await?.0 == 200).then_some(())
-        })
-        .await;
-    }
+    let (_balancer, replicas) = two_ready_replicas(cp, &client).await;
     let etcd = etcd_client::Client::connect([format!("http://127.0.0.1:{}", cp.etcd_port)], None)
         .await
         .unwrap();
@@ -431,26 +452,8 @@ async fn a_serving_certificate_near_its_end_is_renewed_and_served_without_a_fail
     let owned = OwnedControlPlane::start("alloc-ha-renew").unwrap();
     let cp = &owned.cp;
     let client = cp.client().await;
-    let ports = [free_port(), free_port()];
-    let balancer = Balancer::start(
-        ports
-            .iter()
-            .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
-            .collect(),
-    )
-    .await;
-    webhook::register(&client, "svcplane", balancer.port, None).await;
-    let kubeconfig = cp.install_controller_manager(&client).await;
-    let replicas = [
-        replica(cp, &kubeconfig, "cm-a", ports[0], &[]),
-        replica(cp, &kubeconfig, "cm-b", ports[1], &[]),
-    ];
-    for r in &replicas {
-        eventually(Duration::from_secs(60), "both replicas ready", || async {
-            (r.readyz().await?.0 == 200).then_some(())
-        })
-        .await;
-    }
+    let (_balancer, replicas) = two_ready_replicas(cp, &client).await;
+    let ports = replicas.each_ref().map(|r| r.webhook_port);
 
     // A serving certificate from the shared CA with 30 days left, as if a year had passed.
     let secrets: Api<Secret> = Api::namespaced(client.clone(), "kube-system");
