@@ -343,7 +343,15 @@ async fn shared(
         None => Renewal::Fresh,
         Some(s) => {
             let mut facts = facts(s, now);
-            facts.ca_trusted = ca_trusted(client, configuration, &s.serving.ca_pem).await;
+            // Only a certificate from another CA than the current one waits on the bundle.
+            let switching = facts
+                .ca
+                .as_ref()
+                .zip(facts.leaf.as_ref())
+                .is_some_and(|(ca, leaf)| ca.subject != leaf.issuer);
+            if switching {
+                facts.ca_trusted = ca_trusted(client, configuration, &s.serving.ca_pem).await;
+            }
             rotation::renewal(&facts, &names, now)
         }
     };
