@@ -21,6 +21,17 @@ pub struct Balancer {
 }
 
 impl Balancer {
+    /// In front of backends on these loopback ports.
+    pub async fn on_loopback(ports: &[u16]) -> Self {
+        Self::start(
+            ports
+                .iter()
+                .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+                .collect(),
+        )
+        .await
+    }
+
     pub async fn start(backends: Vec<SocketAddr>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();

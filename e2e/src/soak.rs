@@ -17,7 +17,7 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fmt,
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -388,13 +388,7 @@ pub async fn run(cfg: Config) -> Report {
     std::fs::create_dir_all(&dir).unwrap();
     let mut etcd = Etcd::start(&dir).await;
     let ports = [free_port(), free_port()];
-    let balancer = Balancer::start(
-        ports
-            .iter()
-            .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
-            .collect(),
-    )
-    .await;
+    let balancer = Balancer::on_loopback(&ports).await;
     // Calls to a stopped replica are cut by the apiserver after 3 s.
     webhook::register_with_timeout(&client, "svcplane", balancer.port, None, 3).await;
     let _policy = validating::start(&client, "policy", LabelSelector::default()).await;

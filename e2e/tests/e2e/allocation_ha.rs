@@ -4,7 +4,7 @@
 
 use std::{
     collections::HashSet,
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     path::Path,
     sync::atomic::{AtomicUsize, Ordering},
     time::Duration,
@@ -120,13 +120,7 @@ impl std::ops::Deref for Replica {
 /// ready.
 async fn two_ready_replicas(cp: &ControlPlane, client: &kube::Client) -> (Balancer, [Replica; 2]) {
     let ports = [free_port(), free_port()];
-    let balancer = Balancer::start(
-        ports
-            .iter()
-            .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
-            .collect(),
-    )
-    .await;
+    let balancer = Balancer::on_loopback(&ports).await;
     webhook::register(client, "svcplane", balancer.port, None).await;
     let kubeconfig = cp.install_controller_manager(client).await;
     let replicas = [("cm-a", ports[0]), ("cm-b", ports[1])].map(|(name, port)| Replica {
@@ -148,13 +142,7 @@ async fn two_replicas_behind_one_address_never_duplicate_even_when_the_leader_di
     let cp = &owned.cp;
     let client = cp.client().await;
     let ports = [free_port(), free_port()];
-    let balancer = Balancer::start(
-        ports
-            .iter()
-            .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
-            .collect(),
-    )
-    .await;
+    let balancer = Balancer::on_loopback(&ports).await;
     webhook::register(&client, "svcplane", balancer.port, None).await;
 
     // Someone else holds the Lease for a few seconds: no repair pass has run, so the ranges are
