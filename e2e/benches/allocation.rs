@@ -18,11 +18,8 @@ use std::{
 };
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
-use kube::{
-    Api, Client,
-    api::{ObjectMeta, PostParams},
-};
+use k8s_openapi::api::core::v1::Service;
+use kube::{Api, Client, api::PostParams};
 use svcplane_allocators::{
     Allocation, IpRange,
     etcd::{Done, EpochKey, Op, RangeStore},
@@ -32,6 +29,7 @@ use svcplane_e2e::{
     balancer::Balancer,
     eventually, free_port,
     http::{histogram_buckets, histogram_quantile},
+    objects::numbered_service,
     process::Svcplane,
     test_namespace, webhook,
 };
@@ -110,21 +108,7 @@ async fn etcd_allocations(etcd_url: &str, replicas: usize, total: usize) -> (f64
 }
 
 fn service(i: usize) -> Service {
-    Service {
-        metadata: ObjectMeta {
-            name: Some(format!("s{i}")),
-            ..Default::default()
-        },
-        spec: Some(ServiceSpec {
-            ports: Some(vec![ServicePort {
-                port: 80,
-                ..Default::default()
-            }]),
-            selector: Some([("app".to_owned(), format!("s{i}"))].into()),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    numbered_service(i, false, false)
 }
 
 /// Creates `total` Services in a new namespace, 32 at a time: creates/s, p50, p99.

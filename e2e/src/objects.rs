@@ -77,6 +77,28 @@ pub fn service(name: &str, app: &str, target: IntOrString) -> Service {
     }
 }
 
+/// Service `s<i>` selecting `app=s<i>` with one port 80, of type NodePort with `node_port` and
+/// PreferDualStack with `dual_stack`: the allocation tests' and benchmarks' Services.
+pub fn numbered_service(i: usize, node_port: bool, dual_stack: bool) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some(format!("s{i}")),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            type_: node_port.then(|| "NodePort".to_owned()),
+            ip_family_policy: dual_stack.then(|| "PreferDualStack".to_owned()),
+            ports: Some(vec![ServicePort {
+                port: 80,
+                ..Default::default()
+            }]),
+            selector: Some([("app".to_owned(), format!("s{i}"))].into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 pub async fn create_service(client: &Client, ns: &str, svc: &Service) -> Service {
     Api::<Service>::namespaced(client.clone(), ns)
         .create(&PostParams::default(), svc)

@@ -27,22 +27,19 @@ use std::{
 
 use futures::StreamExt;
 use k8s_openapi::{
-    api::{
-        coordination::v1::Lease,
-        core::v1::{Service, ServicePort, ServiceSpec},
-    },
+    api::{coordination::v1::Lease, core::v1::Service},
     apimachinery::pkg::apis::meta::v1::LabelSelector,
 };
 use kube::{
     Api, Client,
-    api::{ListParams, ObjectMeta, PostParams},
+    api::{ListParams, PostParams},
 };
 use rand::Rng;
 use svcplane_allocators::{IpRange, PortRange, etcd::RangeStore};
 
 use crate::{
-    ControlPlane, OwnedControlPlane, balancer::Balancer, etcd::Etcd, free_port, process::Svcplane,
-    test_namespace, validating, webhook,
+    ControlPlane, OwnedControlPlane, balancer::Balancer, etcd::Etcd, free_port, objects::numbered_service,
+    process::Svcplane, test_namespace, validating, webhook,
 };
 
 pub const V4: &str = "10.96.0.0/16";
@@ -191,26 +188,11 @@ pub fn stores(etcd: etcd_client::Client) -> Stores {
 }
 
 fn service(i: usize) -> Service {
-    Service {
-        metadata: ObjectMeta {
-            name: Some(format!("s{i}")),
-            labels: i
-                .is_multiple_of(10)
-                .then(|| [(validating::DENY_LABEL.to_owned(), String::new())].into()),
-            ..Default::default()
-        },
-        spec: Some(ServiceSpec {
-            type_: i.is_multiple_of(4).then(|| "NodePort".to_owned()),
-            ip_family_policy: i.is_multiple_of(6).then(|| "PreferDualStack".to_owned()),
-            ports: Some(vec![ServicePort {
-                port: 80,
-                ..Default::default()
-            }]),
-            selector: Some([("app".to_owned(), format!("s{i}"))].into()),
-            ..Default::default()
-        }),
-        ..Default::default()
+    let mut svc = numbered_service(i, i.is_multiple_of(4), i.is_multiple_of(6));
+    if i.is_multiple_of(10) {
+        svc.metadata.labels = Some([(validating::DENY_LABEL.to_owned(), String::new())].into());
     }
+    svc
 }
 
 /// What a failed create attempt's error says, in a word.

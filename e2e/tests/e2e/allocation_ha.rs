@@ -14,7 +14,7 @@ use futures::StreamExt;
 use k8s_openapi::{
     api::{
         coordination::v1::{Lease, LeaseSpec},
-        core::v1::{Service, ServicePort, ServiceSpec},
+        core::v1::Service,
     },
     apimachinery::pkg::apis::meta::v1::MicroTime,
     jiff::Timestamp,
@@ -25,32 +25,17 @@ use kube::{
 };
 use svcplane_e2e::{
     ControlPlane, OwnedControlPlane, balancer::Balancer, eventually, free_port, http::metric_value,
-    process::Svcplane, test_namespace, webhook,
+    objects::numbered_service, process::Svcplane, test_namespace, webhook,
 };
 
 use svcplane_e2e::soak::{PORTS, V4, V6, held, stores};
+
 const SERVICES: usize = 500;
 /// The leader is killed once this many creates have succeeded.
 const KILL_AFTER: usize = 200;
 
 fn service(i: usize) -> Service {
-    Service {
-        metadata: ObjectMeta {
-            name: Some(format!("s{i}")),
-            ..Default::default()
-        },
-        spec: Some(ServiceSpec {
-            type_: i.is_multiple_of(5).then(|| "NodePort".to_owned()),
-            ip_family_policy: i.is_multiple_of(7).then(|| "PreferDualStack".to_owned()),
-            ports: Some(vec![ServicePort {
-                port: 80,
-                ..Default::default()
-            }]),
-            selector: Some([("app".to_owned(), format!("s{i}"))].into()),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    numbered_service(i, i.is_multiple_of(5), i.is_multiple_of(7))
 }
 
 /// Creates until it succeeds: a request that reached the replica being killed fails (the webhook
