@@ -5,14 +5,14 @@
 //! and a namespace with too much reserved already is refused ([`crate::pending`]).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use svcplane_core::IpFamily;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, watch};
 use tracing::warn;
 
 use crate::{
@@ -23,6 +23,12 @@ use crate::{
     pending::{self, Ledger, TooManyPending},
     reservation::{self, Requester},
 };
+
+/// How long a read of the pending reservations may take before its figures are given up.
+const PENDING_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a request the figures at hand would refuse waits for a read in flight.
+const PENDING_READ_WAIT: Duration = Duration::from_secs(2);
 
 /// The ranges one controller-manager allocates from.
 pub struct Ranges {
@@ -47,7 +53,10 @@ pub struct PendingLimit {
     limit: Option<usize>,
     /// The reservation TTL: older reservations are being freed and do not count.
     ttl: Duration,
-    ledger: Mutex<Ledger>,
+    /// Never held across an await: requests only count under it, reads of etcd land in it.
+    ledger: Arc<std::sync::Mutex<Ledger>>,
+    /// Ticks when a read of etcd lands in the ledger (or fails).
+    reads: Arc<watch::Sender<u64>>,
 }
 
 impl PendingLimit {
@@ -55,8 +64,16 @@ impl PendingLimit {
         Self {
             limit,
             ttl,
-            ledger: Mutex::new(Ledger::default()),
+            ledger: Arc::default(),
+            reads: Arc::new(watch::Sender::new(0)),
         }
+    }
+
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        // The ledger's methods do not panic; a poisoned lock still holds consistent counts.
+        self.ledger
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -95,12 +112,14 @@ fn to_op<V>(want: Want<V>) -> (Op<V>, Scope) {
 impl Ranges {
     pub async fn execute(&self, plan: &Plan, requester: Requester) -> Result<Allocated, AllocationFailure> {
         let wanted = plan.value_count();
-        self.admit(&requester.namespace, wanted).await?;
-        let namespace = requester.namespace.clone();
+        self.admit(&requester, wanted).await?;
+        let requester = Arc::new(requester);
         let mut got = Allocated::default();
-        let result = self.execute_into(plan, &Arc::new(requester), &mut got).await;
+        let result = self.execute_into(plan, &requester, &mut got).await;
+        if self.pending.limit.is_some() {
+            self.pending.ledger().finished(&requester, wanted, result.is_ok());
+        }
         if let Err(e) = &result {
-            self.pending.ledger.lock().await.undo(&namespace, wanted);
             warn!(error = %e, "allocation failed; releasing what this request already took");
             self.release(
                 &got.cluster_ips,
@@ -116,36 +135,67 @@ impl Ranges {
         result.map(|()| got)
     }
 
-    /// Counts `wanted` values against `namespace`'s limit of pending reservations.
-    async fn admit(&self, namespace: &str, wanted: usize) -> Result<(), TooManyPending> {
+    /// Counts `wanted` values against the limit of `service`'s namespace, on the
+    /// figures there are; when they are stale, a read of etcd starts in the background. A
+    /// request they would refuse while a read is in flight waits for it (at most
+    /// [`PENDING_READ_WAIT`]) and is judged again.
+    async fn admit(&self, service: &Requester, wanted: usize) -> Result<(), TooManyPending> {
         let Some(limit) = self.pending.limit else {
             return Ok(());
         };
-        let mut ledger = self.pending.ledger.lock().await;
-        if ledger.stale(Instant::now(), pending::REFRESH) {
-            match self.pending_by_namespace().await {
-                Ok(read) => ledger.refreshed(read, Instant::now()),
-                // The figures of the last read stand; the allocation itself tells whether etcd
-                // is there.
-                Err(e) => {
-                    warn!(error = %e, "could not read the reservations to count them");
-                    ledger.read_failed(Instant::now());
-                }
+        let mut landed = {
+            let mut ledger = self.pending.ledger();
+            if ledger.begin_read(Instant::now(), pending::REFRESH) {
+                self.spawn_pending_read();
             }
-        }
-        ledger.admit(namespace, wanted, limit)
+            match ledger.admit(service, wanted, limit) {
+                Err(_) if ledger.reading() => {
+                    // Subscribed under the lock the read lands under: its tick cannot be missed.
+                    self.pending.reads.subscribe()
+                }
+                result => return result,
+            }
+        };
+        // Refused anyway if the read does not land in time: the figures there are say so.
+        let _ = tokio::time::timeout(PENDING_READ_WAIT, landed.changed()).await;
+        self.pending.ledger().admit(service, wanted, limit)
     }
 
-    /// Unexpired reservations in etcd, by namespace, over every range.
-    async fn pending_by_namespace(&self) -> Result<HashMap<String, usize>, StoreError> {
-        let now = reservation::now_ms();
+    /// Reads the unexpired reservations in etcd, by Service over every range, into the
+    /// ledger. Bounded in time: a read that hangs must not keep the next one from starting.
+    fn spawn_pending_read(&self) {
+        let stores: Vec<_> = self.cluster_ips.values().cloned().collect();
+        let node_ports = self.node_ports.clone();
         let ttl = self.pending.ttl;
-        let mut counts = HashMap::new();
-        for store in self.cluster_ips.values() {
-            pending::count(&mut counts, &store.reservations().await?, now, ttl);
-        }
-        pending::count(&mut counts, &self.node_ports.reservations().await?, now, ttl);
-        Ok(counts)
+        let ledger = self.pending.ledger.clone();
+        let reads = self.pending.reads.clone();
+        tokio::spawn(async move {
+            let read = async {
+                let now = reservation::now_ms();
+                let mut counts = pending::Counts::new();
+                for store in &stores {
+                    pending::count(&mut counts, &store.reservations().await?, now, ttl);
+                }
+                pending::count(&mut counts, &node_ports.reservations().await?, now, ttl);
+                Ok::<_, StoreError>(counts)
+            };
+            let result = tokio::time::timeout(PENDING_READ_TIMEOUT, read).await;
+            let mut ledger = ledger.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match result {
+                Ok(Ok(counts)) => ledger.read_done(counts),
+                // The figures of the last read stand; the allocations themselves tell whether
+                // etcd is there.
+                Ok(Err(e)) => {
+                    warn!(error = %e, "could not read the reservations to count them");
+                    ledger.read_failed();
+                }
+                Err(_) => {
+                    warn!(timeout = ?PENDING_READ_TIMEOUT, "reading the reservations to count them timed out");
+                    ledger.read_failed();
+                }
+            }
+            reads.send_modify(|n| *n = n.wrapping_add(1));
+        });
     }
 
     async fn execute_into(

@@ -37,7 +37,7 @@ pub struct Reservation {
 }
 
 /// The Service a request is for, as the webhook knows it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Requester {
     pub namespace: String,
     pub name: String,
