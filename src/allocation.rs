@@ -137,10 +137,10 @@ pub struct Started {
 }
 
 /// How long in-flight admission requests may take to finish once the webhook stops: as long as
-/// the apiserver waits for an answer (the configuration's timeout, 10 s). With the drain's
-/// `--webhook-shutdown-delay` (20 s) this is the 30 s a replica may take to stop after SIGTERM;
-/// the Deployment's grace period is longer.
-const WEBHOOK_GRACE: Duration = Duration::from_secs(10);
+/// the apiserver waits for an answer (the configuration's timeout, 15 s). With the drain's
+/// `--webhook-shutdown-delay` (20 s) this is the 35 s a replica may take to stop after SIGTERM;
+/// the Deployment's grace period (40 s) is longer.
+const WEBHOOK_GRACE: Duration = Duration::from_secs(15);
 
 /// Once the EndpointSlices no longer list this replica as ready, it keeps serving at least this
 /// long, and until no connection has come for [`DRAIN_QUIET`]: node proxies apply the change

@@ -2,11 +2,11 @@
 //! Patch, or refuse with a message that says why (range full, etcd unreachable, not yet
 //! reconciled, invalid request).
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
-    extract::{DefaultBodyLimit, State},
+    extract::{DefaultBodyLimit, RawQuery, State},
     routing::post,
 };
 use k8s_openapi::api::core::v1::Service;
@@ -68,9 +68,34 @@ impl WebhookMetrics {
 /// up to etcd's 1.5 MiB, in JSON that may be larger than their stored form.
 const MAX_REVIEW_BYTES: usize = 8 << 20;
 
-/// How long a request may take here: less than the configuration's timeout (10 s), so the
-/// apiserver relays this webhook's reason rather than a timeout.
-const ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(8);
+/// How long a request may take here when the apiserver does not say how long it waits.
+const DEFAULT_ANSWER_WITHIN: Duration = Duration::from_secs(8);
+/// Kept of the apiserver's wait for the answer to travel back: answering within it, this
+/// webhook's reason reaches the client rather than the apiserver's timeout.
+const ANSWER_MARGIN: Duration = Duration::from_secs(2);
+/// The webhook configuration's longest timeout (`timeoutSeconds` is at most 30).
+const MAX_ANSWER_WITHIN: Duration = Duration::from_secs(30);
+
+/// How long this call may take: the apiserver's wait less the margin. The apiserver says how
+/// long it waits in the query string (`?timeout=15s`, the configuration's `timeoutSeconds`).
+fn answer_within(query: Option<&str>) -> Duration {
+    query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|pair| pair.strip_prefix("timeout="))
+        .and_then(go_seconds)
+        .map_or(DEFAULT_ANSWER_WITHIN, |wait| {
+            wait.min(MAX_ANSWER_WITHIN)
+                .saturating_sub(ANSWER_MARGIN)
+                .max(Duration::from_secs(1))
+        })
+}
+
+/// A Go duration as the apiserver writes a whole number of seconds ("15s"); anything else is
+/// not what it sends, and the default applies.
+fn go_seconds(s: &str) -> Option<Duration> {
+    s.strip_suffix('s')?.parse::<u64>().ok().map(Duration::from_secs)
+}
 
 pub fn router(state: Arc<WebhookState>) -> Router {
     Router::new()
@@ -81,8 +106,10 @@ pub fn router(state: Arc<WebhookState>) -> Router {
 
 async fn mutate(
     State(state): State<Arc<WebhookState>>,
+    RawQuery(query): RawQuery,
     Json(review): Json<AdmissionReview<Service>>,
 ) -> Json<AdmissionReview<DynamicObject>> {
+    let within = answer_within(query.as_deref());
     let req: AdmissionRequest<Service> = match review.try_into() {
         Ok(r) => r,
         Err(e) => {
@@ -91,7 +118,7 @@ async fn mutate(
         }
     };
     let timer = state.metrics.duration.start_timer();
-    let (op, outcome, resp) = answer(&state, &req).await;
+    let (op, outcome, resp) = answer(&state, &req, within).await;
     timer.observe_duration();
     state.metrics.requests.with_label_values(&[op, outcome]).inc();
     Json(resp.into_review())
@@ -100,6 +127,7 @@ async fn mutate(
 async fn answer(
     state: &WebhookState,
     req: &AdmissionRequest<Service>,
+    within: Duration,
 ) -> (&'static str, &'static str, AdmissionResponse) {
     let resp = AdmissionResponse::from(req);
     let (op, plan) = match (&req.operation, &req.object, &req.old_object) {
@@ -133,7 +161,7 @@ async fn answer(
     // nobody waits for any more is reserved and returns to the pool when the reservation expires.
     let (allocators, plan_owned) = (state.allocators.clone(), plan.clone());
     let execution = tokio::spawn(async move { allocators.execute(&plan_owned, requester).await });
-    let got = match tokio::time::timeout(ANSWER_WITHIN, execution).await {
+    let got = match tokio::time::timeout(within, execution).await {
         Err(_) => {
             warn!(%service, "allocation did not finish in time");
             return (
@@ -141,7 +169,7 @@ async fn answer(
                 "failed",
                 resp.deny(format!(
                     "allocation did not finish within {}s (etcd slow or unreachable); try again",
-                    ANSWER_WITHIN.as_secs()
+                    within.as_secs()
                 )),
             );
         }
@@ -171,5 +199,28 @@ async fn answer(
             "failed",
             resp.deny(format!("internal error serializing the patch: {e}")),
         ),
+    }
+}
+
+#[cfg(test)]
+mod deadline_tests {
+    use super::*;
+
+    fn within(timeout: Option<&str>) -> Duration {
+        answer_within(timeout.map(|t| format!("timeout={t}")).as_deref())
+    }
+
+    #[test]
+    fn the_answer_is_due_before_the_apiserver_stops_waiting() {
+        assert_eq!(within(Some("15s")), Duration::from_secs(13));
+        assert_eq!(within(Some("10s")), Duration::from_secs(8));
+        // Never less than a second, never past the longest timeout a configuration can have.
+        assert_eq!(within(Some("1s")), Duration::from_secs(1));
+        assert_eq!(within(Some("300s")), Duration::from_secs(28));
+        // Not said, or not as the apiserver says it: the default.
+        assert_eq!(within(None), DEFAULT_ANSWER_WITHIN);
+        assert_eq!(within(Some("1m")), DEFAULT_ANSWER_WITHIN);
+        assert_eq!(within(Some("-5s")), DEFAULT_ANSWER_WITHIN);
+        assert_eq!(answer_within(Some("x=1&timeout=12s")), Duration::from_secs(10));
     }
 }
