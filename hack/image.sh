@@ -46,8 +46,9 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/svcplane-image.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 CTX=${CONTEXT:-$WORK/context}
 mkdir -p "$CTX"
-# nft for nftables mode and IPVS mode's support table; libgcc-s1 and libc6 for svcplane itself.
-mapfile -t packages < <(deb_closure nftables libgcc-s1)
+# libgcc-s1 and libc6 for svcplane itself: it programs nf_tables and IPVS over netlink, so the
+# image carries no nft, ipvsadm or iptables.
+mapfile -t packages < <(deb_closure libgcc-s1)
 debroot_unpack "$CTX/rootfs" "${packages[@]}"
 debroot_users "$CTX/rootfs"
 strip -o "$CTX/svcplane" "$BIN"

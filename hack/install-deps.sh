@@ -7,7 +7,7 @@ PACKAGES=(
   protobuf-compiler libprotobuf-dev # etcd-client's build script compiles etcd's protos
   curl openssl ca-certificates      # readiness polls, the local PKI
   iproute2 procps                   # ip, pgrep/pkill in scripts
-  nftables                          # the dataplane's nftables mode (nft -j -f -)
+  nftables                          # nft: the tests' oracle for the tables svcplane writes
   busybox-static                    # httpd backends in the dataplane tests; the IPVS VM's userland
   qemu-system-x86 ipvsadm kmod cpio # the IPVS VM (hack/ipvs-vm.sh); ipvsadm only to inspect
   socat                             # carries the apiserver into a test's node namespace (unix socket)

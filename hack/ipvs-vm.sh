@@ -30,6 +30,7 @@ mkdir -p "$R"/{bin,sbin,usr/sbin,usr/bin,etc,proc,sys,dev,tmp,run,var/run/netns,
 cp /bin/busybox "$R/bin/"
 for a in $(/bin/busybox --list); do [ -e "$R/bin/$a" ] || ln -s busybox "$R/bin/$a"; done
 strip -o "$R/usr/bin/svcplane" "$BIN"
+# ipvsadm and nft only let the scenario show what svcplane wrote.
 for b in /usr/sbin/ipvsadm /usr/sbin/ip /usr/sbin/nft "$R/usr/bin/svcplane"; do
   [ "$b" = "$R/usr/bin/svcplane" ] || cp "$b" "$R/usr/sbin/"
   for l in $(ldd "$b" | grep -o '/[^ ]*'); do mkdir -p "$R$(dirname "$l")"; cp -L "$l" "$R$l"; done

@@ -1,7 +1,7 @@
 //! Benchmark (not a test) of the node agent's nftables mode on this machine's kernel, in a network
 //! namespace of its own: a full sync and a single-endpoint update for BENCH_DP_SIZES (1000,10000)
 //! Services x 10 endpoints. Times are split into computing (desired state, ruleset, diff) and
-//! applying (`nft -j -f -`, one transaction).
+//! applying (one netlink batch, one kernel transaction).
 //!
 //! Run with `hack/bench/dataplane.sh`.
 
@@ -9,7 +9,6 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr},
-    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -19,6 +18,7 @@ use svcplane_dataplane::{
     input::{EndpointInfo, Policy, ServiceInfo, ServicePortInfo, SliceInfo, SlicePort},
     nft::{Transaction, ruleset, transaction},
 };
+use svcplane_kernel::nft::NftSocket;
 
 fn services(n: usize) -> (Vec<ServiceInfo>, Vec<SliceInfo>) {
     let mut svcs = Vec::with_capacity(n);
@@ -67,17 +67,11 @@ fn services(n: usize) -> (Vec<ServiceInfo>, Vec<SliceInfo>) {
     (svcs, slices)
 }
 
-fn apply(ns: &str, tx: &Transaction) -> Duration {
-    use std::io::Write;
-    let payload = serde_json::to_vec(&tx.0).unwrap();
+fn apply(socket: &mut NftSocket, tx: Transaction) -> Duration {
     let started = Instant::now();
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, "nft", "-j", "-f", "-"])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(&payload).unwrap();
-    assert!(child.wait().unwrap().success(), "nft refused the batch");
+    if let Err(e) = socket.apply(&[tx]) {
+        panic!("{e}");
+    }
     started.elapsed()
 }
 
@@ -91,14 +85,9 @@ fn main() {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
-    let ns = format!("spbench-{}", std::process::id());
-    assert!(
-        Command::new("ip")
-            .args(["netns", "add", &ns])
-            .status()
-            .unwrap()
-            .success()
-    );
+    // A network namespace of the benchmark's own, gone when it exits.
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET) (needs root)");
+    let mut socket = NftSocket::open().unwrap();
     println!(
         "\nnftables mode, Services x 10 endpoints (one ClusterIP port each, NodePorts on the first 2000)"
     );
@@ -111,22 +100,16 @@ fn main() {
         let started = Instant::now();
         let state = desired("node-0", &svcs, &slices);
         let rs = ruleset(&state, IpFamily::IPv4);
-        let full = transaction(None, &rs, IpFamily::IPv4).unwrap().unwrap();
+        let full = transaction(None, &rs, IpFamily::IPv4).unwrap();
         let compute = started.elapsed();
-        if let Ok(dir) = std::env::var("BENCH_DP_DUMP") {
-            std::fs::write(
-                format!("{dir}/full-{n}.json"),
-                serde_json::to_vec(&full.0).unwrap(),
-            )
-            .unwrap();
-        }
-        let applied = apply(&ns, &full);
+        let commands = full.len();
+        let applied = apply(&mut socket, full);
         println!(
             "{n:<9} {:<15} {:>11} {:>10} {:>9} {:>9}",
             "full",
             ms(compute),
             ms(applied),
-            full.len(),
+            commands,
             rs.size()
         );
 
@@ -135,17 +118,17 @@ fn main() {
         let started = Instant::now();
         let state = desired("node-0", &svcs, &slices);
         let next = ruleset(&state, IpFamily::IPv4);
-        let delta = transaction(Some(&rs), &next, IpFamily::IPv4).unwrap().unwrap();
+        let delta = transaction(Some(&rs), &next, IpFamily::IPv4).unwrap();
         let compute = started.elapsed();
-        let applied = apply(&ns, &delta);
+        let commands = delta.len();
+        let applied = apply(&mut socket, delta);
         println!(
             "{n:<9} {:<15} {:>11} {:>10} {:>9} {:>9}",
             "one endpoint",
             ms(compute),
             ms(applied),
-            delta.len(),
+            commands,
             next.size()
         );
     }
-    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
 }

@@ -2,18 +2,85 @@
 //! implementation, each owning what it last applied (its view of the kernel), so the sync loop
 //! neither knows nor keeps either mode's state.
 
-use std::{net::IpAddr, path::PathBuf};
+use std::net::IpAddr;
 
 use anyhow::Context;
 use svcplane_core::IpFamily;
 use svcplane_dataplane::{
     desired::DesiredState,
     ipvs::plan::Op,
-    nft::{IpvsSupport, Ruleset, TABLE, ipvs_support, ipvs_support_transaction, ruleset, transaction},
+    nft::{
+        IpvsSupport, Ruleset, TABLE, Transaction, ipvs_support, ipvs_support_transaction, ruleset,
+        transaction,
+    },
 };
 use tracing::{info, warn};
 
-use super::{ipvs, metrics::DataplaneMetrics, nft};
+use svcplane_kernel::nft::NftSocket;
+
+use super::{ipvs, metrics::DataplaneMetrics};
+
+/// Applies `transactions` as one kernel transaction, off the async runtime (the kernel works
+/// inside the send: seconds for a whole table of 10,000 Services); returns the ruleset's
+/// generation after it.
+pub async fn apply_nft(transactions: Vec<Transaction>) -> anyhow::Result<u32> {
+    tokio::task::spawn_blocking(move || -> anyhow::Result<u32> {
+        let mut socket = NftSocket::open().context("opening a netfilter netlink socket")?;
+        Ok(socket.apply(&transactions)?)
+    })
+    .await
+    .context("the nftables apply task failed")?
+}
+
+/// What one family's read-back found, and the transaction that put it right.
+struct Repaired {
+    family: IpFamily,
+    differences: Differences,
+    ops: usize,
+}
+
+/// Reads svcplane's tables back and repairs what differs from `applied` (each family's table
+/// as last written), unless nothing committed anything since `generation`. Returns the
+/// generation after, and what was repaired.
+fn repair_tables(
+    applied: &[(IpFamily, Ruleset)],
+    generation: Option<u32>,
+) -> anyhow::Result<(u32, Vec<Repaired>)> {
+    let mut socket = NftSocket::open().context("opening a netfilter netlink socket")?;
+    let mut now = socket.generation().context("reading the ruleset's generation")?;
+    let mut repaired = Vec::new();
+    if Some(now) == generation {
+        return Ok((now, repaired));
+    }
+    for (family, rs) in applied {
+        let rebuild = transaction(None, rs, *family).unwrap_or_else(|| Transaction::new(*family));
+        let expected = Table::from_ops(&rebuild.ops);
+        let (fix, read_at) = match socket
+            .read_table(*family)
+            .context("reading svcplane's table back")?
+        {
+            None => {
+                let differences = Differences {
+                    rebuild: true,
+                    ..Differences::default()
+                };
+                (Some((rebuild.clone(), differences)), None)
+            }
+            Some((observed, at)) => (repair(&observed, &expected, &rebuild), Some(at)),
+        };
+        let Some((tx, differences)) = fix else {
+            continue;
+        };
+        let ops = tx.len();
+        now = socket.apply_at(&[tx], read_at)?;
+        repaired.push(Repaired {
+            family: *family,
+            differences,
+            ops,
+        });
+    }
+    Ok((now, repaired))
+}
 
 pub trait Backend: Send {
     /// `nftables` or `ipvs`, for logs and `--objects` summaries.
@@ -26,8 +93,9 @@ pub trait Backend: Send {
         metrics: &DataplaneMetrics,
     ) -> impl Future<Output = anyhow::Result<()>> + Send;
 
-    /// Between syncs: notices what someone else changed, so that the next apply repairs it.
-    fn check_drift(&mut self) -> impl Future<Output = ()> + Send;
+    /// Once a sync period: notices what someone else changed in what this backend wrote, and
+    /// puts it back.
+    fn check_drift(&mut self, metrics: &DataplaneMetrics) -> impl Future<Output = ()> + Send;
 
     /// What the last apply did, as a JSON object (`--objects` prints it).
     fn summary(&self) -> serde_json::Value;
@@ -35,17 +103,19 @@ pub trait Backend: Send {
 
 /// nftables mode: one table per family, changed by one transaction per sync.
 pub struct Nftables {
-    nft: PathBuf,
     /// The last applied table per family; `None` when unknown (start, or after a failed apply),
     /// which makes the next apply rebuild the table.
     applied: [(IpFamily, Option<Ruleset>); 2],
+    /// The ruleset's generation after svcplane's last commit: while the kernel is still at it,
+    /// nobody else changed anything and there is nothing to read back.
+    generation: Option<u32>,
 }
 
 impl Nftables {
-    pub fn new(nft: PathBuf) -> Self {
+    pub fn new() -> Self {
         Self {
-            nft,
             applied: [(IpFamily::IPv4, None), (IpFamily::IPv6, None)],
+            generation: None,
         }
     }
 }
@@ -56,55 +126,79 @@ impl Backend for Nftables {
     }
 
     async fn apply(&mut self, state: &DesiredState, metrics: &DataplaneMetrics) -> anyhow::Result<()> {
-        for (family, slot) in &mut self.applied {
+        let mut transactions = Vec::new();
+        let mut next = Vec::new();
+        for (i, (family, slot)) in self.applied.iter_mut().enumerate() {
             let family = *family;
-            let next = ruleset(state, family);
+            let table = ruleset(state, family);
             metrics
                 .rules
                 .with_label_values(&[family.as_str()])
-                .set(i64::try_from(next.size()).unwrap_or(i64::MAX));
-            let Some(tx) =
-                transaction(slot.as_ref(), &next, family).context("rendering the nftables batch")?
-            else {
+                .set(i64::try_from(table.size()).unwrap_or(i64::MAX));
+            let Some(tx) = transaction(slot.as_ref(), &table, family) else {
                 continue;
             };
-            let full = slot.is_none();
-            // Unknown from here until the apply succeeds: a failed batch leaves the old table
-            // whole, but the next sync must not diff against a state the kernel may not hold.
-            *slot = None;
-            nft::apply(&self.nft, &tx).await?;
             info!(
                 family = family.as_str(),
                 commands = tx.len(),
-                full,
-                "nftables updated"
+                full = slot.is_none(),
+                "updating nftables"
             );
-            *slot = Some(next);
+            transactions.push(tx);
+            // Unknown from here until the apply succeeds: a refused batch leaves the old table
+            // whole, but the next sync must not diff against a state the kernel may not hold.
+            *slot = None;
+            next.push((i, table));
+        }
+        if transactions.is_empty() {
+            return Ok(());
+        }
+        self.generation = Some(apply_nft(transactions).await?);
+        for (i, table) in next {
+            self.applied[i].1 = Some(table);
         }
         Ok(())
     }
 
-    /// A table someone else removed (a flushed ruleset, another tool's cleanup) is rebuilt at
-    /// the next apply. `nft list tables` names tables only: cheap however large the table is.
-    async fn check_drift(&mut self) {
-        match nft::tables(&self.nft).await {
-            Ok(tables) => {
-                for (family, slot) in &mut self.applied {
-                    let name = match family {
-                        IpFamily::IPv4 => "ip",
-                        IpFamily::IPv6 => "ip6",
-                    };
-                    if slot.is_some() && !tables.contains(&(name.to_owned(), TABLE.to_owned())) {
-                        warn!(
-                            family = name,
-                            table = TABLE,
-                            "svcplane's table is gone; rebuilding it"
-                        );
-                        *slot = None;
-                    }
+    /// Reads the tables back (only when some transaction was committed since svcplane's last)
+    /// and puts back what someone else changed: a rule edited or added by hand, an element
+    /// deleted by another tool, a chain flushed, the table removed.
+    async fn check_drift(&mut self, metrics: &DataplaneMetrics) {
+        let applied: Vec<(IpFamily, Ruleset)> = self
+            .applied
+            .iter()
+            .filter_map(|(f, rs)| Some((*f, rs.clone()?)))
+            .collect();
+        let generation = self.generation;
+        let result = tokio::task::spawn_blocking(move || repair_tables(&applied, generation)).await;
+        match result {
+            Ok(Ok((now, repaired))) => {
+                self.generation = Some(now);
+                for r in repaired {
+                    metrics.drift_repairs.inc();
+                    warn!(
+                        family = r.family.as_str(),
+                        table = TABLE,
+                        chains = ?r.differences.chains,
+                        sets = ?r.differences.sets,
+                        elements = r.differences.elements,
+                        rebuilt = r.differences.rebuild,
+                        operations = r.ops,
+                        "svcplane's nftables table was changed by someone else; put it back"
+                    );
                 }
             }
-            Err(e) => warn!(error = format!("{e:#}"), "cannot list nftables tables"),
+            Ok(Err(e)) => {
+                // Unknown: the next sync rebuilds.
+                for (_, slot) in &mut self.applied {
+                    *slot = None;
+                }
+                warn!(
+                    error = format!("{e:#}"),
+                    "could not check svcplane's nftables tables; rebuilding them"
+                );
+            }
+            Err(e) => warn!(error = %e, "the nftables check task failed"),
         }
     }
 
@@ -116,7 +210,6 @@ impl Backend for Nftables {
 /// IPVS mode: virtual servers over generic netlink, plus a small nftables table for what IPVS
 /// does not do (masquerading node-port traffic, rejecting Services without endpoints).
 pub struct Ipvs {
-    nft: PathBuf,
     scheduler: String,
     node_ips: Vec<IpAddr>,
     last: Option<ipvs::Report>,
@@ -125,9 +218,8 @@ pub struct Ipvs {
 }
 
 impl Ipvs {
-    pub fn new(nft: PathBuf, scheduler: String, node_ips: Vec<IpAddr>) -> Self {
+    pub fn new(scheduler: String, node_ips: Vec<IpAddr>) -> Self {
         Self {
-            nft,
             scheduler,
             node_ips,
             last: None,
@@ -169,15 +261,14 @@ impl Backend for Ipvs {
                 continue;
             }
             *slot = None;
-            let tx = ipvs_support_transaction(&next, family).context("rendering the IPVS-mode nftables")?;
-            nft::apply(&self.nft, &tx).await?;
+            apply_nft(vec![ipvs_support_transaction(&next, family)]).await?;
             *slot = Some(next);
         }
         Ok(())
     }
 
     /// Every sync reads the kernel's IPVS table before planning, so there is nothing to do here.
-    async fn check_drift(&mut self) {}
+    async fn check_drift(&mut self, _metrics: &DataplaneMetrics) {}
 
     fn summary(&self) -> serde_json::Value {
         let Some(r) = &self.last else {

@@ -15,6 +15,7 @@ pub struct DataplaneMetrics {
     pub programming_latency: Histogram,
     pub ipvs_failures: IntCounter,
     pub invalid_config: IntCounter,
+    pub drift_repairs: IntCounter,
 }
 
 impl DataplaneMetrics {
@@ -83,6 +84,13 @@ impl DataplaneMetrics {
                 IntCounter::with_opts(Opts::new(
                     "svcplane_dataplane_invalid_config_total",
                     "Configuration values replaced by defaults (e.g. an unknown IPVS scheduler)",
+                ))?,
+            )?,
+            drift_repairs: registered(
+                registry,
+                IntCounter::with_opts(Opts::new(
+                    "svcplane_dataplane_drift_repairs_total",
+                    "Times svcplane's nftables table was found changed by someone else and put back",
                 ))?,
             )?,
         };

@@ -7,7 +7,7 @@ mod cache;
 mod healthcheck;
 mod ipvs;
 mod metrics;
-mod nft;
+
 pub mod sysctls;
 
 use std::{
@@ -73,9 +73,6 @@ pub struct Args {
     /// Address serving /metrics and /healthz over plain HTTP (kube-proxy's health port).
     #[arg(long, default_value = "0.0.0.0:10256", env = "SVCPLANE_HEALTHZ_BIND_ADDRESS")]
     pub http_bind_address: SocketAddr,
-    /// The nft program (nftables mode).
-    #[arg(long, default_value = "nft")]
-    pub nft: PathBuf,
     /// IPVS scheduler for every virtual server (rr, wrr, lc, wlc, lblc, lblcr, dh, sh, sed, nq,
     /// fo, ovf, mh, twos). An unknown name is reported and rr used instead.
     #[arg(long, default_value = "rr")]
@@ -98,10 +95,7 @@ enum Choice {
 }
 
 #[derive(clap::Args, Debug)]
-pub struct CleanupArgs {
-    #[arg(long, default_value = "nft")]
-    pub nft: PathBuf,
-}
+pub struct CleanupArgs {}
 
 /// `/healthz`: the last sync succeeded, or one did within two sync periods.
 struct SyncHealth {
@@ -168,9 +162,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let registry = Registry::new();
     let metrics = DataplaneMetrics::register(&registry).context("registering metrics")?;
     match choose(&args, &metrics)? {
-        Choice::Nftables => serve(&args, backend::Nftables::new(args.nft.clone()), registry, metrics).await,
+        Choice::Nftables => serve(&args, backend::Nftables::new(), registry, metrics).await,
         Choice::Ipvs { scheduler } => {
-            let ipvs = backend::Ipvs::new(args.nft.clone(), scheduler, args.node_ip.clone());
+            let ipvs = backend::Ipvs::new(scheduler, args.node_ip.clone());
             serve(&args, ipvs, registry, metrics).await
         }
     }
@@ -247,6 +241,7 @@ async fn serve<B: Backend>(
     info!(node = %args.node_name, mode = backend.mode(), "caches synced; programming the kernel");
 
     let mut state = SyncState::default();
+    let mut last_check = Instant::now();
     loop {
         let started = Instant::now();
         let mut wait = args.sync_period;
@@ -286,7 +281,12 @@ async fn serve<B: Backend>(
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = changed.notified() => {}
-            () = tokio::time::sleep(wait) => backend.check_drift().await,
+            () = tokio::time::sleep(wait) => {}
+        }
+        // Once a period however busy the cluster: churn must not put off the check for ever.
+        if last_check.elapsed() >= args.sync_period {
+            backend.check_drift(&metrics).await;
+            last_check = Instant::now();
         }
         let since = started.elapsed();
         if since < args.min_sync_period {
@@ -426,11 +426,10 @@ fn observe_programming_latency(
 }
 
 /// `svcplane cleanup`: removes svcplane's nftables tables.
-pub async fn cleanup(args: CleanupArgs) -> anyhow::Result<()> {
-    let tx = svcplane_dataplane::nft::cleanup().context("rendering the cleanup batch")?;
-    match nft::apply(&args.nft, &tx).await {
+pub async fn cleanup(_args: CleanupArgs) -> anyhow::Result<()> {
+    match backend::apply_nft(svcplane_dataplane::nft::cleanup()).await {
         Ok(()) => info!("removed svcplane's nftables tables"),
-        // A node without nft never ran nftables mode.
+        // A kernel without nf_tables never ran nftables mode.
         Err(e) => warn!(error = format!("{e:#}"), "could not remove nftables tables"),
     }
     if ipvs::link::remove().await? {
@@ -483,7 +482,7 @@ mod tests {
             Ok(())
         }
 
-        async fn check_drift(&mut self) {}
+        async fn check_drift(&mut self, _metrics: &DataplaneMetrics) {}
 
         fn summary(&self) -> serde_json::Value {
             json!({"mode": self.mode(), "applied": self.applied.lock().unwrap().len()})

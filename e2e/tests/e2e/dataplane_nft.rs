@@ -2,7 +2,7 @@
 //! namespace, reads Services and EndpointSlices from the real apiserver, and real HTTP from a
 //! client namespace reaches backends in their own namespaces through it.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, io::Write, time::Duration};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{
@@ -172,7 +172,42 @@ async fn nftables_mode_balances_real_traffic_and_follows_changes() {
     // came first, its batch failed on the missing table, and the retry rebuilt it.
     let log = read_log();
     assert!(
-        log.contains("table is gone; rebuilding it") || log.contains("sync failed"),
+        log.contains("changed by someone else") || log.contains("sync failed"),
+        "{log}"
+    );
+
+    // Someone puts a rule of their own at the top of the Service's chain (nft's JSON: its
+    // syntax cannot name svcplane's chains): the agent puts the chain back.
+    let chain = format!("svc-{ns}/web/tcp/http");
+    let edit = json!({"nftables": [{"insert": {"rule": {
+        "family": "ip", "table": "svcplane", "chain": chain, "expr": [{"drop": null}],
+    }}}]});
+    let mut nft = std::process::Command::new("ip")
+        .args(["netns", "exec", &topo.ns("n"), "nft", "-j", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    nft.stdin
+        .take()
+        .unwrap()
+        .write_all(edit.to_string().as_bytes())
+        .unwrap();
+    let out = nft.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        topo.curl(&vip).await,
+        None,
+        "the rule added by hand dropped nothing"
+    );
+    eventually(Duration::from_secs(15), "the chain to be put back", || async {
+        topo.curl(&vip).await
+    })
+    .await;
+    let log = read_log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("changed by someone else") && l.contains(&chain)),
         "{log}"
     );
 

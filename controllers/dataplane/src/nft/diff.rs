@@ -2,88 +2,77 @@
 //! the whole-table transactions of IPVS mode and `cleanup`.
 
 use std::{
-    borrow::Cow,
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
-};
-
-use nftables::{
-    batch::Batch,
-    expr::{Expression, MetaKey, NamedExpression},
-    schema::{FlushObject, NfCmd, NfListObject, Set, SetType, SetTypeValue},
-    stmt::Statement,
-    types::{NfChainType, NfHook},
 };
 
 use svcplane_core::{IpFamily, Protocol};
 
 use super::{
     NO_ENDPOINT_IPS, NO_ENDPOINT_NODEPORTS, NO_ENDPOINTS, REJECT, SERVICE_IPS, SERVICE_NODEPORTS, SERVICES,
-    TABLE,
-    model::{IpvsSupport, Ruleset},
-    render::{Transaction, Writer, daddr_is_local, eq, mark_for_masquerade, meta, payload, s},
+    lower::{self, jump, mark_for_masquerade, masquerade_marked, node_port_lookup, service_lookup},
+    model::{IpvsSupport, Rule, Ruleset},
+    op::{Hook, HookPoint, Key, Op, SetKind, Transaction},
 };
 
-/// The transaction from `prev` (what the kernel holds, `None` when unknown) to `next`; `Ok(None)`
+/// The transaction from `prev` (what the kernel holds, `None` when unknown) to `next`; `None`
 /// when nothing changed. With `prev` unknown the table is rebuilt from scratch.
-pub fn transaction(
-    prev: Option<&Ruleset>,
-    next: &Ruleset,
-    family: IpFamily,
-) -> Result<Option<Transaction>, serde_json::Error> {
+pub fn transaction(prev: Option<&Ruleset>, next: &Ruleset, family: IpFamily) -> Option<Transaction> {
     if prev == Some(next) {
-        return Ok(None);
+        return None;
     }
-    let mut w = Writer::new(family);
+    let mut tx = Transaction::new(family);
     let empty = Ruleset::default();
     let prev = match prev {
         Some(p) => p,
         None => {
             // `add` then `delete` works whether or not the table exists; then start afresh.
-            w.batch.add(NfListObject::Table(w.table()));
-            w.batch.delete(NfListObject::Table(w.table()));
-            w.skeleton();
+            tx.push(Op::AddTable);
+            tx.push(Op::DeleteTable);
+            skeleton(&mut tx);
             &empty
         }
     };
     for (name, timeout) in &next.affinity_sets {
         if prev.affinity_sets.get(name) != Some(timeout) {
             if prev.affinity_sets.contains_key(name) {
-                w.batch
-                    .delete(NfListObject::Set(Box::new(w.affinity_set(name, *timeout))));
+                tx.push(Op::DeleteSet(name.clone()));
             }
-            w.batch
-                .add(NfListObject::Set(Box::new(w.affinity_set(name, *timeout))));
+            tx.push(Op::AddSet {
+                name: name.clone(),
+                kind: SetKind::Affinity {
+                    timeout_secs: *timeout,
+                },
+            });
         }
     }
     for (name, rules) in &next.chains {
         match prev.chains.get(name) {
             Some(old) if old == rules => {}
             Some(_) => {
-                w.batch.add_cmd(NfCmd::Flush(FlushObject::Chain(w.chain(name))));
-                w.write_chain(name, rules);
+                tx.push(Op::FlushChain(name.clone()));
+                write_chain(&mut tx, name, rules);
             }
             None => {
                 if !matches!(name.as_str(), SERVICES | NO_ENDPOINTS) || prev != &empty {
-                    w.batch.add(NfListObject::Chain(w.chain(name)));
+                    tx.push(Op::AddChain {
+                        name: name.clone(),
+                        hook: None,
+                    });
                 }
-                w.write_chain(name, rules);
+                write_chain(&mut tx, name, rules);
             }
         }
     }
+    let ip_key = |(ip, p, port): &(IpAddr, Protocol, u16)| Key::Service(*ip, *p, *port);
+    let port_key = |(p, port): &(Protocol, u16)| Key::Port(*p, *port);
+    diff_map(&mut tx, SERVICE_IPS, &prev.service_ips, &next.service_ips, ip_key);
     diff_map(
-        &mut w,
-        SERVICE_IPS,
-        &prev.service_ips,
-        &next.service_ips,
-        Writer::ip_key,
-    );
-    diff_map(
-        &mut w,
+        &mut tx,
         SERVICE_NODEPORTS,
         &prev.node_ports,
         &next.node_ports,
-        |_, k| Writer::port_key(k),
+        port_key,
     );
     let to_reject = |set: &BTreeSet<(IpAddr, Protocol, u16)>| -> BTreeMap<(IpAddr, Protocol, u16), String> {
         set.iter().map(|k| (*k, REJECT.to_owned())).collect()
@@ -92,163 +81,186 @@ pub fn transaction(
         set.iter().map(|k| (*k, REJECT.to_owned())).collect()
     };
     diff_map(
-        &mut w,
+        &mut tx,
         NO_ENDPOINT_IPS,
         &to_reject(&prev.no_endpoint_ips),
         &to_reject(&next.no_endpoint_ips),
-        Writer::ip_key,
+        ip_key,
     );
     diff_map(
-        &mut w,
+        &mut tx,
         NO_ENDPOINT_NODEPORTS,
         &to_reject_ports(&prev.no_endpoint_node_ports),
         &to_reject_ports(&next.no_endpoint_node_ports),
-        |_, k| Writer::port_key(k),
+        port_key,
     );
     // Last: nothing refers to these any more.
     for name in prev.chains.keys().filter(|n| !next.chains.contains_key(*n)) {
-        w.batch.delete(NfListObject::Chain(w.chain(name)));
+        tx.push(Op::DeleteChain(name.clone()));
     }
-    for (name, timeout) in prev
+    for name in prev
         .affinity_sets
-        .iter()
-        .filter(|(n, _)| !next.affinity_sets.contains_key(*n))
+        .keys()
+        .filter(|n| !next.affinity_sets.contains_key(*n))
     {
-        w.batch
-            .delete(NfListObject::Set(Box::new(w.affinity_set(name, *timeout))));
+        tx.push(Op::DeleteSet(name.clone()));
     }
-    Transaction::from_batch(&w.batch.to_nftables()).map(Some)
+    Some(tx)
+}
+
+fn write_chain(tx: &mut Transaction, name: &str, rules: &[Rule]) {
+    for rule in rules {
+        for exprs in lower::rules(rule, tx.family) {
+            tx.push(Op::AddRule {
+                chain: name.to_owned(),
+                exprs,
+            });
+        }
+    }
 }
 
 fn diff_map<K: Ord>(
-    w: &mut Writer,
+    tx: &mut Transaction,
     map: &str,
     prev: &BTreeMap<K, String>,
     next: &BTreeMap<K, String>,
-    key: impl Fn(&Writer, &K) -> Expression<'static>,
+    key: impl Fn(&K) -> Key,
 ) {
     for (k, chain) in prev {
         if next.get(k) != Some(chain) {
-            let e = w.element(map, key(w, k), chain);
-            w.batch.delete(e);
+            tx.push(Op::DeleteElement {
+                set: map.into(),
+                key: key(k),
+            });
         }
     }
     for (k, chain) in next {
         if prev.get(k) != Some(chain) {
-            let e = w.element(map, key(w, k), chain);
-            w.batch.add(e);
+            tx.push(Op::AddElement {
+                set: map.into(),
+                key: key(k),
+                goto: Some(chain.clone()),
+            });
         }
     }
 }
 
-/// The whole IPVS-mode table, replaced in one transaction (it holds no state worth keeping).
-pub fn ipvs_support_transaction(
-    support: &IpvsSupport,
-    family: IpFamily,
-) -> Result<Transaction, serde_json::Error> {
-    let mut w = Writer::new(family);
-    w.batch.add(NfListObject::Table(w.table()));
-    w.batch.delete(NfListObject::Table(w.table()));
-    w.batch.add(NfListObject::Table(w.table()));
-    let ip_key = vec![w.addr_type, SetType::InetProto, SetType::InetService];
-    let port_key = vec![SetType::InetProto, SetType::InetService];
-    let set = |w: &Writer, name: &str, key: Vec<SetType>, elems: Vec<Expression<'static>>| Set {
-        family: w.family,
-        table: Cow::Borrowed(TABLE),
-        name: s(name),
-        set_type: SetTypeValue::Concatenated(Cow::Owned(key)),
-        elem: (!elems.is_empty()).then(|| Cow::Owned(elems)),
-        ..Set::default()
-    };
-    let np: Vec<_> = support
-        .masquerade_node_ports
-        .iter()
-        .map(Writer::port_key)
-        .collect();
-    let ips: Vec<_> = support.masquerade_ips.iter().map(|k| w.ip_key(k)).collect();
-    let rejects: Vec<_> = support.reject_ips.iter().map(|k| w.ip_key(k)).collect();
-    w.batch.add(NfListObject::Set(Box::new(set(
-        &w,
-        "masquerade-node-ports",
-        port_key,
-        np,
-    ))));
-    w.batch.add(NfListObject::Set(Box::new(set(
-        &w,
-        "masquerade-ips",
-        ip_key.clone(),
-        ips,
-    ))));
-    w.batch.add(NfListObject::Set(Box::new(set(
-        &w,
-        "reject-ips",
-        ip_key,
-        rejects,
-    ))));
-    // Marked before IPVS (LOCAL_IN) rewrites the destination.
-    w.batch.add(NfListObject::Chain(w.base_chain(
-        "mark-for-masquerade",
-        NfChainType::Filter,
-        NfHook::Prerouting,
-        -150,
-    )));
-    w.add_rule(
-        "mark-for-masquerade",
-        vec![
-            daddr_is_local(),
-            eq(
-                Expression::Named(NamedExpression::Concat(vec![
-                    meta(MetaKey::L4proto),
-                    payload("th", "dport"),
-                ])),
-                Expression::String(Cow::Borrowed("@masquerade-node-ports")),
-            ),
-            mark_for_masquerade(),
-        ],
-    );
-    w.add_rule(
-        "mark-for-masquerade",
-        vec![
-            eq(
-                w.service_tuple(),
-                Expression::String(Cow::Borrowed("@masquerade-ips")),
-            ),
-            mark_for_masquerade(),
-        ],
-    );
-    w.masquerade_chain();
-    for (name, hook) in [
-        ("filter-input", NfHook::Input),
-        ("filter-forward", NfHook::Forward),
+fn base_chain(tx: &mut Transaction, name: &str, point: HookPoint, priority: i32, nat: bool) {
+    tx.push(Op::AddChain {
+        name: name.into(),
+        hook: Some(Hook { point, priority, nat }),
+    });
+}
+
+fn rule(tx: &mut Transaction, chain: &str, exprs: Vec<crate::nft::expr::Expr>) {
+    tx.push(Op::AddRule {
+        chain: chain.into(),
+        exprs,
+    });
+}
+
+/// The fixed skeleton: table, maps, base chains hooking into netfilter.
+fn skeleton(tx: &mut Transaction) {
+    tx.push(Op::AddTable);
+    for (name, kind) in [
+        (SERVICE_IPS, SetKind::ServiceMap),
+        (NO_ENDPOINT_IPS, SetKind::ServiceMap),
+        (SERVICE_NODEPORTS, SetKind::PortMap),
+        (NO_ENDPOINT_NODEPORTS, SetKind::PortMap),
     ] {
-        w.batch.add(NfListObject::Chain(w.base_chain(
-            name,
-            NfChainType::Filter,
-            hook,
-            -1,
-        )));
-        w.add_rule(
-            name,
-            vec![
-                eq(
-                    w.service_tuple(),
-                    Expression::String(Cow::Borrowed("@reject-ips")),
-                ),
-                Statement::Reject(None),
-            ],
-        );
+        tx.push(Op::AddSet {
+            name: name.into(),
+            kind,
+        });
     }
-    Transaction::from_batch(&w.batch.to_nftables())
+    for name in [SERVICES, NO_ENDPOINTS] {
+        tx.push(Op::AddChain {
+            name: name.into(),
+            hook: None,
+        });
+    }
+    for (name, point, nat, target) in [
+        ("nat-prerouting", HookPoint::Prerouting, true, SERVICES),
+        ("nat-output", HookPoint::Output, true, SERVICES),
+        ("filter-input", HookPoint::Input, false, NO_ENDPOINTS),
+        ("filter-forward", HookPoint::Forward, false, NO_ENDPOINTS),
+        ("filter-output", HookPoint::Output, false, NO_ENDPOINTS),
+    ] {
+        // DNAT before routing decides (NF_IP_PRI_NAT_DST); rejects just before filter rules.
+        base_chain(tx, name, point, if nat { -100 } else { -1 }, nat);
+        rule(tx, name, jump(target));
+    }
+    masquerade_chain(tx);
+}
+
+/// The postrouting chain masquerading what was marked for it (NF_IP_PRI_NAT_SRC).
+fn masquerade_chain(tx: &mut Transaction) {
+    base_chain(tx, "nat-postrouting", HookPoint::Postrouting, 100, true);
+    rule(tx, "nat-postrouting", masquerade_marked());
+}
+
+/// The whole IPVS-mode table, replaced in one transaction (it holds no state worth keeping).
+pub fn ipvs_support_transaction(support: &IpvsSupport, family: IpFamily) -> Transaction {
+    const MASQUERADE_NODE_PORTS: &str = "masquerade-node-ports";
+    const MASQUERADE_IPS: &str = "masquerade-ips";
+    const REJECT_IPS: &str = "reject-ips";
+    let mut tx = Transaction::new(family);
+    tx.push(Op::AddTable);
+    tx.push(Op::DeleteTable);
+    tx.push(Op::AddTable);
+    for (name, kind) in [
+        (MASQUERADE_NODE_PORTS, SetKind::PortSet),
+        (MASQUERADE_IPS, SetKind::ServiceSet),
+        (REJECT_IPS, SetKind::ServiceSet),
+    ] {
+        tx.push(Op::AddSet {
+            name: name.into(),
+            kind,
+        });
+    }
+    let element = |set: &str, key: Key| Op::AddElement {
+        set: set.into(),
+        key,
+        goto: None,
+    };
+    for (p, port) in &support.masquerade_node_ports {
+        tx.push(element(MASQUERADE_NODE_PORTS, Key::Port(*p, *port)));
+    }
+    for (ip, p, port) in &support.masquerade_ips {
+        tx.push(element(MASQUERADE_IPS, Key::Service(*ip, *p, *port)));
+    }
+    for (ip, p, port) in &support.reject_ips {
+        tx.push(element(REJECT_IPS, Key::Service(*ip, *p, *port)));
+    }
+    // Marked before IPVS (LOCAL_IN) rewrites the destination.
+    base_chain(&mut tx, "mark-for-masquerade", HookPoint::Prerouting, -150, false);
+    let mut node_ports = node_port_lookup(MASQUERADE_NODE_PORTS, false);
+    node_ports.extend(mark_for_masquerade());
+    rule(&mut tx, "mark-for-masquerade", node_ports);
+    let mut ips = service_lookup(family, MASQUERADE_IPS, false);
+    ips.extend(mark_for_masquerade());
+    rule(&mut tx, "mark-for-masquerade", ips);
+    masquerade_chain(&mut tx);
+    for (name, point) in [
+        ("filter-input", HookPoint::Input),
+        ("filter-forward", HookPoint::Forward),
+    ] {
+        base_chain(&mut tx, name, point, -1, false);
+        let mut reject = service_lookup(family, REJECT_IPS, false);
+        reject.push(crate::nft::expr::reject(family == IpFamily::IPv6));
+        rule(&mut tx, name, reject);
+    }
+    tx
 }
 
 /// Removes svcplane's tables (the `cleanup` command). Deleting what does not exist is not an
 /// error: the table is added first.
-pub fn cleanup() -> Result<Transaction, serde_json::Error> {
-    let mut batch = Batch::new();
-    for family in [IpFamily::IPv4, IpFamily::IPv6] {
-        let w = Writer::new(family);
-        batch.add(NfListObject::Table(w.table()));
-        batch.delete(NfListObject::Table(w.table()));
-    }
-    Transaction::from_batch(&batch.to_nftables())
+pub fn cleanup() -> Vec<Transaction> {
+    [IpFamily::IPv4, IpFamily::IPv6]
+        .into_iter()
+        .map(|family| Transaction {
+            family,
+            ops: vec![Op::AddTable, Op::DeleteTable],
+        })
+        .collect()
 }

@@ -14,17 +14,27 @@
 //!
 //! Only what changed is written: new chains are added, changed chains flushed and refilled, map
 //! elements added and deleted one by one, and chains no longer used deleted last, all in one
-//! `nft -j -f -` batch, so the kernel never sees half a sync. Affinity sets survive syncs.
+//! netlink batch, so the kernel never sees half a sync. Affinity sets survive syncs.
+//!
+//! The layers: [`model`] is the table as data, [`diff`] the [`op`]s from one table to the next,
+//! [`lower`] the model's rules as kernel [`expr`]essions, [`wire`] the ops as nf_tables messages.
+//! [`readback`] decodes a dumped table into a [`table::Table`], and [`table::repair`] finds
+//! what someone else changed in it and the ops that undo that.
 
 mod diff;
+pub mod expr;
+mod lower;
 mod model;
-mod render;
+pub mod op;
+pub mod readback;
+pub mod table;
 #[cfg(test)]
 mod tests;
+pub mod wire;
 
 pub use diff::{cleanup, ipvs_support_transaction, transaction};
 pub use model::{IpvsSupport, Rule, Ruleset, ipvs_support, ruleset};
-pub use render::Transaction;
+pub use op::{Op, Transaction};
 
 pub const TABLE: &str = "svcplane";
 /// Packets marked with this bit are masqueraded on their way out.

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use super::{model::*, render::*, *};
+use super::{model::*, op::SetKind, *};
 use svcplane_core::{IpFamily, ObjectKey, Protocol};
 
 use crate::desired::{Backends, DesiredState, PortState, ServicePortName};
@@ -45,22 +45,28 @@ fn state(ports: Vec<PortState>) -> DesiredState {
 
 /// The commands that turn `before` into `after` (IPv4; there must be a change).
 fn update(before: &Ruleset, after: &Ruleset) -> Vec<String> {
-    commands(&transaction(Some(before), after, IpFamily::IPv4).unwrap().unwrap())
+    commands(&transaction(Some(before), after, IpFamily::IPv4).unwrap())
 }
 
+/// Each op as `<verb> <kind> <name>`.
 fn commands(t: &Transaction) -> Vec<String> {
-    t.0["nftables"]
-        .as_array()
-        .unwrap()
+    t.ops
         .iter()
-        .map(|c| {
-            let (verb, body) = c.as_object().unwrap().iter().next().unwrap();
-            let (kind, obj) = body.as_object().unwrap().iter().next().unwrap();
-            let name = obj
-                .get("name")
-                .or_else(|| obj.get("chain"))
-                .and_then(|n| n.as_str());
-            format!("{verb} {kind} {}", name.unwrap_or(""))
+        .map(|op| match op {
+            Op::AddTable => "add table svcplane".to_owned(),
+            Op::DeleteTable => "delete table svcplane".to_owned(),
+            Op::AddChain { name, .. } => format!("add chain {name}"),
+            Op::FlushChain(name) => format!("flush chain {name}"),
+            Op::DeleteChain(name) => format!("delete chain {name}"),
+            Op::AddRule { chain, .. } => format!("add rule {chain}"),
+            Op::AddSet {
+                name,
+                kind: SetKind::ServiceMap | SetKind::PortMap,
+            } => format!("add map {name}"),
+            Op::AddSet { name, .. } => format!("add set {name}"),
+            Op::DeleteSet(name) => format!("delete set {name}"),
+            Op::AddElement { set, .. } => format!("add element {set}"),
+            Op::DeleteElement { set, .. } => format!("delete element {set}"),
         })
         .collect()
 }
@@ -160,7 +166,7 @@ fn local_policy_without_local_endpoints_drops_external_traffic() {
 #[test]
 fn a_first_sync_rebuilds_the_table_and_an_unchanged_one_writes_nothing() {
     let rs = ruleset(&state(vec![web(to(&["10.0.2.2:8080"]))]), IpFamily::IPv4);
-    let full = commands(&transaction(None, &rs, IpFamily::IPv4).unwrap().unwrap());
+    let full = commands(&transaction(None, &rs, IpFamily::IPv4).unwrap());
     assert_eq!(
         full[..3],
         [
@@ -172,21 +178,30 @@ fn a_first_sync_rebuilds_the_table_and_an_unchanged_one_writes_nothing() {
     assert!(full.contains(&"add map service-ips".to_owned()));
     assert!(full.contains(&"add chain nat-prerouting".to_owned()));
     assert!(full.contains(&"add element service-nodeports".to_owned()));
-    assert_eq!(transaction(Some(&rs), &rs, IpFamily::IPv4).unwrap(), None);
+    assert_eq!(transaction(Some(&rs), &rs, IpFamily::IPv4), None);
 }
 
 #[test]
-fn the_json_types_svcplane_maps_as_verdict_maps() {
+fn the_skeleton_has_two_verdict_maps_of_addresses_and_two_of_node_ports() {
     let rs = ruleset(&state(vec![]), IpFamily::IPv4);
-    let t = transaction(None, &rs, IpFamily::IPv4).unwrap().unwrap();
-    let maps: Vec<_> = t.0["nftables"]
-        .as_array()
-        .unwrap()
+    let t = transaction(None, &rs, IpFamily::IPv4).unwrap();
+    let maps: Vec<SetKind> = t
+        .ops
         .iter()
-        .filter_map(|c| c.get("add").and_then(|a| a.get("map")))
+        .filter_map(|op| match op {
+            Op::AddSet { kind, .. } => Some(*kind),
+            _ => None,
+        })
         .collect();
-    assert_eq!(maps.len(), 4);
-    assert!(maps.iter().all(|m| m["map"] == "verdict"));
+    assert_eq!(
+        maps,
+        [
+            SetKind::ServiceMap,
+            SetKind::ServiceMap,
+            SetKind::PortMap,
+            SetKind::PortMap
+        ]
+    );
 }
 
 #[test]
@@ -266,7 +281,7 @@ fn ipvs_mode_masquerades_cluster_policy_external_traffic_and_rejects_empty_servi
         sup.reject_ips,
         [("10.96.0.11".parse().unwrap(), Protocol::Tcp, 80)].into()
     );
-    let cmds = commands(&ipvs_support_transaction(&sup, IpFamily::IPv4).unwrap());
+    let cmds = commands(&ipvs_support_transaction(&sup, IpFamily::IPv4));
     assert_eq!(
         cmds[..3],
         [
@@ -280,6 +295,10 @@ fn ipvs_mode_masquerades_cluster_policy_external_traffic_and_rejects_empty_servi
 
 #[test]
 fn cleanup_removes_both_tables() {
-    let cmds = commands(&cleanup().unwrap());
-    assert_eq!(cmds.iter().filter(|c| c.starts_with("delete table")).count(), 2);
+    let txs = cleanup();
+    let families: Vec<IpFamily> = txs.iter().map(|t| t.family).collect();
+    assert_eq!(families, [IpFamily::IPv4, IpFamily::IPv6]);
+    for t in &txs {
+        assert_eq!(commands(t), ["add table svcplane", "delete table svcplane"]);
+    }
 }
