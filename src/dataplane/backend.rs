@@ -11,12 +11,12 @@ use svcplane_dataplane::{
     ipvs::plan::Op,
     nft::{
         IpvsSupport, Ruleset, TABLE, Transaction, ipvs_support, ipvs_support_transaction, ruleset,
+        table::{Differences, Table, repair},
         transaction,
     },
 };
-use tracing::{info, warn};
-
 use svcplane_kernel::nft::NftSocket;
+use tracing::{info, warn};
 
 use super::{ipvs, metrics::DataplaneMetrics};
 

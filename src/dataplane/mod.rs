@@ -428,7 +428,7 @@ fn observe_programming_latency(
 /// `svcplane cleanup`: removes svcplane's nftables tables.
 pub async fn cleanup(_args: CleanupArgs) -> anyhow::Result<()> {
     match backend::apply_nft(svcplane_dataplane::nft::cleanup()).await {
-        Ok(()) => info!("removed svcplane's nftables tables"),
+        Ok(_) => info!("removed svcplane's nftables tables"),
         // A kernel without nf_tables never ran nftables mode.
         Err(e) => warn!(error = format!("{e:#}"), "could not remove nftables tables"),
     }
