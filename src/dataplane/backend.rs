@@ -2,15 +2,17 @@
 //! implementation, each owning what it last applied (its view of the kernel), so the sync loop
 //! neither knows nor keeps either mode's state.
 
-use std::net::IpAddr;
+use std::{collections::BTreeSet, net::IpAddr};
 
 use anyhow::Context;
-use svcplane_core::IpFamily;
+use svcplane_core::{IpFamily, ObjectKey};
 use svcplane_dataplane::{
     desired::DesiredState,
     ipvs::plan::Op,
     nft::{
-        IpvsSupport, Ruleset, TABLE, Transaction, ipvs_support, ipvs_support_transaction, ruleset,
+        IpvsSupport, Ruleset, TABLE, Transaction,
+        incremental::FamilyTable,
+        ipvs_support, ipvs_support_transaction,
         table::{Differences, Table, repair},
         transaction,
     },
@@ -87,9 +89,11 @@ pub trait Backend: Send {
     fn mode(&self) -> &'static str;
 
     /// Takes the kernel to `state`, writing only the difference from what it last applied.
+    /// `changed`: only these Services changed since the last apply (`None`: any may have).
     fn apply(
         &mut self,
         state: &DesiredState,
+        changed: Option<&BTreeSet<ObjectKey>>,
         metrics: &DataplaneMetrics,
     ) -> impl Future<Output = anyhow::Result<()>> + Send;
 
@@ -103,9 +107,9 @@ pub trait Backend: Send {
 
 /// nftables mode: one table per family, changed by one transaction per sync.
 pub struct Nftables {
-    /// The last applied table per family; `None` when unknown (start, or after a failed apply),
-    /// which makes the next apply rebuild the table.
-    applied: [(IpFamily, Option<Ruleset>); 2],
+    /// The last applied table per family, kept Service by Service; `None` when unknown (start,
+    /// or after a failed apply), which makes the next apply rebuild the table.
+    applied: [(IpFamily, Option<FamilyTable>); 2],
     /// The ruleset's generation after svcplane's last commit: while the kernel is still at it,
     /// nobody else changed anything and there is nothing to read back.
     generation: Option<u32>,
@@ -125,17 +129,37 @@ impl Backend for Nftables {
         "nftables"
     }
 
-    async fn apply(&mut self, state: &DesiredState, metrics: &DataplaneMetrics) -> anyhow::Result<()> {
+    async fn apply(
+        &mut self,
+        state: &DesiredState,
+        changed: Option<&BTreeSet<ObjectKey>>,
+        metrics: &DataplaneMetrics,
+    ) -> anyhow::Result<()> {
         let mut transactions = Vec::new();
         let mut next = Vec::new();
         for (i, (family, slot)) in self.applied.iter_mut().enumerate() {
             let family = *family;
-            let table = ruleset(state, family);
+            let (tx, table) = match (slot.as_ref(), changed) {
+                // Only the changed Services: the cost of what they hold.
+                (Some(table), Some(changed)) => {
+                    let update = table.update(state, changed);
+                    (update.transaction, update.next)
+                }
+                // Everything: the whole table recomputed and compared.
+                (known, _) => {
+                    let table = FamilyTable::new(state, family);
+                    (
+                        transaction(known.map(FamilyTable::ruleset), table.ruleset(), family),
+                        table,
+                    )
+                }
+            };
             metrics
                 .rules
                 .with_label_values(&[family.as_str()])
-                .set(i64::try_from(table.size()).unwrap_or(i64::MAX));
-            let Some(tx) = transaction(slot.as_ref(), &table, family) else {
+                .set(i64::try_from(table.ruleset().size()).unwrap_or(i64::MAX));
+            let Some(tx) = tx else {
+                *slot = Some(table);
                 continue;
             };
             info!(
@@ -167,7 +191,7 @@ impl Backend for Nftables {
         let applied: Vec<(IpFamily, Ruleset)> = self
             .applied
             .iter()
-            .filter_map(|(f, rs)| Some((*f, rs.clone()?)))
+            .filter_map(|(f, t)| Some((*f, t.as_ref()?.ruleset().clone())))
             .collect();
         let generation = self.generation;
         let result = tokio::task::spawn_blocking(move || repair_tables(&applied, generation)).await;
@@ -233,7 +257,12 @@ impl Backend for Ipvs {
         "ipvs"
     }
 
-    async fn apply(&mut self, state: &DesiredState, metrics: &DataplaneMetrics) -> anyhow::Result<()> {
+    async fn apply(
+        &mut self,
+        state: &DesiredState,
+        _changed: Option<&BTreeSet<ObjectKey>>,
+        metrics: &DataplaneMetrics,
+    ) -> anyhow::Result<()> {
         let report = ipvs::sync(state, &self.node_ips, &self.scheduler).await?;
         metrics
             .rules

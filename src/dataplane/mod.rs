@@ -11,7 +11,7 @@ mod metrics;
 pub mod sysctls;
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -28,7 +28,7 @@ use prometheus::Registry;
 use svcplane_controllers::runtime::{informer::Informer, store::Store};
 use svcplane_core::ObjectKey;
 use svcplane_dataplane::{
-    desired::{DesiredState, desired},
+    desired::{DesiredState, desired, service_state},
     input::{Problem, ServiceInfo, SliceInfo},
     ipvs::plan::SCHEDULERS,
 };
@@ -204,8 +204,12 @@ async fn serve<B: Backend>(
     let http = tokio::spawn(server.serve(shutdown.clone()));
 
     let services: Arc<Store<Cached<ServiceInfo>>> = Arc::new(Store::new(None));
-    let slices: Arc<Store<Cached<SliceInfo>>> = Arc::new(Store::new(None));
+    let slices: Arc<Store<Cached<SliceInfo>>> = Arc::new(Store::new(Some(slice_service)));
     let changed = Arc::new(Notify::new());
+    // The Services changed since the last sync: only they are recomputed (kube-proxy's change
+    // trackers). A slice names its Service; both old and new values count, so a Service or
+    // slice that turned unusable still counts for what it was.
+    let dirty: Arc<Mutex<BTreeSet<ObjectKey>>> = Arc::default();
     let mut svc_informer = Informer::new(
         "dataplane-services",
         Api::<Service>::all(client.clone()),
@@ -221,10 +225,30 @@ async fn serve<B: Backend>(
         slices.clone(),
     );
     {
-        let c = changed.clone();
-        svc_informer.on_change(Box::new(move |_, _| c.notify_one()));
-        let c = changed.clone();
-        slice_informer.on_change(Box::new(move |_, _| c.notify_one()));
+        let (c, d) = (changed.clone(), dirty.clone());
+        svc_informer.on_change(Box::new(move |old, new| {
+            mark_dirty(
+                &d,
+                [old, new]
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s.value.as_ref())
+                    .map(|s| &s.key),
+            );
+            c.notify_one();
+        }));
+        let (c, d) = (changed.clone(), dirty.clone());
+        slice_informer.on_change(Box::new(move |old, new| {
+            mark_dirty(
+                &d,
+                [old, new]
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s.value.as_ref())
+                    .map(|s| &s.service),
+            );
+            c.notify_one();
+        }));
     }
     let mut synced = [svc_informer.synced(), slice_informer.synced()];
     tokio::spawn(svc_informer.run(shutdown.clone()));
@@ -242,9 +266,20 @@ async fn serve<B: Backend>(
 
     let mut state = SyncState::default();
     let mut last_check = Instant::now();
+    let mut last_full: Option<Instant> = None;
     loop {
         let started = Instant::now();
         let mut wait = args.sync_period;
+        // Everything once a period (and first, and after a failure); in between, the changes.
+        let changes = std::mem::take(&mut *dirty.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let scope = match last_full {
+            Some(at) if at.elapsed() < args.sync_period => Scope::Services(changes),
+            _ => {
+                last_full = Some(Instant::now());
+                Scope::All
+            }
+        };
+        let full = matches!(scope, Scope::All);
         let result = sync(
             &args.node_name,
             &mut backend,
@@ -252,8 +287,9 @@ async fn serve<B: Backend>(
             &slices,
             &mut state,
             &metrics,
+            scope,
         )
-        .instrument(info_span!("sync"))
+        .instrument(info_span!("sync", full))
         .await;
         metrics.sync_duration.observe(started.elapsed().as_secs_f64());
         match result {
@@ -272,6 +308,7 @@ async fn serve<B: Backend>(
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
                 metrics.sync_failures.inc();
+                last_full = None;
                 // Retried soon, from scratch (the next nftables sync rebuilds the table).
                 wait = FAILED_SYNC_RETRY.min(args.sync_period);
                 error!(error = format!("{e:#}"), retry_in = ?wait, "sync failed");
@@ -304,9 +341,30 @@ async fn serve<B: Backend>(
 /// How soon a failed sync is tried again.
 const FAILED_SYNC_RETRY: Duration = Duration::from_secs(1);
 
+/// What one sync recomputes.
+enum Scope {
+    All,
+    /// Only these Services (their slices included).
+    Services(BTreeSet<ObjectKey>),
+}
+
+fn mark_dirty<'a>(dirty: &Mutex<BTreeSet<ObjectKey>>, keys: impl Iterator<Item = &'a ObjectKey>) {
+    dirty
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .extend(keys.cloned());
+}
+
+/// The slices of a Service are a group of the slice store: found without a scan.
+fn slice_service(c: &Cached<SliceInfo>) -> Option<String> {
+    c.value.as_ref().map(|s| s.service.name.clone())
+}
+
 /// What one sync leaves for the next (besides what the backend keeps).
 #[derive(Default)]
 struct SyncState {
+    /// The node's desired state as of the last sync; `None` before the first.
+    desired: Option<DesiredState>,
     problems: Vec<Problem>,
     health_checks: HealthCheckServers,
     /// Trigger time of every slice version already programmed (`None`: before the first sync,
@@ -314,9 +372,33 @@ struct SyncState {
     triggers: Option<HashMap<ObjectKey, Timestamp>>,
 }
 
-/// One sync: assemble what the caches hold, compute the node's desired state, let the backend
-/// write the difference, then the health-check servers and the programming latency.
+/// One sync: compute the node's desired state (all of it, or the changed Services' part), let
+/// the backend write the difference, then the health-check servers and the programming
+/// latency.
 async fn sync<B: Backend>(
+    node_name: &str,
+    backend: &mut B,
+    services: &Store<Cached<ServiceInfo>>,
+    slices: &Store<Cached<SliceInfo>>,
+    st: &mut SyncState,
+    metrics: &DataplaneMetrics,
+    scope: Scope,
+) -> anyhow::Result<()> {
+    let scope = if st.desired.is_none() { Scope::All } else { scope };
+    let result = match scope {
+        Scope::All => sync_all(node_name, backend, services, slices, st, metrics).await,
+        Scope::Services(keys) => {
+            sync_services(node_name, backend, services, slices, st, metrics, &keys).await
+        }
+    };
+    if result.is_err() {
+        // Recomputed whole next time.
+        st.desired = None;
+    }
+    result
+}
+
+async fn sync_all<B: Backend>(
     node_name: &str,
     backend: &mut B,
     services: &Store<Cached<ServiceInfo>>,
@@ -343,10 +425,42 @@ async fn sync<B: Backend>(
     }
     let svcs: Vec<ServiceInfo> = svc_cache.iter().filter_map(|c| c.value.clone()).collect();
     let eps: Vec<SliceInfo> = slice_cache.iter().filter_map(|c| c.value.clone()).collect();
-    let state: DesiredState = desired(node_name, &svcs, &eps);
-    backend.apply(&state, metrics).await?;
+    let state = st.desired.insert(desired(node_name, &svcs, &eps));
+    backend.apply(state, None, metrics).await?;
     st.health_checks.sync(&state.health_checks).await;
-    observe_programming_latency(&eps, &mut st.triggers, metrics);
+    observe_programming_latency(&eps, &mut st.triggers, true, metrics);
+    Ok(())
+}
+
+/// The changed Services only: their part of the desired state is recomputed from the caches,
+/// and the backend told which they are. Problems in objects are reported by the full syncs.
+async fn sync_services<B: Backend>(
+    node_name: &str,
+    backend: &mut B,
+    services: &Store<Cached<ServiceInfo>>,
+    slices: &Store<Cached<SliceInfo>>,
+    st: &mut SyncState,
+    metrics: &DataplaneMetrics,
+    keys: &BTreeSet<ObjectKey>,
+) -> anyhow::Result<()> {
+    let Some(state) = st.desired.as_mut() else {
+        return Ok(());
+    };
+    let mut changed_slices = Vec::new();
+    for key in keys {
+        let eps: Vec<SliceInfo> = slices
+            .list_group(key)
+            .iter()
+            .filter_map(|c| c.value.clone())
+            .collect();
+        let svc = services.get(key).and_then(|c| c.value.clone());
+        let refs: Vec<&SliceInfo> = eps.iter().collect();
+        state.set_service(key, svc.map(|svc| service_state(node_name, &svc, &refs)));
+        changed_slices.extend(eps);
+    }
+    backend.apply(state, Some(keys), metrics).await?;
+    st.health_checks.sync(&state.health_checks).await;
+    observe_programming_latency(&changed_slices, &mut st.triggers, false, metrics);
     Ok(())
 }
 
@@ -361,7 +475,7 @@ async fn run_once<B: Backend>(
     let list: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     let services: Store<Cached<ServiceInfo>> = Store::new(None);
-    let slices: Store<Cached<SliceInfo>> = Store::new(None);
+    let slices: Store<Cached<SliceInfo>> = Store::new(Some(slice_service));
     for item in list
         .get("items")
         .and_then(serde_json::Value::as_array)
@@ -394,7 +508,16 @@ async fn run_once<B: Backend>(
     }
     let mut st = SyncState::default();
     let started = Instant::now();
-    sync(&args.node_name, backend, &services, &slices, &mut st, metrics).await?;
+    sync(
+        &args.node_name,
+        backend,
+        &services,
+        &slices,
+        &mut st,
+        metrics,
+        Scope::All,
+    )
+    .await?;
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
     let mut summary = backend.summary();
     summary["elapsed_ms"] = serde_json::json!(elapsed_ms);
@@ -403,9 +526,11 @@ async fn run_once<B: Backend>(
 }
 
 /// For every slice version programmed for the first time: now minus its trigger time.
+/// With `all`, `slices` are every slice (and slices gone are forgotten); else only some.
 fn observe_programming_latency(
     slices: &[SliceInfo],
     seen: &mut Option<HashMap<ObjectKey, Timestamp>>,
+    all: bool,
     metrics: &DataplaneMetrics,
 ) {
     let now = Timestamp::now();
@@ -422,7 +547,11 @@ fn observe_programming_latency(
         }
         current.insert(s.name.clone(), t);
     }
-    *seen = current;
+    if all {
+        *seen = current;
+    } else {
+        seen.extend(current);
+    }
 }
 
 /// `svcplane cleanup`: removes svcplane's nftables tables.
@@ -474,7 +603,12 @@ mod tests {
             "recording"
         }
 
-        async fn apply(&mut self, state: &DesiredState, _metrics: &DataplaneMetrics) -> anyhow::Result<()> {
+        async fn apply(
+            &mut self,
+            state: &DesiredState,
+            _changed: Option<&BTreeSet<ObjectKey>>,
+            _metrics: &DataplaneMetrics,
+        ) -> anyhow::Result<()> {
             if self.fail {
                 bail!("the kernel said no");
             }
@@ -525,7 +659,7 @@ mod tests {
         services: &[Service],
         slices: &[EndpointSlice],
     ) -> (Store<Cached<ServiceInfo>>, Store<Cached<SliceInfo>>) {
-        let (s, e) = (Store::new(None), Store::new(None));
+        let (s, e) = (Store::new(None), Store::new(Some(slice_service)));
         for svc in services {
             let key = ObjectKey::new("ns", svc.metadata.name.clone().unwrap());
             s.insert(key, Arc::new(cache_service(svc.clone())));
@@ -549,9 +683,17 @@ mod tests {
             ],
             &[slice("web", &["10.244.0.1", "10.244.0.2"], None)],
         );
-        sync("node-a", &mut backend, &services, &slices, &mut st, &m)
-            .await
-            .unwrap();
+        sync(
+            "node-a",
+            &mut backend,
+            &services,
+            &slices,
+            &mut st,
+            &m,
+            Scope::All,
+        )
+        .await
+        .unwrap();
 
         let applied = backend.applied.lock().unwrap().clone();
         assert_eq!(applied.len(), 1);
@@ -575,6 +717,89 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn between_full_syncs_only_the_changed_services_are_recomputed() {
+        let (_registry, m) = metrics();
+        let mut backend = Recording::default();
+        let mut st = SyncState::default();
+        let svcs = [
+            service("web", "10.96.0.10", "TCP"),
+            service("api", "10.96.0.11", "TCP"),
+        ];
+        let (services, slices) = stores(&svcs, &[slice("web", &["10.244.0.1"], None)]);
+        sync(
+            "node-a",
+            &mut backend,
+            &services,
+            &slices,
+            &mut st,
+            &m,
+            Scope::All,
+        )
+        .await
+        .unwrap();
+        // Both Services gain an endpoint in the caches; only `web` is said to have changed.
+        for (name, ip) in [("web", "10.244.0.2"), ("api", "10.244.0.3")] {
+            let sl = slice(name, &[ip], None);
+            slices.insert(
+                ObjectKey::new("ns", format!("{name}-abc")),
+                Arc::new(cache_slice(sl)),
+            );
+        }
+        let web = ObjectKey::new("ns", "web");
+        let api = ObjectKey::new("ns", "api");
+        let endpoints = |state: &DesiredState, key: &ObjectKey| -> Vec<String> {
+            state
+                .service_ports(key)
+                .flat_map(|p| p.internal.endpoints().iter().map(ToString::to_string))
+                .collect()
+        };
+        sync(
+            "node-a",
+            &mut backend,
+            &services,
+            &slices,
+            &mut st,
+            &m,
+            Scope::Services([web.clone()].into()),
+        )
+        .await
+        .unwrap();
+        let last = backend.applied.lock().unwrap().last().unwrap().clone();
+        assert_eq!(endpoints(&last, &web), ["10.244.0.2:8080"]);
+        assert_eq!(endpoints(&last, &api), Vec::<String>::new(), "not recomputed");
+        // The next full sync catches up whatever was missed.
+        sync(
+            "node-a",
+            &mut backend,
+            &services,
+            &slices,
+            &mut st,
+            &m,
+            Scope::All,
+        )
+        .await
+        .unwrap();
+        let last = backend.applied.lock().unwrap().last().unwrap().clone();
+        assert_eq!(endpoints(&last, &api), ["10.244.0.3:8080"]);
+        // A Service deleted from the caches goes from the state at its change.
+        services.remove(&web);
+        sync(
+            "node-a",
+            &mut backend,
+            &services,
+            &slices,
+            &mut st,
+            &m,
+            Scope::Services([web.clone()].into()),
+        )
+        .await
+        .unwrap();
+        let last = backend.applied.lock().unwrap().last().unwrap().clone();
+        assert_eq!(last.service_ports(&web).count(), 0);
+        assert_eq!(last.service_ports(&api).count(), 1);
+    }
+
+    #[tokio::test]
     async fn a_failing_backend_fails_the_sync_and_leaves_the_rest_for_the_retry() {
         let (_registry, m) = metrics();
         let mut backend = Recording {
@@ -586,15 +811,31 @@ mod tests {
             &[service("web", "10.96.0.10", "TCP")],
             &[slice("web", &["10.244.0.1"], Some("2026-01-01T00:00:00Z"))],
         );
-        let err = sync("node-a", &mut backend, &services, &slices, &mut st, &m)
-            .await
-            .unwrap_err();
+        let err = sync(
+            "node-a",
+            &mut backend,
+            &services,
+            &slices,
+            &mut st,
+            &m,
+            Scope::All,
+        )
+        .await
+        .unwrap_err();
         assert!(format!("{err:#}").contains("the kernel said no"));
         assert!(st.triggers.is_none(), "nothing counted as programmed");
         backend.fail = false;
-        sync("node-a", &mut backend, &services, &slices, &mut st, &m)
-            .await
-            .unwrap();
+        sync(
+            "node-a",
+            &mut backend,
+            &services,
+            &slices,
+            &mut st,
+            &m,
+            Scope::All,
+        )
+        .await
+        .unwrap();
         assert_eq!(backend.applied.lock().unwrap().len(), 1);
         assert!(st.triggers.is_some());
     }
@@ -608,16 +849,22 @@ mod tests {
         let at = |t: &str| stores(&svc, &[slice("web", &["10.244.0.1"], Some(t))]);
 
         let (s, e) = at("2026-01-01T00:00:00Z");
-        sync("node-a", &mut backend, &s, &e, &mut st, &m).await.unwrap();
+        sync("node-a", &mut backend, &s, &e, &mut st, &m, Scope::All)
+            .await
+            .unwrap();
         assert_eq!(
             m.programming_latency.get_sample_count(),
             0,
             "start-up is not programming"
         );
         let (s, e) = at("2026-01-01T00:00:05Z");
-        sync("node-a", &mut backend, &s, &e, &mut st, &m).await.unwrap();
+        sync("node-a", &mut backend, &s, &e, &mut st, &m, Scope::All)
+            .await
+            .unwrap();
         assert_eq!(m.programming_latency.get_sample_count(), 1);
-        sync("node-a", &mut backend, &s, &e, &mut st, &m).await.unwrap();
+        sync("node-a", &mut backend, &s, &e, &mut st, &m, Scope::All)
+            .await
+            .unwrap();
         assert_eq!(
             m.programming_latency.get_sample_count(),
             1,

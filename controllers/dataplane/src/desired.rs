@@ -138,61 +138,116 @@ pub fn desired(node: &str, services: &[ServiceInfo], slices: &[SliceInfo]) -> De
     let mut state = DesiredState::default();
     for svc in services {
         let svc_slices = by_service.get(&svc.key).map(Vec::as_slice).unwrap_or_default();
-        let mut local_for_health = BTreeSet::new();
-        for sp in &svc.ports {
-            let name = ServicePortName {
-                service: svc.key.clone(),
-                port: sp.name.clone(),
-                protocol: sp.protocol,
-            };
-            for cluster_ip in &svc.cluster_ips {
-                let family = IpFamily::of(cluster_ip);
-                let candidates = candidates(svc_slices, &sp.name, sp.protocol, family, node);
-                local_for_health.extend(
-                    candidates
-                        .iter()
-                        .filter(|c| c.local && c.ready)
-                        .map(|c| c.addr.ip()),
-                );
-                let terminating: BTreeSet<SocketAddr> = candidates
-                    .iter()
-                    .filter(|c| c.terminating)
-                    .map(|c| c.addr)
-                    .collect();
-                state.ports.insert(
-                    (name.clone(), family),
-                    PortState {
-                        name: name.clone(),
-                        family,
-                        cluster_ip: *cluster_ip,
-                        port: sp.port,
-                        external_ips: svc
-                            .external_ips
-                            .iter()
-                            .filter(|ip| IpFamily::of(ip) == family)
-                            .copied()
-                            .collect(),
-                        node_port: sp.node_port,
-                        affinity: svc.affinity,
-                        internal: backends(&candidates, svc.internal_policy),
-                        external: backends(&candidates, svc.external_policy),
-                        masquerade_external: svc.external_policy == Policy::Cluster,
-                        terminating: terminating.into_iter().collect(),
-                    },
-                );
-            }
-        }
-        if let (Some(port), Policy::Local) = (svc.health_check_node_port, svc.external_policy) {
-            state.health_checks.insert(
-                port,
-                HealthCheck {
-                    service: svc.key.clone(),
-                    local_endpoints: local_for_health.len(),
-                },
-            );
-        }
+        state.set_service(&svc.key, Some(service_state(node, svc, svc_slices)));
     }
     state
+}
+
+/// What one Service means for node `node`: its ports in each family, and its health check.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceState {
+    pub ports: Vec<PortState>,
+    pub health_check: Option<(u16, HealthCheck)>,
+}
+
+/// The state of one Service, from its slices (those whose `service` is it).
+pub fn service_state(node: &str, svc: &ServiceInfo, svc_slices: &[&SliceInfo]) -> ServiceState {
+    let mut out = ServiceState::default();
+    let mut local_for_health = BTreeSet::new();
+    for sp in &svc.ports {
+        let name = ServicePortName {
+            service: svc.key.clone(),
+            port: sp.name.clone(),
+            protocol: sp.protocol,
+        };
+        for cluster_ip in &svc.cluster_ips {
+            let family = IpFamily::of(cluster_ip);
+            let candidates = candidates(svc_slices, &sp.name, sp.protocol, family, node);
+            local_for_health.extend(
+                candidates
+                    .iter()
+                    .filter(|c| c.local && c.ready)
+                    .map(|c| c.addr.ip()),
+            );
+            let terminating: BTreeSet<SocketAddr> = candidates
+                .iter()
+                .filter(|c| c.terminating)
+                .map(|c| c.addr)
+                .collect();
+            out.ports.push(PortState {
+                name: name.clone(),
+                family,
+                cluster_ip: *cluster_ip,
+                port: sp.port,
+                external_ips: svc
+                    .external_ips
+                    .iter()
+                    .filter(|ip| IpFamily::of(ip) == family)
+                    .copied()
+                    .collect(),
+                node_port: sp.node_port,
+                affinity: svc.affinity,
+                internal: backends(&candidates, svc.internal_policy),
+                external: backends(&candidates, svc.external_policy),
+                masquerade_external: svc.external_policy == Policy::Cluster,
+                terminating: terminating.into_iter().collect(),
+            });
+        }
+    }
+    if let (Some(port), Policy::Local) = (svc.health_check_node_port, svc.external_policy) {
+        out.health_check = Some((
+            port,
+            HealthCheck {
+                service: svc.key.clone(),
+                local_endpoints: local_for_health.len(),
+            },
+        ));
+    }
+    out
+}
+
+impl DesiredState {
+    /// Replaces what `service` contributes (`None`: it is gone). The ports of one Service are
+    /// contiguous in the map (they sort by Service first).
+    pub fn set_service(&mut self, service: &ObjectKey, state: Option<ServiceState>) {
+        let stale: Vec<_> = self
+            .ports
+            .range(Self::first_of(service)..)
+            .take_while(|((name, _), _)| &name.service == service)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in stale {
+            self.ports.remove(&k);
+        }
+        self.health_checks.retain(|_, h| &h.service != service);
+        let Some(state) = state else { return };
+        for p in state.ports {
+            self.ports.insert((p.name.clone(), p.family), p);
+        }
+        if let Some((port, h)) = state.health_check {
+            self.health_checks.insert(port, h);
+        }
+    }
+
+    /// The ports of `service`.
+    pub fn service_ports(&self, service: &ObjectKey) -> impl Iterator<Item = &PortState> {
+        self.ports
+            .range(Self::first_of(service)..)
+            .take_while(move |((name, _), _)| &name.service == service)
+            .map(|(_, p)| p)
+    }
+
+    /// The smallest key a port of `service` can have.
+    fn first_of(service: &ObjectKey) -> (ServicePortName, IpFamily) {
+        (
+            ServicePortName {
+                service: service.clone(),
+                port: String::new(),
+                protocol: Protocol::Tcp,
+            },
+            IpFamily::IPv4,
+        )
+    }
 }
 
 /// The endpoints of a Service port in one family, from every slice of the Service (an address

@@ -23,6 +23,7 @@
 
 mod diff;
 pub mod expr;
+pub mod incremental;
 mod lower;
 mod model;
 pub mod op;
@@ -33,7 +34,7 @@ mod tests;
 pub mod wire;
 
 pub use diff::{cleanup, ipvs_support_transaction, transaction};
-pub use model::{IpvsSupport, Rule, Ruleset, ipvs_support, ruleset};
+pub use model::{IpvsSupport, Rule, Ruleset, fragment, ipvs_support, ruleset};
 pub use op::{Op, Transaction};
 
 pub const TABLE: &str = "svcplane";

@@ -79,12 +79,31 @@ fn port_id(p: &PortState) -> String {
 
 /// The table for `family`.
 pub fn ruleset(state: &DesiredState, family: IpFamily) -> Ruleset {
+    let mut rs = skeleton();
+    add_ports(&mut rs, state.ports.values(), family);
+    rs
+}
+
+/// The regular chains every table has, whatever its Services.
+pub fn skeleton() -> Ruleset {
     let mut rs = Ruleset::default();
     rs.chains.insert(SERVICES.into(), vec![Rule::DispatchServices]);
     rs.chains
         .insert(NO_ENDPOINTS.into(), vec![Rule::DispatchNoEndpoints]);
     rs.chains.insert(REJECT.into(), vec![Rule::Reject]);
-    for p in state.ports.values().filter(|p| p.family == family) {
+    rs
+}
+
+/// What `ports` (typically one Service's) add to a table of `family`: their chains, sets and
+/// map elements, without the skeleton.
+pub fn fragment<'a>(ports: impl IntoIterator<Item = &'a PortState>, family: IpFamily) -> Ruleset {
+    let mut rs = Ruleset::default();
+    add_ports(&mut rs, ports, family);
+    rs
+}
+
+fn add_ports<'a>(rs: &mut Ruleset, ports: impl IntoIterator<Item = &'a PortState>, family: IpFamily) {
+    for p in ports.into_iter().filter(|p| p.family == family) {
         let id = port_id(p);
         let proto = p.name.protocol;
         let endpoint_chain = |rs: &mut Ruleset, addr: SocketAddr| -> (String, Option<String>) {
@@ -133,7 +152,7 @@ pub fn ruleset(state: &DesiredState, family: IpFamily) -> Ruleset {
         if p.internal == Backends::Reject {
             rs.no_endpoint_ips.insert((p.cluster_ip, proto, p.port));
         } else {
-            let rules = spread(&mut rs, &p.internal, false);
+            let rules = spread(rs, &p.internal, false);
             rs.chains.insert(svc_chain.clone(), rules);
             rs.service_ips.insert((p.cluster_ip, proto, p.port), svc_chain);
         }
@@ -149,7 +168,7 @@ pub fn ruleset(state: &DesiredState, family: IpFamily) -> Ruleset {
                 rs.no_endpoint_node_ports.insert((proto, np));
             }
         } else {
-            let rules = spread(&mut rs, &p.external, p.masquerade_external);
+            let rules = spread(rs, &p.external, p.masquerade_external);
             rs.chains.insert(ext_chain.clone(), rules);
             for ip in &p.external_ips {
                 rs.service_ips.insert((*ip, proto, p.port), ext_chain.clone());
@@ -159,7 +178,6 @@ pub fn ruleset(state: &DesiredState, family: IpFamily) -> Ruleset {
             }
         }
     }
-    rs
 }
 
 /// What IPVS mode still needs from nftables (IPVS itself neither masquerades nor rejects):
