@@ -92,18 +92,33 @@ impl Check for ShuttingDown {
 /// first repair pass, so nothing is allocated from a bitmap that has not been reconciled with the
 /// Services that exist. Latched: once the ranges were seen, a later etcd outage keeps the replica
 /// ready, so the apiserver relays the webhook's own refusal (naming etcd) rather than "no
-/// endpoints available".
+/// endpoints available". The latch follows the usage readings themselves, not the probes: an
+/// outage that comes between two probes must not find it unset.
 pub struct RangesInitialized {
     usage: watch::Receiver<Vec<RangeUsage>>,
-    seen: AtomicBool,
+    seen: Arc<AtomicBool>,
 }
 
 impl RangesInitialized {
     pub fn new(usage: watch::Receiver<Vec<RangeUsage>>) -> Self {
-        Self {
-            usage,
-            seen: AtomicBool::new(false),
-        }
+        let seen = Arc::new(AtomicBool::new(false));
+        let (mut readings, latch) = (usage.clone(), seen.clone());
+        tokio::spawn(async move {
+            loop {
+                let initialized_now = {
+                    let u = readings.borrow_and_update();
+                    !u.is_empty() && initialized(&u).is_ok()
+                };
+                if initialized_now {
+                    latch.store(true, Ordering::Relaxed);
+                    return;
+                }
+                if readings.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Self { usage, seen }
     }
 }
 
@@ -267,5 +282,31 @@ mod tests {
         assert_eq!(dog.check(), Ok(()), "exactly at the tolerance still passes");
         tokio::time::advance(Duration::from_millis(1)).await;
         assert!(dog.check().is_err());
+    }
+
+    fn usage(allocated: Result<u64, String>) -> Vec<RangeUsage> {
+        vec![RangeUsage {
+            type_: svcplane_allocators::pool::PoolType::NodePort,
+            range: "30000-32767".into(),
+            size: 2768,
+            allocated,
+        }]
+    }
+
+    #[tokio::test]
+    async fn ranges_once_seen_keep_the_replica_ready_even_if_no_probe_saw_them() {
+        let (tx, rx) = watch::channel(Vec::new());
+        let check = RangesInitialized::new(rx);
+        assert!(check.check().is_err(), "nothing read yet");
+        tx.send(usage(Err("not initialized".into()))).unwrap();
+        tokio::task::yield_now().await;
+        assert!(check.check().is_err());
+        // Initialized, then etcd gone before any probe came.
+        tx.send(usage(Ok(3))).unwrap();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        tx.send(usage(Err("etcd is unreachable".into()))).unwrap();
+        assert_eq!(check.check(), Ok(()));
     }
 }
