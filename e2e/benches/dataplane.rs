@@ -1,7 +1,9 @@
 //! Benchmark (not a test) of the node agent's nftables mode on this machine's kernel, in a network
 //! namespace of its own: a full sync and a single-endpoint update for BENCH_DP_SIZES (1000,10000)
-//! Services x 10 endpoints. Times are split into computing (desired state, ruleset, diff) and
-//! applying (one netlink batch, one kernel transaction).
+//! Services x 10 endpoints, and BENCH_DP_CHANGES (50) one-endpoint changes, each to another
+//! Service, reported as p50/p99. Times are split into computing (desired state, table, diff:
+//! for a change, the changed Service's only, as the agent does between full syncs) and applying
+//! (one netlink batch, one kernel transaction).
 //!
 //! Run with `hack/bench/dataplane.sh`.
 
@@ -14,9 +16,9 @@ use std::{
 
 use svcplane_core::{IpFamily, ObjectKey, Protocol};
 use svcplane_dataplane::{
-    desired::desired,
+    desired::{desired, service_state},
     input::{EndpointInfo, Policy, ServiceInfo, ServicePortInfo, SliceInfo, SlicePort},
-    nft::{Transaction, ruleset, transaction},
+    nft::{Transaction, incremental::FamilyTable, transaction},
 };
 use svcplane_kernel::nft::NftSocket;
 
@@ -79,12 +81,23 @@ fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1000.0)
 }
 
+/// The `p`th percentile of `xs` (sorted in place).
+fn percentile(xs: &mut [Duration], p: f64) -> Duration {
+    xs.sort();
+    let i = ((xs.len() as f64 - 1.0) * p).round() as usize;
+    xs[i.min(xs.len() - 1)]
+}
+
 fn main() {
     let sizes: Vec<usize> = std::env::var("BENCH_DP_SIZES")
         .unwrap_or_else(|_| "1000,10000".into())
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
+    let changes: usize = std::env::var("BENCH_DP_CHANGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
     // A network namespace of the benchmark's own, gone when it exits.
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET) (needs root)");
     let mut socket = NftSocket::open().unwrap();
@@ -92,43 +105,63 @@ fn main() {
         "\nnftables mode, Services x 10 endpoints (one ClusterIP port each, NodePorts on the first 2000)"
     );
     println!(
-        "{:<9} {:<15} {:>11} {:>10} {:>9} {:>9}",
+        "{:<9} {:<22} {:>11} {:>10} {:>9} {:>9}",
         "services", "sync", "compute ms", "apply ms", "commands", "rules"
     );
     for n in sizes {
         let (svcs, mut slices) = services(n);
         let started = Instant::now();
-        let state = desired("node-0", &svcs, &slices);
-        let rs = ruleset(&state, IpFamily::IPv4);
-        let full = transaction(None, &rs, IpFamily::IPv4).unwrap();
+        let mut state = desired("node-0", &svcs, &slices);
+        let mut table = FamilyTable::new(&state, IpFamily::IPv4);
+        let full = transaction(None, table.ruleset(), IpFamily::IPv4).unwrap();
         let compute = started.elapsed();
         let commands = full.len();
         let applied = apply(&mut socket, full);
         println!(
-            "{n:<9} {:<15} {:>11} {:>10} {:>9} {:>9}",
+            "{n:<9} {:<22} {:>11} {:>10} {:>9} {:>9}",
             "full",
             ms(compute),
             ms(applied),
             commands,
-            rs.size()
+            table.ruleset().size()
         );
 
-        // One endpoint of one Service moves to another address.
-        slices[n / 2].endpoints[3].ip = "10.250.0.1".parse().unwrap();
-        let started = Instant::now();
-        let state = desired("node-0", &svcs, &slices);
-        let next = ruleset(&state, IpFamily::IPv4);
-        let delta = transaction(Some(&rs), &next, IpFamily::IPv4).unwrap();
-        let compute = started.elapsed();
-        let commands = delta.len();
-        let applied = apply(&mut socket, delta);
+        // One endpoint of one Service moves to another address, `changes` times (a different
+        // Service each time), as the agent does it: that Service's state and fragment only.
+        let (mut computes, mut applies, mut totals) = (Vec::new(), Vec::new(), Vec::new());
+        let mut commands = 0;
+        for c in 0..changes {
+            let i = (n / 2 + c * 7919) % n;
+            slices[i].endpoints[3].ip =
+                IpAddr::V4(Ipv4Addr::new(10, 250, (c / 250) as u8, (c % 250) as u8 + 1));
+            let started = Instant::now();
+            let key = svcs[i].key.clone();
+            let refs: Vec<&SliceInfo> = vec![&slices[i]];
+            state.set_service(&key, Some(service_state("node-0", &svcs[i], &refs)));
+            let update = table.update(&state, [&key]);
+            let compute = started.elapsed();
+            let delta = update.transaction.unwrap();
+            commands = delta.len();
+            let applied = apply(&mut socket, delta);
+            table = update.next;
+            computes.push(compute);
+            applies.push(applied);
+            totals.push(compute + applied);
+        }
+        for (label, p) in [("p50", 0.5), ("p99", 0.99)] {
+            println!(
+                "{n:<9} {:<22} {:>11} {:>10} {:>9} {:>9}",
+                format!("one endpoint {label}"),
+                ms(percentile(&mut computes, p)),
+                ms(percentile(&mut applies, p)),
+                commands,
+                table.ruleset().size()
+            );
+        }
         println!(
-            "{n:<9} {:<15} {:>11} {:>10} {:>9} {:>9}",
-            "one endpoint",
-            ms(compute),
-            ms(applied),
-            commands,
-            next.size()
+            "{n:<9} {:<22} {:>11}",
+            "one endpoint total p50",
+            ms(percentile(&mut totals, 0.5))
         );
     }
 }

@@ -171,19 +171,30 @@ impl NftSocket {
 
     /// Reads replies, handing each to `each`, until the generation answering `seq`.
     fn read_until(&mut self, seq: u32, mut each: impl FnMut(Reply)) -> io::Result<u32> {
-        let mut rx = Vec::with_capacity(1 << 16);
+        self.receive(|reply| match reply {
+            Reply::Generation { seq: s, id } if s == seq => Some(Ok(id)),
+            Reply::Ack {
+                seq: s,
+                errno: Some(e),
+                ..
+            } if s == seq => Some(Err(io::Error::from_raw_os_error(e))),
+            other => {
+                each(other);
+                None
+            }
+        })
+    }
+
+    /// Reads replies, handing each to `each`, until it returns the outcome.
+    fn receive<T>(&mut self, mut each: impl FnMut(Reply) -> Option<io::Result<T>>) -> io::Result<T> {
+        // Dumps come in datagrams the size of the reader's buffer: large ones, fewer calls.
+        let mut rx = Vec::with_capacity(1 << 20);
         loop {
             rx.clear();
             let n = self.socket.recv(&mut rx, 0)?;
             for reply in wire::replies(&rx[..n]).map_err(invalid)? {
-                match reply {
-                    Reply::Generation { seq: s, id } if s == seq => return Ok(id),
-                    Reply::Ack {
-                        seq: s,
-                        errno: Some(e),
-                        ..
-                    } if s == seq => return Err(io::Error::from_raw_os_error(e)),
-                    other => each(other),
+                if let Some(outcome) = each(reply) {
+                    return outcome;
                 }
             }
         }
@@ -200,33 +211,28 @@ impl NftSocket {
     fn dump(&mut self, request: impl FnOnce(u32) -> Vec<u8>) -> io::Result<Vec<Reply>> {
         let seq = self.next_seq(1);
         self.socket.send(&request(seq), 0)?;
-        let mut rx = Vec::with_capacity(1 << 20);
         let mut out = Vec::new();
-        loop {
-            rx.clear();
-            let n = self.socket.recv(&mut rx, 0)?;
-            for reply in wire::replies(&rx[..n]).map_err(invalid)? {
-                match reply {
-                    Reply::Done { seq: s, interrupted } if s == seq => {
-                        return if interrupted {
-                            Err(io::Error::new(
-                                io::ErrorKind::Interrupted,
-                                "the ruleset changed during the dump",
-                            ))
-                        } else {
-                            Ok(out)
-                        };
-                    }
-                    Reply::Ack {
-                        seq: s,
-                        errno: Some(e),
-                        ..
-                    } if s == seq => return Err(io::Error::from_raw_os_error(e)),
-                    Reply::Object { seq: s, .. } if s == seq => out.push(reply),
-                    _ => {}
-                }
+        self.receive(|reply| match reply {
+            Reply::Done { seq: s, interrupted } if s == seq => Some(if interrupted {
+                Err(io::Error::new(
+                    io::ErrorKind::Interrupted,
+                    "the ruleset changed during the dump",
+                ))
+            } else {
+                Ok(())
+            }),
+            Reply::Ack {
+                seq: s,
+                errno: Some(e),
+                ..
+            } if s == seq => Some(Err(io::Error::from_raw_os_error(e))),
+            Reply::Object { seq: s, .. } if s == seq => {
+                out.push(reply);
+                None
             }
-        }
+            _ => None,
+        })?;
+        Ok(out)
     }
 
     /// svcplane's table of `family` as the kernel holds it, with the generation it was read
@@ -283,25 +289,19 @@ impl NftSocket {
     pub fn has_table(&mut self, family: IpFamily) -> io::Result<bool> {
         let seq = self.next_seq(1);
         self.socket.send(&wire::get_table(family, seq), 0)?;
-        let mut rx = Vec::with_capacity(1 << 16);
         let mut found = false;
-        loop {
-            rx.clear();
-            let n = self.socket.recv(&mut rx, 0)?;
-            for reply in wire::replies(&rx[..n]).map_err(invalid)? {
-                match reply {
-                    Reply::Table { seq: s } if s == seq => found = true,
-                    Reply::Ack { seq: s, errno, .. } if s == seq => {
-                        return match errno {
-                            None => Ok(found),
-                            Some(ENOENT) => Ok(false),
-                            Some(e) => Err(io::Error::from_raw_os_error(e)),
-                        };
-                    }
-                    _ => {}
-                }
+        self.receive(|reply| match reply {
+            Reply::Table { seq: s } if s == seq => {
+                found = true;
+                None
             }
-        }
+            Reply::Ack { seq: s, errno, .. } if s == seq => Some(match errno {
+                None => Ok(found),
+                Some(ENOENT) => Ok(false),
+                Some(e) => Err(io::Error::from_raw_os_error(e)),
+            }),
+            _ => None,
+        })
     }
 }
 
