@@ -138,12 +138,10 @@ fn main() {
             let key = svcs[i].key.clone();
             let refs: Vec<&SliceInfo> = vec![&slices[i]];
             state.set_service(&key, Some(service_state("node-0", &svcs[i], &refs)));
-            let update = table.update(&state, [&key]);
+            let delta = table.update(&state, [&key]).unwrap();
             let compute = started.elapsed();
-            let delta = update.transaction.unwrap();
             commands = delta.len();
             let applied = apply(&mut socket, delta);
-            table = update.next;
             computes.push(compute);
             applies.push(applied);
             totals.push(compute + applied);

@@ -139,19 +139,15 @@ impl Backend for Nftables {
         let mut next = Vec::new();
         for (i, (family, slot)) in self.applied.iter_mut().enumerate() {
             let family = *family;
-            let (tx, table) = match (slot.as_ref(), changed) {
+            let full = slot.is_none();
+            let (tx, table) = match (slot.take(), changed) {
                 // Only the changed Services: the cost of what they hold.
-                (Some(table), Some(changed)) => {
-                    let update = table.update(state, changed);
-                    (update.transaction, update.next)
-                }
+                (Some(mut table), Some(changed)) => (table.update(state, changed), table),
                 // Everything: the whole table recomputed and compared.
                 (known, _) => {
                     let table = FamilyTable::new(state, family);
-                    (
-                        transaction(known.map(FamilyTable::ruleset), table.ruleset(), family),
-                        table,
-                    )
+                    let tx = transaction(known.as_ref().map(FamilyTable::ruleset), table.ruleset(), family);
+                    (tx, table)
                 }
             };
             metrics
@@ -165,13 +161,13 @@ impl Backend for Nftables {
             info!(
                 family = family.as_str(),
                 commands = tx.len(),
-                full = slot.is_none(),
+                full,
                 "updating nftables"
             );
             transactions.push(tx);
-            // Unknown from here until the apply succeeds: a refused batch leaves the old table
-            // whole, but the next sync must not diff against a state the kernel may not hold.
-            *slot = None;
+            // Unknown (the slot stays empty) until the apply succeeds: a refused batch leaves the
+            // old table whole, but the next sync must not diff against a state the kernel may
+            // not hold.
             next.push((i, table));
         }
         if transactions.is_empty() {

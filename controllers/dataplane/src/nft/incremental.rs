@@ -40,15 +40,6 @@ pub struct FamilyTable {
     claims: AllClaims,
 }
 
-/// What one sync changes in a family's table.
-#[derive(Debug)]
-pub struct Update {
-    /// `None` when the kernel needs no change.
-    pub transaction: Option<Transaction>,
-    /// The table after it.
-    pub next: FamilyTable,
-}
-
 impl FamilyTable {
     /// The table for `state`, computed whole.
     pub fn new(state: &DesiredState, family: IpFamily) -> Self {
@@ -78,39 +69,39 @@ impl FamilyTable {
         &self.whole
     }
 
-    /// The table after `services` changed to what `state` says of them, and the transaction
-    /// from this table to it (only what their fragments touch). `self` is left as it was: it
-    /// is what the kernel holds until the transaction is applied.
+    /// Takes `services` to what `state` says of them and returns the transaction that does the
+    /// same to the kernel (only what their fragments touch; `None`: nothing to do). The table
+    /// is changed in place, not copied (a copy would cost what the whole table holds): if the
+    /// transaction is not applied, the table no longer says what the kernel holds and must be
+    /// dropped (the caller then rebuilds).
     pub fn update<'a>(
-        &self,
+        &mut self,
         state: &DesiredState,
         services: impl IntoIterator<Item = &'a ObjectKey>,
-    ) -> Update {
-        let mut next = self.clone();
+    ) -> Option<Transaction> {
         let empty = Ruleset::default();
+        let mut changes = Vec::new();
         let mut touched = Ruleset::default();
         for s in services {
             let new = fragment(state.service_ports(s), self.family);
-            let old = next.fragments.get(s).unwrap_or(&empty);
+            let old = self.fragments.get(s).unwrap_or(&empty);
             if *old == new {
                 continue;
             }
-            let old = old.clone();
-            mark(&mut touched, &old);
+            mark(&mut touched, old);
             mark(&mut touched, &new);
-            next.remove(s, &old);
-            next.insert(s, &new);
-            if new == empty {
-                next.fragments.remove(s);
-            } else {
-                next.fragments.insert(s.clone(), new);
+            changes.push((s, new));
+        }
+        let before = restrict(&self.whole, &touched);
+        for (s, new) in changes {
+            let old = self.fragments.remove(s).unwrap_or_default();
+            self.remove(s, &old);
+            self.insert(s, &new);
+            if new != empty {
+                self.fragments.insert(s.clone(), new);
             }
         }
-        let (before, after) = (restrict(&self.whole, &touched), restrict(&next.whole, &touched));
-        Update {
-            transaction: transaction(Some(&before), &after, self.family),
-            next,
-        }
+        transaction(Some(&before), &restrict(&self.whole, &touched), self.family)
     }
 
     fn insert(&mut self, s: &ObjectKey, f: &Ruleset) {
@@ -366,19 +357,18 @@ mod tests {
                         let next = (rng.below(4) != 0).then(|| service(&mut rng, i));
                         state.set_service(key, next);
                     }
-                    let before = Table::from_ops(&transaction(None, table.ruleset(), family).unwrap().ops);
-                    let update = table.update(&state, &changed);
-                    let whole = ruleset(&state, family);
-                    assert_eq!(update.next.ruleset(), &whole, "seed {seed}");
-                    // The ops, applied to the table as it was, give the table as it should be.
                     let mut ops = transaction(None, table.ruleset(), family).unwrap().ops;
-                    if let Some(tx) = &update.transaction {
+                    let before = Table::from_ops(&ops);
+                    let tx = table.update(&state, &changed);
+                    let whole = ruleset(&state, family);
+                    assert_eq!(table.ruleset(), &whole, "seed {seed}");
+                    // The ops, applied to the table as it was, give the table as it should be.
+                    if let Some(tx) = &tx {
                         ops.extend(tx.ops.iter().cloned());
                     }
                     let after = Table::from_ops(&transaction(None, &whole, family).unwrap().ops);
                     assert_eq!(Table::from_ops(&ops), after, "seed {seed}");
-                    assert_eq!(update.transaction.is_none(), before == after, "seed {seed}");
-                    table = update.next;
+                    assert_eq!(tx.is_none(), before == after, "seed {seed}");
                 }
             }
         }
@@ -397,7 +387,7 @@ mod tests {
             }
             state.set_service(&ObjectKey::new("ns", format!("s{i}")), Some(s));
         }
-        let table = FamilyTable::new(&state, IpFamily::IPv4);
+        let mut table = FamilyTable::new(&state, IpFamily::IPv4);
         let key = ObjectKey::new("ns", "s42");
         let port = PortState {
             name: ServicePortName {
@@ -423,8 +413,7 @@ mod tests {
                 health_check: None,
             }),
         );
-        let update = table.update(&state, [&key]);
-        let tx = update.transaction.unwrap();
+        let tx = table.update(&state, [&key]).unwrap();
         assert!(
             tx.ops
                 .iter()
