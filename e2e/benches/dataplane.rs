@@ -1,7 +1,7 @@
 //! Benchmark (not a test) of the node agent's nftables mode on this machine's kernel, in a network
 //! namespace of its own: a full sync and a single-endpoint update for BENCH_DP_SIZES (1000,10000)
-//! Services x 10 endpoints, and BENCH_DP_CHANGES (50) one-endpoint changes, each to another
-//! Service, reported as p50/p99. Times are split into computing (desired state, table, diff:
+//! Services x 10 endpoints, with Services spread over each of BENCH_DP_SHARDS (1,16) tables, and
+//! BENCH_DP_CHANGES (50) one-endpoint changes, each to another Service, reported as p50/p99. Times are split into computing (desired state, table, diff:
 //! for a change, the changed Service's only, as the agent does between full syncs) and applying
 //! (one netlink batch, one kernel transaction).
 //!
@@ -18,7 +18,7 @@ use svcplane_core::{IpFamily, ObjectKey, Protocol};
 use svcplane_dataplane::{
     desired::{desired, service_state},
     input::{EndpointInfo, Policy, ServiceInfo, ServicePortInfo, SliceInfo, SlicePort},
-    nft::{Transaction, incremental::FamilyTable, transaction},
+    nft::{Shards, Transaction, incremental::FamilyTable, transaction},
 };
 use svcplane_kernel::nft::NftSocket;
 
@@ -69,9 +69,9 @@ fn services(n: usize) -> (Vec<ServiceInfo>, Vec<SliceInfo>) {
     (svcs, slices)
 }
 
-fn apply(socket: &mut NftSocket, tx: Transaction) -> Duration {
+fn apply(socket: &mut NftSocket, txs: &[Transaction]) -> Duration {
     let started = Instant::now();
-    if let Err(e) = socket.apply(&[tx]) {
+    if let Err(e) = socket.apply(txs) {
         panic!("{e}");
     }
     started.elapsed()
@@ -94,6 +94,11 @@ fn main() {
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
+    let shard_counts: Vec<u16> = std::env::var("BENCH_DP_SHARDS")
+        .unwrap_or_else(|_| "1,16".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
     let changes: usize = std::env::var("BENCH_DP_CHANGES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -105,61 +110,68 @@ fn main() {
         "\nnftables mode, Services x 10 endpoints (one ClusterIP port each, NodePorts on the first 2000)"
     );
     println!(
-        "{:<9} {:<22} {:>11} {:>10} {:>9} {:>9}",
-        "services", "sync", "compute ms", "apply ms", "commands", "rules"
+        "{:<9} {:>6} {:<22} {:>11} {:>10} {:>9} {:>9}",
+        "services", "shards", "sync", "compute ms", "apply ms", "commands", "rules"
     );
     for n in sizes {
-        let (svcs, mut slices) = services(n);
+        for &count in &shard_counts {
+            let shards = Shards::new(count).expect("BENCH_DP_SHARDS: 1 to 64");
+            run(&mut socket, n, shards, changes);
+        }
+    }
+}
+
+fn run(socket: &mut NftSocket, n: usize, shards: Shards, changes: usize) {
+    let count = shards.count();
+    let (svcs, mut slices) = services(n);
+    let started = Instant::now();
+    let mut state = desired("node-0", &svcs, &slices);
+    let mut table = FamilyTable::new(&state, IpFamily::IPv4, shards);
+    let full = transaction(None, table.ruleset(), IpFamily::IPv4, shards);
+    let compute = started.elapsed();
+    let commands: usize = full.iter().map(Transaction::len).sum();
+    let applied = apply(socket, &full);
+    println!(
+        "{n:<9} {count:>6} {:<22} {:>11} {:>10} {:>9} {:>9}",
+        "full",
+        ms(compute),
+        ms(applied),
+        commands,
+        table.ruleset().size()
+    );
+
+    // One endpoint of one Service moves to another address, `changes` times (a different
+    // Service each time), as the agent does it: that Service's state and fragment only.
+    let (mut computes, mut applies, mut totals) = (Vec::new(), Vec::new(), Vec::new());
+    let mut commands = 0;
+    for c in 0..changes {
+        let i = (n / 2 + c * 7919) % n;
+        slices[i].endpoints[3].ip = IpAddr::V4(Ipv4Addr::new(10, 250, (c / 250) as u8, (c % 250) as u8 + 1));
         let started = Instant::now();
-        let mut state = desired("node-0", &svcs, &slices);
-        let mut table = FamilyTable::new(&state, IpFamily::IPv4);
-        let full = transaction(None, table.ruleset(), IpFamily::IPv4).unwrap();
+        let key = svcs[i].key.clone();
+        let refs: Vec<&SliceInfo> = vec![&slices[i]];
+        state.set_service(&key, Some(service_state("node-0", &svcs[i], &refs)));
+        let delta = table.update(&state, [&key]);
         let compute = started.elapsed();
-        let commands = full.len();
-        let applied = apply(&mut socket, full);
+        commands = delta.iter().map(Transaction::len).sum();
+        let applied = apply(socket, &delta);
+        computes.push(compute);
+        applies.push(applied);
+        totals.push(compute + applied);
+    }
+    for (label, p) in [("p50", 0.5), ("p99", 0.99)] {
         println!(
-            "{n:<9} {:<22} {:>11} {:>10} {:>9} {:>9}",
-            "full",
-            ms(compute),
-            ms(applied),
+            "{n:<9} {count:>6} {:<22} {:>11} {:>10} {:>9} {:>9}",
+            format!("one endpoint {label}"),
+            ms(percentile(&mut computes, p)),
+            ms(percentile(&mut applies, p)),
             commands,
             table.ruleset().size()
         );
-
-        // One endpoint of one Service moves to another address, `changes` times (a different
-        // Service each time), as the agent does it: that Service's state and fragment only.
-        let (mut computes, mut applies, mut totals) = (Vec::new(), Vec::new(), Vec::new());
-        let mut commands = 0;
-        for c in 0..changes {
-            let i = (n / 2 + c * 7919) % n;
-            slices[i].endpoints[3].ip =
-                IpAddr::V4(Ipv4Addr::new(10, 250, (c / 250) as u8, (c % 250) as u8 + 1));
-            let started = Instant::now();
-            let key = svcs[i].key.clone();
-            let refs: Vec<&SliceInfo> = vec![&slices[i]];
-            state.set_service(&key, Some(service_state("node-0", &svcs[i], &refs)));
-            let delta = table.update(&state, [&key]).unwrap();
-            let compute = started.elapsed();
-            commands = delta.len();
-            let applied = apply(&mut socket, delta);
-            computes.push(compute);
-            applies.push(applied);
-            totals.push(compute + applied);
-        }
-        for (label, p) in [("p50", 0.5), ("p99", 0.99)] {
-            println!(
-                "{n:<9} {:<22} {:>11} {:>10} {:>9} {:>9}",
-                format!("one endpoint {label}"),
-                ms(percentile(&mut computes, p)),
-                ms(percentile(&mut applies, p)),
-                commands,
-                table.ruleset().size()
-            );
-        }
-        println!(
-            "{n:<9} {:<22} {:>11}",
-            "one endpoint total p50",
-            ms(percentile(&mut totals, 0.5))
-        );
     }
+    println!(
+        "{n:<9} {count:>6} {:<22} {:>11}",
+        "one endpoint total p50",
+        ms(percentile(&mut totals, 0.5))
+    );
 }

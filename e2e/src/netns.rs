@@ -167,24 +167,17 @@ impl Topology {
         out.status.code() == Some(7)
     }
 
-    /// `nft list table` in the node, or `None` when the table does not exist.
+    /// svcplane's tables of `family` in the node (`svcplane` and its shards), as `nft list`
+    /// prints them, or `None` when there is none.
     pub fn nft_list(&self, family: &str) -> Option<String> {
         let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns("n"),
-                "nft",
-                "list",
-                "table",
-                family,
-                "svcplane",
-            ])
+            .args(["netns", "exec", &self.ns("n"), "nft", "list", "ruleset", family])
             .output()
             .unwrap();
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let ours = format!("table {family} svcplane");
+        text.contains(&ours).then_some(text)
     }
 
     /// Waits until every backend answers directly (the httpds are up).

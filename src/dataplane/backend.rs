@@ -10,7 +10,7 @@ use svcplane_dataplane::{
     desired::DesiredState,
     ipvs::plan::Op,
     nft::{
-        IpvsSupport, Ruleset, TABLE, Transaction,
+        IpvsSupport, Ruleset, Shards, TableId, Transaction,
         incremental::FamilyTable,
         ipvs_support, ipvs_support_transaction,
         table::{Differences, Table, repair},
@@ -34,18 +34,20 @@ pub async fn apply_nft(transactions: Vec<Transaction>) -> anyhow::Result<u32> {
     .context("the nftables apply task failed")?
 }
 
-/// What one family's read-back found, and the transaction that put it right.
+/// What the read-back of one table found, and the transaction that put it right.
 struct Repaired {
     family: IpFamily,
+    table: TableId,
     differences: Differences,
     ops: usize,
 }
 
-/// Reads svcplane's tables back and repairs what differs from `applied` (each family's table
-/// as last written), unless nothing committed anything since `generation`. Returns the
-/// generation after, and what was repaired.
+/// Reads svcplane's tables back and repairs what differs from `applied` (each family's ruleset
+/// as last written, cut into tables by `shards`), unless nothing committed anything since
+/// `generation`. Returns the generation after, and what was repaired.
 fn repair_tables(
     applied: &[(IpFamily, Ruleset)],
+    shards: Shards,
     generation: Option<u32>,
 ) -> anyhow::Result<(u32, Vec<Repaired>)> {
     let mut socket = NftSocket::open().context("opening a netfilter netlink socket")?;
@@ -55,31 +57,37 @@ fn repair_tables(
         return Ok((now, repaired));
     }
     for (family, rs) in applied {
-        let rebuild = transaction(None, rs, *family).unwrap_or_else(|| Transaction::new(*family));
-        let expected = Table::from_ops(&rebuild.ops);
-        let (fix, read_at) = match socket
-            .read_table(*family)
-            .context("reading svcplane's table back")?
-        {
-            None => {
-                let differences = Differences {
-                    rebuild: true,
-                    ..Differences::default()
-                };
-                (Some((rebuild.clone(), differences)), None)
+        // The rebuild of each table this layout uses (the others it only removes).
+        for rebuild in transaction(None, rs, *family, shards) {
+            if !shards.tables().any(|t| t == rebuild.table) {
+                continue;
             }
-            Some((observed, at)) => (repair(&observed, &expected, &rebuild), Some(at)),
-        };
-        let Some((tx, differences)) = fix else {
-            continue;
-        };
-        let ops = tx.len();
-        now = socket.apply_at(&[tx], read_at)?;
-        repaired.push(Repaired {
-            family: *family,
-            differences,
-            ops,
-        });
+            let expected = Table::from_ops(&rebuild.ops);
+            let (fix, read_at) = match socket
+                .read_table(*family, rebuild.table)
+                .with_context(|| format!("reading table {} back", rebuild.table))?
+            {
+                None => {
+                    let differences = Differences {
+                        rebuild: true,
+                        ..Differences::default()
+                    };
+                    (Some((rebuild.clone(), differences)), None)
+                }
+                Some((observed, at)) => (repair(&observed, &expected, &rebuild), Some(at)),
+            };
+            let Some((tx, differences)) = fix else {
+                continue;
+            };
+            let ops = tx.len();
+            now = socket.apply_at(&[tx], read_at)?;
+            repaired.push(Repaired {
+                family: *family,
+                table: rebuild.table,
+                differences,
+                ops,
+            });
+        }
     }
     Ok((now, repaired))
 }
@@ -105,8 +113,10 @@ pub trait Backend: Send {
     fn summary(&self) -> serde_json::Value;
 }
 
-/// nftables mode: one table per family, changed by one transaction per sync.
+/// nftables mode: `svcplane` and its shards per family, changed by one kernel transaction per
+/// sync.
 pub struct Nftables {
+    shards: Shards,
     /// The last applied table per family, kept Service by Service; `None` when unknown (start,
     /// or after a failed apply), which makes the next apply rebuild the table.
     applied: [(IpFamily, Option<FamilyTable>); 2],
@@ -116,8 +126,9 @@ pub struct Nftables {
 }
 
 impl Nftables {
-    pub fn new() -> Self {
+    pub fn new(shards: Shards) -> Self {
         Self {
+            shards,
             applied: [(IpFamily::IPv4, None), (IpFamily::IPv6, None)],
             generation: None,
         }
@@ -140,31 +151,37 @@ impl Backend for Nftables {
         for (i, (family, slot)) in self.applied.iter_mut().enumerate() {
             let family = *family;
             let full = slot.is_none();
-            let (tx, table) = match (slot.take(), changed) {
+            let (txs, table) = match (slot.take(), changed) {
                 // Only the changed Services: the cost of what they hold.
                 (Some(mut table), Some(changed)) => (table.update(state, changed), table),
                 // Everything: the whole table recomputed and compared.
                 (known, _) => {
-                    let table = FamilyTable::new(state, family);
-                    let tx = transaction(known.as_ref().map(FamilyTable::ruleset), table.ruleset(), family);
-                    (tx, table)
+                    let table = FamilyTable::new(state, family, self.shards);
+                    let txs = transaction(
+                        known.as_ref().map(FamilyTable::ruleset),
+                        table.ruleset(),
+                        family,
+                        self.shards,
+                    );
+                    (txs, table)
                 }
             };
             metrics
                 .rules
                 .with_label_values(&[family.as_str()])
                 .set(i64::try_from(table.ruleset().size()).unwrap_or(i64::MAX));
-            let Some(tx) = tx else {
+            if txs.is_empty() {
                 *slot = Some(table);
                 continue;
-            };
+            }
             info!(
                 family = family.as_str(),
-                commands = tx.len(),
+                tables = txs.len(),
+                commands = txs.iter().map(Transaction::len).sum::<usize>(),
                 full,
                 "updating nftables"
             );
-            transactions.push(tx);
+            transactions.extend(txs);
             // Unknown (the slot stays empty) until the apply succeeds: a refused batch leaves the
             // old table whole, but the next sync must not diff against a state the kernel may
             // not hold.
@@ -173,7 +190,14 @@ impl Backend for Nftables {
         if transactions.is_empty() {
             return Ok(());
         }
-        self.generation = Some(apply_nft(transactions).await?);
+        let after = apply_nft(transactions).await?;
+        // A commit moves the generation by one. More means someone else committed since the
+        // generation svcplane knows (perhaps an edit of its tables), which only a read-back can
+        // rule out: the next check must read, not take `after` as "nothing happened".
+        self.generation = self
+            .generation
+            .filter(|known| known.wrapping_add(1) == after)
+            .map(|_| after);
         for (i, table) in next {
             self.applied[i].1 = Some(table);
         }
@@ -190,7 +214,8 @@ impl Backend for Nftables {
             .filter_map(|(f, t)| Some((*f, t.as_ref()?.ruleset().clone())))
             .collect();
         let generation = self.generation;
-        let result = tokio::task::spawn_blocking(move || repair_tables(&applied, generation)).await;
+        let shards = self.shards;
+        let result = tokio::task::spawn_blocking(move || repair_tables(&applied, shards, generation)).await;
         match result {
             Ok(Ok((now, repaired))) => {
                 self.generation = Some(now);
@@ -198,7 +223,7 @@ impl Backend for Nftables {
                     metrics.drift_repairs.inc();
                     warn!(
                         family = r.family.as_str(),
-                        table = TABLE,
+                        table = %r.table,
                         chains = ?r.differences.chains,
                         sets = ?r.differences.sets,
                         elements = r.differences.elements,
@@ -286,7 +311,7 @@ impl Backend for Ipvs {
                 continue;
             }
             *slot = None;
-            apply_nft(vec![ipvs_support_transaction(&next, family)]).await?;
+            apply_nft(ipvs_support_transaction(&next, family)).await?;
             *slot = Some(next);
         }
         Ok(())

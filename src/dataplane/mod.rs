@@ -31,6 +31,10 @@ use svcplane_dataplane::{
     desired::{DesiredState, desired, service_state},
     input::{Problem, ServiceInfo, SliceInfo},
     ipvs::plan::SCHEDULERS,
+    nft::{
+        Shards,
+        layout::{DEFAULT_SHARDS, MAX_SHARDS},
+    },
 };
 use tokio::{signal::unix::SignalKind, sync::Notify};
 use tokio_util::sync::CancellationToken;
@@ -81,6 +85,13 @@ pub struct Args {
     /// local address by itself).
     #[arg(long, value_delimiter = ',')]
     pub node_ip: Vec<IpAddr>,
+    /// nftables mode: how many tables Services are spread over (1-64). The kernel checks a
+    /// whole table when a change adds a rule to it, so a change costs what its table holds;
+    /// more shards make that less, at one map lookup per shard for a connection's first packet
+    /// to an address that is not a Service's. A change of the count rebuilds the tables.
+    #[arg(long, default_value_t = DEFAULT_SHARDS,
+          value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_SHARDS)))]
+    pub nft_shards: u16,
     /// Read Services and EndpointSlices from this JSON List instead of the apiserver (offline
     /// programming and tests); implies one sync and exit.
     #[arg(long)]
@@ -162,7 +173,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let registry = Registry::new();
     let metrics = DataplaneMetrics::register(&registry).context("registering metrics")?;
     match choose(&args, &metrics)? {
-        Choice::Nftables => serve(&args, backend::Nftables::new(), registry, metrics).await,
+        Choice::Nftables => {
+            let shards = Shards::new(args.nft_shards).context("--nft-shards")?;
+            serve(&args, backend::Nftables::new(shards), registry, metrics).await
+        }
         Choice::Ipvs { scheduler } => {
             let ipvs = backend::Ipvs::new(scheduler, args.node_ip.clone());
             serve(&args, ipvs, registry, metrics).await

@@ -11,7 +11,7 @@ use netlink_sys::{Socket, SocketAddr as NlAddr, protocols::NETLINK_NETFILTER};
 use nix::sys::socket::{setsockopt, sockopt};
 use svcplane_core::IpFamily;
 use svcplane_dataplane::nft::{
-    Op, Transaction,
+    Op, TableId, Transaction,
     op::SetKind,
     readback::{self, Dump},
     table::Table,
@@ -120,7 +120,10 @@ impl NftSocket {
         transactions: &[Transaction],
         generation: Option<u32>,
     ) -> Result<u32, BatchRefused> {
-        let ops: Vec<&Op> = transactions.iter().flat_map(|t| &t.ops).collect();
+        let ops: Vec<(TableId, &Op)> = transactions
+            .iter()
+            .flat_map(|t| t.ops.iter().map(|op| (t.table, op)))
+            .collect();
         let batch = wire::batch(transactions, self.next_seq(ops.len() + 2), generation);
         self.size_buffers(batch.bytes.len(), ops.len());
         let whole = |e: io::Error| BatchRefused {
@@ -153,8 +156,9 @@ impl NftSocket {
                         Some(i) if refused.refused.len() < KEEP_ERRORS => {
                             let op = ops.get(i);
                             refused.refused.push(Refused {
-                                op: op.map_or_else(|| format!("op {i}"), ToString::to_string),
-                                port: op.and_then(|o| o.port()).map(str::to_owned),
+                                op: op
+                                    .map_or_else(|| format!("op {i}"), |(t, op)| format!("{op} (table {t})")),
+                                port: op.and_then(|(_, o)| o.port()).map(str::to_owned),
                                 error,
                                 detail: message,
                             });
@@ -235,12 +239,13 @@ impl NftSocket {
         Ok(out)
     }
 
-    /// svcplane's table of `family` as the kernel holds it, with the generation it was read
-    /// at; `None` when there is no such table. Read again when the ruleset changed meanwhile.
-    pub fn read_table(&mut self, family: IpFamily) -> io::Result<Option<(Table, u32)>> {
+    /// svcplane's table `id` of `family` as the kernel holds it, with the generation it was
+    /// read at; `None` when there is no such table. Read again when the ruleset changed
+    /// meanwhile.
+    pub fn read_table(&mut self, family: IpFamily, id: TableId) -> io::Result<Option<(Table, u32)>> {
         let mut last = None;
         for _ in 0..3 {
-            match self.read_table_once(family) {
+            match self.read_table_once(family, id) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => last = Some(e),
                 other => return other,
             }
@@ -248,16 +253,16 @@ impl NftSocket {
         Err(last.unwrap_or_else(|| io::Error::other("the ruleset kept changing")))
     }
 
-    fn read_table_once(&mut self, family: IpFamily) -> io::Result<Option<(Table, u32)>> {
+    fn read_table_once(&mut self, family: IpFamily, id: TableId) -> io::Result<Option<(Table, u32)>> {
         let before = self.generation()?;
-        if !self.has_table(family)? {
+        if !self.has_table(family, id)? {
             return Ok(None);
         }
         let mut table = Table::default();
         for what in [Dump::Chains, Dump::Rules, Dump::Sets] {
-            for reply in self.dump(|seq| readback::dump(family, what, seq))? {
+            for reply in self.dump(|seq| readback::dump(family, id, what, seq))? {
                 if let Reply::Object { message, .. } = reply {
-                    readback::absorb(&mut table, family, message);
+                    readback::absorb(&mut table, family, id, message);
                 }
             }
         }
@@ -269,9 +274,9 @@ impl NftSocket {
             .map(|(name, _)| name.clone())
             .collect();
         for set in filled {
-            for reply in self.dump(|seq| readback::dump_elements(family, &set, seq))? {
+            for reply in self.dump(|seq| readback::dump_elements(family, id, &set, seq))? {
                 if let Reply::Object { message, .. } = reply {
-                    readback::absorb(&mut table, family, message);
+                    readback::absorb(&mut table, family, id, message);
                 }
             }
         }
@@ -285,10 +290,10 @@ impl NftSocket {
         Ok(Some((table, before)))
     }
 
-    /// Whether svcplane's table of `family` exists.
-    pub fn has_table(&mut self, family: IpFamily) -> io::Result<bool> {
+    /// Whether svcplane's table `id` of `family` exists.
+    pub fn has_table(&mut self, family: IpFamily, id: TableId) -> io::Result<bool> {
         let seq = self.next_seq(1);
-        self.socket.send(&wire::get_table(family, seq), 0)?;
+        self.socket.send(&wire::get_table(family, id, seq), 0)?;
         let mut found = false;
         self.receive(|reply| match reply {
             Reply::Table { seq: s } if s == seq => {

@@ -13,7 +13,7 @@ use std::{
 use serde_json::Value;
 use svcplane_core::{IpFamily, Protocol};
 use svcplane_dataplane::nft::{
-    Op, Rule, Ruleset, Transaction,
+    Op, Rule, Ruleset, Shards, TableId, Transaction,
     table::{Table, repair},
     transaction,
 };
@@ -88,6 +88,11 @@ fn listing() -> BTreeMap<String, Value> {
         }
     }
     out
+}
+
+/// Every table rebuilt for `rs`, with one shard: `svcplane` and `svcplane-00`.
+fn full(rs: &Ruleset, family: IpFamily) -> Vec<Transaction> {
+    transaction(None, rs, family, Shards::new(1).unwrap())
 }
 
 fn apply(transactions: &[Transaction]) {
@@ -202,30 +207,32 @@ fn v6() -> Ruleset {
     rs
 }
 
-/// The skeleton of one family's table in nft's syntax, around `body`.
+/// The skeleton of one family's tables in nft's syntax (one shard), with `body` in the shard.
 fn table(family: &str, l3: &str, addr: &str, body: &str) -> String {
     format!(
         r#"table {family} svcplane {{
-  map service-ips {{ type {addr} . inet_proto . inet_service : verdict; }}
   map no-endpoint-services {{ type {addr} . inet_proto . inet_service : verdict; }}
-  map service-nodeports {{ type inet_proto . inet_service : verdict; }}
   map no-endpoint-nodeports {{ type inet_proto . inet_service : verdict; }}
-  chain services {{
-    {l3} daddr . meta l4proto . th dport vmap @service-ips
-    fib daddr type local meta l4proto . th dport vmap @service-nodeports
-  }}
   chain no-endpoints {{
     {l3} daddr . meta l4proto . th dport vmap @no-endpoint-services
     fib daddr type local meta l4proto . th dport vmap @no-endpoint-nodeports
   }}
   chain reject-chain {{ reject; }}
-{body}
-  chain nat-prerouting {{ type nat hook prerouting priority -100; policy accept; jump services; }}
-  chain nat-output {{ type nat hook output priority -100; policy accept; jump services; }}
   chain filter-input {{ type filter hook input priority -1; policy accept; jump no-endpoints; }}
   chain filter-forward {{ type filter hook forward priority -1; policy accept; jump no-endpoints; }}
   chain filter-output {{ type filter hook output priority -1; policy accept; jump no-endpoints; }}
   chain nat-postrouting {{ type nat hook postrouting priority 100; policy accept; meta mark & 0x4000 != 0 masquerade; }}
+}}
+table {family} svcplane-00 {{
+  map service-ips {{ type {addr} . inet_proto . inet_service : verdict; }}
+  map service-nodeports {{ type inet_proto . inet_service : verdict; }}
+  chain services {{
+    {l3} daddr . meta l4proto . th dport vmap @service-ips
+    fib daddr type local meta l4proto . th dport vmap @service-nodeports
+  }}
+{body}
+  chain nat-prerouting {{ type nat hook prerouting priority -100; policy accept; jump services; }}
+  chain nat-output {{ type nat hook output priority -100; policy accept; jump services; }}
 }}
 "#
     )
@@ -255,9 +262,9 @@ const V4_BODY: &str = r"
   chain ext-dns { drop; }";
 
 const V4_ELEMENTS: &str = r"
-add element ip svcplane service-ips { 10.96.0.10 . tcp . 80 : goto svc-web, 192.0.2.1 . tcp . 80 : goto ext-web }
+add element ip svcplane-00 service-ips { 10.96.0.10 . tcp . 80 : goto svc-web, 192.0.2.1 . tcp . 80 : goto ext-web }
 add element ip svcplane no-endpoint-services { 10.96.0.11 . tcp . 80 : goto reject-chain }
-add element ip svcplane service-nodeports { tcp . 30080 : goto ext-web, udp . 30053 : goto ext-dns }
+add element ip svcplane-00 service-nodeports { tcp . 30080 : goto ext-web, udp . 30053 : goto ext-dns }
 add element ip svcplane no-endpoint-nodeports { tcp . 30081 : goto reject-chain }
 ";
 
@@ -269,7 +276,7 @@ const V6_BODY: &str = r"
   chain svc-v6 { goto ep-v6; }";
 
 const V6_ELEMENTS: &str = r"
-add element ip6 svcplane service-ips { fd00::10 . sctp . 9 : goto svc-v6 }
+add element ip6 svcplane-00 service-ips { fd00::10 . sctp . 9 : goto svc-v6 }
 ";
 
 fn nft_text() -> String {
@@ -286,10 +293,9 @@ fn a_table_written_over_netlink_lists_as_nft_writes_it() {
         listing()
     });
     let got = in_netns(|| {
-        apply(&[
-            transaction(None, &v4(), IpFamily::IPv4).unwrap(),
-            transaction(None, &v6(), IpFamily::IPv6).unwrap(),
-        ]);
+        let mut txs = full(&v4(), IpFamily::IPv4);
+        txs.extend(full(&v6(), IpFamily::IPv6));
+        apply(&txs);
         listing()
     });
     let keys = |m: &BTreeMap<String, Value>| m.keys().cloned().collect::<BTreeSet<_>>();
@@ -327,8 +333,9 @@ fn a_sync_changes_only_what_changed_and_the_result_lists_as_nft_writes_it() {
     after
         .service_ips
         .insert(svc("10.96.0.11", Protocol::Tcp, 80), "ext-dns".into());
-    let delta = transaction(Some(&before), &after, IpFamily::IPv4).unwrap();
-    assert!(delta.ops.len() < 12, "only the changes: {:?}", delta.ops);
+    let delta = transaction(Some(&before), &after, IpFamily::IPv4, Shards::new(1).unwrap());
+    let ops: usize = delta.iter().map(Transaction::len).sum();
+    assert!(ops < 12, "only the changes: {delta:?}");
     let body = V4_BODY
         .replace(
             "  chain ep-web-2 {\n    ip saddr 10.0.3.2 meta mark set meta mark | 0x4000\n    meta l4proto tcp dnat to 10.0.3.2:8080\n  }\n",
@@ -339,12 +346,8 @@ fn a_sync_changes_only_what_changed_and_the_result_lists_as_nft_writes_it() {
             "    goto ep-web-1\n",
         );
     let elements = V4_ELEMENTS.replace(
-        "{ 10.96.0.11 . tcp . 80 : goto reject-chain }",
-        "{ 10.96.0.11 . tcp . 80 : goto ext-dns }",
-    );
-    let elements = elements.replace(
-        "add element ip svcplane no-endpoint-services { 10.96.0.11 . tcp . 80 : goto ext-dns }",
-        "add element ip svcplane service-ips { 10.96.0.11 . tcp . 80 : goto ext-dns }",
+        "add element ip svcplane no-endpoint-services { 10.96.0.11 . tcp . 80 : goto reject-chain }",
+        "add element ip svcplane-00 service-ips { 10.96.0.11 . tcp . 80 : goto ext-dns }",
     );
     let expected = in_netns(|| {
         nft(
@@ -354,8 +357,8 @@ fn a_sync_changes_only_what_changed_and_the_result_lists_as_nft_writes_it() {
         listing()
     });
     let got = in_netns(|| {
-        apply(&[transaction(None, &before, IpFamily::IPv4).unwrap()]);
-        apply(&[delta]);
+        apply(&full(&before, IpFamily::IPv4));
+        apply(&delta);
         listing()
     });
     assert_eq!(got, expected);
@@ -369,7 +372,7 @@ fn a_refused_op_names_its_service_port_and_nothing_of_the_batch_is_applied() {
         rs.chains.insert(real.into(), vec![Rule::Drop]);
         rs.service_ips
             .insert(svc("10.96.0.10", Protocol::Tcp, 80), real.into());
-        apply(&[transaction(None, &rs, IpFamily::IPv4).unwrap()]);
+        apply(&full(&rs, IpFamily::IPv4));
         let before = listing();
         // Names as svcplane makes them (slashes, colons, brackets) reach the kernel intact.
         assert!(
@@ -378,7 +381,7 @@ fn a_refused_op_names_its_service_port_and_nothing_of_the_batch_is_applied() {
         );
 
         let mut socket = NftSocket::open().unwrap();
-        let mut tx = Transaction::new(IpFamily::IPv4);
+        let mut tx = Transaction::on(IpFamily::IPv4, TableId::Shard(0));
         tx.push(Op::FlushChain(real.into()));
         tx.push(Op::AddElement {
             set: "service-ips".into(),
@@ -392,7 +395,7 @@ fn a_refused_op_names_its_service_port_and_nothing_of_the_batch_is_applied() {
         assert_eq!(refused.error.raw_os_error(), Some(2), "ENOENT: {err}");
         assert!(
             err.to_string()
-                .contains("add element service-ips { 10.96.0.20 . udp . 53 : goto ext-ns/dns/udp/53 } (Service port ns/dns/udp/53)"),
+                .contains("add element service-ips { 10.96.0.20 . udp . 53 : goto ext-ns/dns/udp/53 } (table svcplane-00) (Service port ns/dns/udp/53)"),
             "{err}"
         );
         // The flush before it was undone with the rest of the batch.
@@ -404,12 +407,15 @@ fn a_refused_op_names_its_service_port_and_nothing_of_the_batch_is_applied() {
 fn a_table_removed_by_someone_else_is_noticed() {
     in_netns(|| {
         let mut socket = NftSocket::open().unwrap();
-        assert!(!socket.has_table(IpFamily::IPv4).unwrap());
-        apply(&[transaction(None, &skeleton(), IpFamily::IPv4).unwrap()]);
-        assert!(socket.has_table(IpFamily::IPv4).unwrap());
-        assert!(!socket.has_table(IpFamily::IPv6).unwrap());
-        nft(&["delete", "table", "ip", "svcplane"], None);
-        assert!(!socket.has_table(IpFamily::IPv4).unwrap());
+        assert!(!socket.has_table(IpFamily::IPv4, TableId::Main).unwrap());
+        apply(&full(&skeleton(), IpFamily::IPv4));
+        assert!(socket.has_table(IpFamily::IPv4, TableId::Main).unwrap());
+        assert!(socket.has_table(IpFamily::IPv4, TableId::Shard(0)).unwrap());
+        assert!(!socket.has_table(IpFamily::IPv4, TableId::Shard(1)).unwrap());
+        assert!(!socket.has_table(IpFamily::IPv6, TableId::Main).unwrap());
+        nft(&["delete", "table", "ip", "svcplane-00"], None);
+        assert!(!socket.has_table(IpFamily::IPv4, TableId::Shard(0)).unwrap());
+        assert!(socket.has_table(IpFamily::IPv4, TableId::Main).unwrap());
     });
 }
 
@@ -417,49 +423,75 @@ fn a_table_removed_by_someone_else_is_noticed() {
 fn cleanup_removes_the_tables_and_is_harmless_without_them() {
     in_netns(|| {
         apply(&svcplane_dataplane::nft::cleanup());
-        apply(&[transaction(None, &v6(), IpFamily::IPv6).unwrap()]);
+        apply(&full(&v6(), IpFamily::IPv6));
+        // Shards of a larger count, as an earlier run may have left them.
+        apply(&transaction(
+            None,
+            &skeleton(),
+            IpFamily::IPv4,
+            Shards::new(64).unwrap(),
+        ));
         apply(&svcplane_dataplane::nft::cleanup());
         assert_eq!(listing(), BTreeMap::new());
     });
 }
 
-/// The table `transaction(None, rs)` builds, as svcplane expects to read it back.
-fn expected(rs: &Ruleset, family: IpFamily) -> (Transaction, Table) {
-    let full = transaction(None, rs, family).unwrap();
-    let table = Table::from_ops(&full.ops);
-    (full, table)
+/// Each table `transaction(None, rs)` builds, with the transaction that builds it, as svcplane
+/// expects to read it back.
+fn expected(rs: &Ruleset, family: IpFamily) -> BTreeMap<TableId, (Transaction, Table)> {
+    full(rs, family)
+        .into_iter()
+        .filter(|tx| matches!(tx.table, TableId::Main | TableId::Shard(0)))
+        .map(|tx| {
+            let table = Table::from_ops(&tx.ops);
+            (tx.table, (tx, table))
+        })
+        .collect()
+}
+
+/// The shard's rebuild and table: the Services' chains, sets and elements.
+fn shard(rs: &Ruleset) -> (Transaction, Table) {
+    expected(rs, IpFamily::IPv4).remove(&TableId::Shard(0)).unwrap()
 }
 
 #[test]
 fn a_table_read_back_is_exactly_what_was_written() {
     in_netns(|| {
-        let (v4_full, v4_table) = expected(&v4(), IpFamily::IPv4);
-        let (v6_full, v6_table) = expected(&v6(), IpFamily::IPv6);
-        apply(&[v4_full, v6_full]);
+        let mut txs = full(&v4(), IpFamily::IPv4);
+        txs.extend(full(&v6(), IpFamily::IPv6));
+        apply(&txs);
         let mut socket = NftSocket::open().unwrap();
-        let (read4, _) = socket.read_table(IpFamily::IPv4).unwrap().unwrap();
-        let (read6, _) = socket.read_table(IpFamily::IPv6).unwrap().unwrap();
-        assert_eq!(read4, v4_table);
-        assert_eq!(read6, v6_table);
-        // Nothing to repair, and a missing table reads as none.
+        for family in [IpFamily::IPv4, IpFamily::IPv6] {
+            let rs = if family == IpFamily::IPv4 { v4() } else { v6() };
+            for (id, (tx, want)) in expected(&rs, family) {
+                let (read, _) = socket.read_table(family, id).unwrap().unwrap();
+                assert_eq!(read, want, "{family:?} {id}");
+                // Nothing to repair.
+                assert!(repair(&read, &want, &tx).is_none());
+            }
+        }
+        // A missing table reads as none.
+        nft(&["delete", "table", "ip6", "svcplane-00"], None);
         assert!(
-            repair(
-                &read4,
-                &v4_table,
-                &transaction(None, &v4(), IpFamily::IPv4).unwrap()
-            )
-            .is_none()
+            socket
+                .read_table(IpFamily::IPv6, TableId::Shard(0))
+                .unwrap()
+                .is_none()
         );
-        nft(&["delete", "table", "ip6", "svcplane"], None);
-        assert!(socket.read_table(IpFamily::IPv6).unwrap().is_none());
+        assert!(
+            socket
+                .read_table(IpFamily::IPv6, TableId::Main)
+                .unwrap()
+                .is_some()
+        );
     });
 }
 
 #[test]
 fn what_someone_else_changed_in_the_table_is_put_back() {
     in_netns(|| {
-        let (full, want) = expected(&v4(), IpFamily::IPv4);
-        apply(std::slice::from_ref(&full));
+        let (rebuild, want) = shard(&v4());
+        apply(&full(&v4(), IpFamily::IPv4));
         let intact = listing();
         let mut socket = NftSocket::open().unwrap();
         let untouched = socket.generation().unwrap();
@@ -470,31 +502,37 @@ fn what_someone_else_changed_in_the_table_is_put_back() {
             &["-f", "-"],
             Some(
                 r"
-add rule ip svcplane svc-web accept
-flush chain ip svcplane ext-dns
-delete element ip svcplane service-ips { 192.0.2.1 . tcp . 80 }
-delete element ip svcplane service-nodeports { tcp . 30080 }
-add element ip svcplane service-nodeports { tcp . 30080 : goto ext-dns }
-add element ip svcplane service-ips { 10.96.0.99 . udp . 53 : goto ext-web }
-add chain ip svcplane by-hand
-add rule ip svcplane by-hand drop
-flush chain ip svcplane ep-web-1
-flush chain ip svcplane svc-web
-delete set ip svcplane aff-web-1
-add set ip svcplane aff-web-1 { type ipv4_addr; flags timeout; timeout 10s; }
+add rule ip svcplane-00 svc-web accept
+flush chain ip svcplane-00 ext-dns
+delete element ip svcplane-00 service-ips { 192.0.2.1 . tcp . 80 }
+delete element ip svcplane-00 service-nodeports { tcp . 30080 }
+add element ip svcplane-00 service-nodeports { tcp . 30080 : goto ext-dns }
+add element ip svcplane-00 service-ips { 10.96.0.99 . udp . 53 : goto ext-web }
+add chain ip svcplane-00 by-hand
+add rule ip svcplane-00 by-hand drop
+flush chain ip svcplane-00 ep-web-1
+flush chain ip svcplane-00 svc-web
+delete set ip svcplane-00 aff-web-1
+add set ip svcplane-00 aff-web-1 { type ipv4_addr; flags timeout; timeout 10s; }
 ",
             ),
         );
         assert_ne!(socket.generation().unwrap(), untouched);
-        let (observed, at) = socket.read_table(IpFamily::IPv4).unwrap().unwrap();
-        let (tx, d) = repair(&observed, &want, &full).unwrap();
+        let (observed, at) = socket
+            .read_table(IpFamily::IPv4, TableId::Shard(0))
+            .unwrap()
+            .unwrap();
+        let (tx, d) = repair(&observed, &want, &rebuild).unwrap();
         assert_eq!(d.chains, ["ep-web-1", "ext-dns", "svc-web", "by-hand"]);
         assert_eq!(d.sets, ["aff-web-1"]);
         assert_eq!(d.elements, 4, "{tx:?}");
         assert!(!d.rebuild);
         socket.apply_at(&[tx], Some(at)).unwrap();
         assert_eq!(listing(), intact);
-        let (after, _) = socket.read_table(IpFamily::IPv4).unwrap().unwrap();
+        let (after, _) = socket
+            .read_table(IpFamily::IPv4, TableId::Shard(0))
+            .unwrap()
+            .unwrap();
         assert_eq!(after, want);
     });
 }
@@ -502,18 +540,27 @@ add set ip svcplane aff-web-1 { type ipv4_addr; flags timeout; timeout 10s; }
 #[test]
 fn a_repair_computed_before_someone_else_committed_is_refused_whole() {
     in_netns(|| {
-        let (full, want) = expected(&v4(), IpFamily::IPv4);
-        apply(std::slice::from_ref(&full));
-        nft(&["flush", "chain", "ip", "svcplane", "ext-dns"], None);
+        let (rebuild, want) = shard(&v4());
+        apply(&full(&v4(), IpFamily::IPv4));
+        nft(&["flush", "chain", "ip", "svcplane-00", "ext-dns"], None);
         let mut socket = NftSocket::open().unwrap();
-        let (observed, at) = socket.read_table(IpFamily::IPv4).unwrap().unwrap();
-        let (tx, _) = repair(&observed, &want, &full).unwrap();
+        let (observed, at) = socket
+            .read_table(IpFamily::IPv4, TableId::Shard(0))
+            .unwrap()
+            .unwrap();
+        let (tx, _) = repair(&observed, &want, &rebuild).unwrap();
         // Another commit after the read: the repair is stale.
         nft(&["add", "table", "ip", "elsewhere"], None);
         let err = socket.apply_at(&[tx], Some(at)).unwrap_err();
         assert!(err.batch.is_some(), "{err}");
         assert_eq!(
-            socket.read_table(IpFamily::IPv4).unwrap().unwrap().0.chains["ext-dns"].rules,
+            socket
+                .read_table(IpFamily::IPv4, TableId::Shard(0))
+                .unwrap()
+                .unwrap()
+                .0
+                .chains["ext-dns"]
+                .rules,
             []
         );
     });

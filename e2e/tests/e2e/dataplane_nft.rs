@@ -10,6 +10,7 @@ use kube::{
     api::{Patch, PatchParams, PostParams},
 };
 use serde_json::json;
+use svcplane_dataplane::nft::Shards;
 use svcplane_e2e::{
     control_plane, eventually,
     netns::{NODE_IP, Topology},
@@ -148,7 +149,9 @@ async fn nftables_mode_balances_real_traffic_and_follows_changes() {
         read_log()
     );
 
-    // Someone deletes svcplane's table: the agent notices and rebuilds it.
+    // Someone deletes the table holding the Service (its shard, at the default shard count):
+    // the agent notices and rebuilds it.
+    let shard = Shards::default().of_service(&ns, "web").to_string();
     let out = std::process::Command::new("ip")
         .args([
             "netns",
@@ -158,7 +161,7 @@ async fn nftables_mode_balances_real_traffic_and_follows_changes() {
             "delete",
             "table",
             "ip",
-            "svcplane",
+            &shard,
         ])
         .output()
         .unwrap();
@@ -180,7 +183,7 @@ async fn nftables_mode_balances_real_traffic_and_follows_changes() {
     // syntax cannot name svcplane's chains): the agent puts the chain back.
     let chain = format!("svc-{ns}/web/tcp/http");
     let edit = json!({"nftables": [{"insert": {"rule": {
-        "family": "ip", "table": "svcplane", "chain": chain, "expr": [{"drop": null}],
+        "family": "ip", "table": shard, "chain": chain, "expr": [{"drop": null}],
     }}}]});
     let mut nft = std::process::Command::new("ip")
         .args(["netns", "exec", &topo.ns("n"), "nft", "-j", "-f", "-"])
@@ -200,6 +203,14 @@ async fn nftables_mode_balances_real_traffic_and_follows_changes() {
         None,
         "the rule added by hand dropped nothing"
     );
+    // A sync commits after the edit and before the next check: the edit must still be found
+    // (the generation after that commit is not "nothing else happened").
+    let poke: Service = serde_json::from_value(json!({
+        "metadata": {"name": "poke"},
+        "spec": {"ports": [{"name": "http", "port": 80}]},
+    }))
+    .unwrap();
+    services.create(&PostParams::default(), &poke).await.unwrap();
     eventually(Duration::from_secs(15), "the chain to be put back", || async {
         topo.curl(&vip).await
     })

@@ -10,27 +10,79 @@ use svcplane_core::{IpFamily, Protocol};
 
 use super::{
     NO_ENDPOINT_IPS, NO_ENDPOINT_NODEPORTS, NO_ENDPOINTS, REJECT, SERVICE_IPS, SERVICE_NODEPORTS, SERVICES,
+    layout::{Shards, TableId},
     lower::{self, jump, mark_for_masquerade, masquerade_marked, node_port_lookup, service_lookup},
     model::{IpvsSupport, Rule, Ruleset},
     op::{Hook, HookPoint, Key, Op, SetKind, Transaction},
 };
 
-/// The transaction from `prev` (what the kernel holds, `None` when unknown) to `next`; `None`
-/// when nothing changed. With `prev` unknown the table is rebuilt from scratch.
-pub fn transaction(prev: Option<&Ruleset>, next: &Ruleset, family: IpFamily) -> Option<Transaction> {
+/// The transactions from `prev` (what the kernel holds, `None` when unknown) to `next`, one
+/// per table that changes (none when nothing did). Both are a whole family's ruleset, or the
+/// same part of it; [`Shards`] says which table holds each piece. With `prev` unknown every
+/// table is rebuilt from scratch, and every other table svcplane may have made (a larger
+/// shard count before a restart) is removed.
+pub fn transaction(
+    prev: Option<&Ruleset>,
+    next: &Ruleset,
+    family: IpFamily,
+    shards: Shards,
+) -> Vec<Transaction> {
+    let next = shards.split(next);
+    let empty = Ruleset::default();
+    match prev {
+        None => TableId::all()
+            .filter_map(|table| match next.get(&table) {
+                Some(part) => table_transaction(None, part, family, table),
+                None => Some(remove_table(family, table)),
+            })
+            .collect(),
+        Some(prev) => {
+            let prev = shards.split(prev);
+            let tables: BTreeSet<&TableId> = prev.keys().chain(next.keys()).collect();
+            tables
+                .into_iter()
+                .filter_map(|table| {
+                    table_transaction(
+                        Some(prev.get(table).unwrap_or(&empty)),
+                        next.get(table).unwrap_or(&empty),
+                        family,
+                        *table,
+                    )
+                })
+                .collect()
+        }
+    }
+}
+
+/// Removes `table` if it exists (`add` then `delete` works whether or not it does).
+fn remove_table(family: IpFamily, table: TableId) -> Transaction {
+    let mut tx = Transaction::on(family, table);
+    tx.push(Op::AddTable);
+    tx.push(Op::DeleteTable);
+    tx
+}
+
+/// The transaction that takes one table from `prev` to `next` (see [`transaction`]).
+fn table_transaction(
+    prev: Option<&Ruleset>,
+    next: &Ruleset,
+    family: IpFamily,
+    table: TableId,
+) -> Option<Transaction> {
     if prev == Some(next) {
         return None;
     }
-    let mut tx = Transaction::new(family);
     let empty = Ruleset::default();
-    let prev = match prev {
-        Some(p) => p,
+    let (mut tx, prev) = match prev {
+        Some(p) => (Transaction::on(family, table), p),
         None => {
-            // `add` then `delete` works whether or not the table exists; then start afresh.
-            tx.push(Op::AddTable);
-            tx.push(Op::DeleteTable);
-            skeleton(&mut tx);
-            &empty
+            // Start afresh.
+            let mut tx = remove_table(family, table);
+            match table {
+                TableId::Main => main_skeleton(&mut tx),
+                TableId::Shard(_) => shard_skeleton(&mut tx),
+            }
+            (tx, &empty)
         }
     };
     for (name, timeout) in &next.affinity_sets {
@@ -159,13 +211,12 @@ fn rule(tx: &mut Transaction, chain: &str, exprs: Vec<crate::nft::expr::Expr>) {
     });
 }
 
-/// The fixed skeleton: table, maps, base chains hooking into netfilter.
-fn skeleton(tx: &mut Transaction) {
+/// The fixed skeleton of `svcplane`: the no-endpoint maps and the filter chains rejecting
+/// what they hold, and masquerading.
+fn main_skeleton(tx: &mut Transaction) {
     tx.push(Op::AddTable);
     for (name, kind) in [
-        (SERVICE_IPS, SetKind::ServiceMap),
         (NO_ENDPOINT_IPS, SetKind::ServiceMap),
-        (SERVICE_NODEPORTS, SetKind::PortMap),
         (NO_ENDPOINT_NODEPORTS, SetKind::PortMap),
     ] {
         tx.push(Op::AddSet {
@@ -173,24 +224,46 @@ fn skeleton(tx: &mut Transaction) {
             kind,
         });
     }
-    for name in [SERVICES, NO_ENDPOINTS] {
-        tx.push(Op::AddChain {
-            name: name.into(),
-            hook: None,
-        });
-    }
-    for (name, point, nat, target) in [
-        ("nat-prerouting", HookPoint::Prerouting, true, SERVICES),
-        ("nat-output", HookPoint::Output, true, SERVICES),
-        ("filter-input", HookPoint::Input, false, NO_ENDPOINTS),
-        ("filter-forward", HookPoint::Forward, false, NO_ENDPOINTS),
-        ("filter-output", HookPoint::Output, false, NO_ENDPOINTS),
+    tx.push(Op::AddChain {
+        name: NO_ENDPOINTS.into(),
+        hook: None,
+    });
+    for (name, point) in [
+        ("filter-input", HookPoint::Input),
+        ("filter-forward", HookPoint::Forward),
+        ("filter-output", HookPoint::Output),
     ] {
-        // DNAT before routing decides (NF_IP_PRI_NAT_DST); rejects just before filter rules.
-        base_chain(tx, name, point, if nat { -100 } else { -1 }, nat);
-        rule(tx, name, jump(target));
+        // Rejects just before filter rules.
+        base_chain(tx, name, point, -1, false);
+        rule(tx, name, jump(NO_ENDPOINTS));
     }
     masquerade_chain(tx);
+}
+
+/// The fixed skeleton of a shard: its service maps and the nat chains consulting them.
+fn shard_skeleton(tx: &mut Transaction) {
+    tx.push(Op::AddTable);
+    for (name, kind) in [
+        (SERVICE_IPS, SetKind::ServiceMap),
+        (SERVICE_NODEPORTS, SetKind::PortMap),
+    ] {
+        tx.push(Op::AddSet {
+            name: name.into(),
+            kind,
+        });
+    }
+    tx.push(Op::AddChain {
+        name: SERVICES.into(),
+        hook: None,
+    });
+    for (name, point) in [
+        ("nat-prerouting", HookPoint::Prerouting),
+        ("nat-output", HookPoint::Output),
+    ] {
+        // DNAT before routing decides (NF_IP_PRI_NAT_DST).
+        base_chain(tx, name, point, -100, true);
+        rule(tx, name, jump(SERVICES));
+    }
 }
 
 /// The postrouting chain masquerading what was marked for it (NF_IP_PRI_NAT_SRC).
@@ -199,14 +272,22 @@ fn masquerade_chain(tx: &mut Transaction) {
     rule(tx, "nat-postrouting", masquerade_marked());
 }
 
-/// The whole IPVS-mode table, replaced in one transaction (it holds no state worth keeping).
-pub fn ipvs_support_transaction(support: &IpvsSupport, family: IpFamily) -> Transaction {
+/// The whole IPVS-mode table (`svcplane`), replaced in one transaction (it holds no state worth
+/// keeping), and the removal of nftables mode's shards, should the node have run it.
+pub fn ipvs_support_transaction(support: &IpvsSupport, family: IpFamily) -> Vec<Transaction> {
+    let mut out: Vec<Transaction> = TableId::all()
+        .filter(|t| *t != TableId::Main)
+        .map(|t| remove_table(family, t))
+        .collect();
+    out.push(ipvs_support_table(support, family));
+    out
+}
+
+fn ipvs_support_table(support: &IpvsSupport, family: IpFamily) -> Transaction {
     const MASQUERADE_NODE_PORTS: &str = "masquerade-node-ports";
     const MASQUERADE_IPS: &str = "masquerade-ips";
     const REJECT_IPS: &str = "reject-ips";
-    let mut tx = Transaction::new(family);
-    tx.push(Op::AddTable);
-    tx.push(Op::DeleteTable);
+    let mut tx = remove_table(family, TableId::Main);
     tx.push(Op::AddTable);
     for (name, kind) in [
         (MASQUERADE_NODE_PORTS, SetKind::PortSet),
@@ -253,14 +334,11 @@ pub fn ipvs_support_transaction(support: &IpvsSupport, family: IpFamily) -> Tran
     tx
 }
 
-/// Removes svcplane's tables (the `cleanup` command). Deleting what does not exist is not an
-/// error: the table is added first.
+/// Removes svcplane's tables (the `cleanup` command), whatever the shard count was. Deleting
+/// what does not exist is not an error: each table is added first.
 pub fn cleanup() -> Vec<Transaction> {
     [IpFamily::IPv4, IpFamily::IPv6]
         .into_iter()
-        .map(|family| Transaction {
-            family,
-            ops: vec![Op::AddTable, Op::DeleteTable],
-        })
+        .flat_map(|family| TableId::all().map(move |t| remove_table(family, t)))
         .collect()
 }

@@ -15,6 +15,7 @@ use svcplane_core::{IpFamily, ObjectKey};
 
 use super::{
     diff::transaction,
+    layout::Shards,
     model::{Ruleset, fragment, skeleton},
     op::Transaction,
 };
@@ -35,6 +36,7 @@ struct AllClaims {
 #[derive(Clone, Debug)]
 pub struct FamilyTable {
     family: IpFamily,
+    shards: Shards,
     whole: Ruleset,
     fragments: HashMap<ObjectKey, Ruleset>,
     claims: AllClaims,
@@ -42,9 +44,10 @@ pub struct FamilyTable {
 
 impl FamilyTable {
     /// The table for `state`, computed whole.
-    pub fn new(state: &DesiredState, family: IpFamily) -> Self {
+    pub fn new(state: &DesiredState, family: IpFamily, shards: Shards) -> Self {
         let mut t = FamilyTable {
             family,
+            shards,
             whole: skeleton(),
             fragments: HashMap::new(),
             claims: AllClaims::default(),
@@ -64,13 +67,18 @@ impl FamilyTable {
         self.family
     }
 
+    pub fn shards(&self) -> Shards {
+        self.shards
+    }
+
     /// The whole table.
     pub fn ruleset(&self) -> &Ruleset {
         &self.whole
     }
 
-    /// Takes `services` to what `state` says of them and returns the transaction that does the
-    /// same to the kernel (only what their fragments touch; `None`: nothing to do). The table
+    /// Takes `services` to what `state` says of them and returns the transactions that do the
+    /// same to the kernel (only what their fragments touch, in the tables that hold it; none:
+    /// nothing to do). The table
     /// is changed in place, not copied (a copy would cost what the whole table holds): if the
     /// transaction is not applied, the table no longer says what the kernel holds and must be
     /// dropped (the caller then rebuilds).
@@ -78,7 +86,7 @@ impl FamilyTable {
         &mut self,
         state: &DesiredState,
         services: impl IntoIterator<Item = &'a ObjectKey>,
-    ) -> Option<Transaction> {
+    ) -> Vec<Transaction> {
         let empty = Ruleset::default();
         let mut changes = Vec::new();
         let mut touched = Ruleset::default();
@@ -101,7 +109,12 @@ impl FamilyTable {
                 self.fragments.insert(s.clone(), new);
             }
         }
-        transaction(Some(&before), &restrict(&self.whole, &touched), self.family)
+        transaction(
+            Some(&before),
+            &restrict(&self.whole, &touched),
+            self.family,
+            self.shards,
+        )
     }
 
     fn insert(&mut self, s: &ObjectKey, f: &Ruleset) {
@@ -334,8 +347,21 @@ mod tests {
         }
     }
 
+    /// What the kernel would hold after `txs`, table by table (tables removed or never made
+    /// left out).
+    fn tables(txs: &[Transaction]) -> BTreeMap<crate::nft::TableId, Table> {
+        let mut ops: BTreeMap<_, Vec<_>> = BTreeMap::new();
+        for tx in txs {
+            ops.entry(tx.table).or_default().extend(tx.ops.iter().cloned());
+        }
+        ops.into_iter()
+            .map(|(t, ops)| (t, Table::from_ops(&ops)))
+            .filter(|(_, t)| *t != Table::default())
+            .collect()
+    }
+
     #[test]
-    fn syncing_only_the_changed_services_gives_the_table_a_whole_recomputation_gives() {
+    fn syncing_only_the_changed_services_gives_the_tables_a_whole_recomputation_gives() {
         for seed in 1..40_u64 {
             let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
             let mut state = DesiredState::default();
@@ -343,32 +369,34 @@ mod tests {
                 let s = service(&mut rng, i);
                 state.set_service(&ObjectKey::new("ns", format!("s{i}")), Some(s));
             }
-            for family in [IpFamily::IPv4, IpFamily::IPv6] {
-                let mut table = FamilyTable::new(&state, family);
-                assert_eq!(table.ruleset(), &ruleset(&state, family));
-                let mut state = state.clone();
-                for _ in 0..30 {
-                    // Up to three Services change, appear or go.
-                    let changed: BTreeSet<ObjectKey> = (0..=rng.below(3))
-                        .map(|_| ObjectKey::new("ns", format!("s{}", rng.below(10))))
-                        .collect();
-                    for key in &changed {
-                        let i: u64 = key.name[1..].parse().unwrap();
-                        let next = (rng.below(4) != 0).then(|| service(&mut rng, i));
-                        state.set_service(key, next);
+            // One shard, and three: Services that share a key then sit in different tables.
+            for shards in [Shards::new(1).unwrap(), Shards::new(3).unwrap()] {
+                for family in [IpFamily::IPv4, IpFamily::IPv6] {
+                    let mut table = FamilyTable::new(&state, family, shards);
+                    assert_eq!(table.ruleset(), &ruleset(&state, family));
+                    let mut state = state.clone();
+                    for _ in 0..30 {
+                        // Up to three Services change, appear or go.
+                        let changed: BTreeSet<ObjectKey> = (0..=rng.below(3))
+                            .map(|_| ObjectKey::new("ns", format!("s{}", rng.below(10))))
+                            .collect();
+                        for key in &changed {
+                            let i: u64 = key.name[1..].parse().unwrap();
+                            let next = (rng.below(4) != 0).then(|| service(&mut rng, i));
+                            state.set_service(key, next);
+                        }
+                        let mut kernel = transaction(None, table.ruleset(), family, shards);
+                        let before = tables(&kernel);
+                        let txs = table.update(&state, &changed);
+                        let whole = ruleset(&state, family);
+                        assert_eq!(table.ruleset(), &whole, "seed {seed}");
+                        // The ops, applied to the tables as they were, give the tables as they
+                        // should be.
+                        kernel.extend(txs.iter().cloned());
+                        let after = tables(&transaction(None, &whole, family, shards));
+                        assert_eq!(tables(&kernel), after, "seed {seed}");
+                        assert_eq!(txs.is_empty(), before == after, "seed {seed}");
                     }
-                    let mut ops = transaction(None, table.ruleset(), family).unwrap().ops;
-                    let before = Table::from_ops(&ops);
-                    let tx = table.update(&state, &changed);
-                    let whole = ruleset(&state, family);
-                    assert_eq!(table.ruleset(), &whole, "seed {seed}");
-                    // The ops, applied to the table as it was, give the table as it should be.
-                    if let Some(tx) = &tx {
-                        ops.extend(tx.ops.iter().cloned());
-                    }
-                    let after = Table::from_ops(&transaction(None, &whole, family).unwrap().ops);
-                    assert_eq!(Table::from_ops(&ops), after, "seed {seed}");
-                    assert_eq!(tx.is_none(), before == after, "seed {seed}");
                 }
             }
         }
@@ -387,7 +415,8 @@ mod tests {
             }
             state.set_service(&ObjectKey::new("ns", format!("s{i}")), Some(s));
         }
-        let mut table = FamilyTable::new(&state, IpFamily::IPv4);
+        let shards = Shards::new(16).unwrap();
+        let mut table = FamilyTable::new(&state, IpFamily::IPv4, shards);
         let key = ObjectKey::new("ns", "s42");
         let port = PortState {
             name: ServicePortName {
@@ -413,7 +442,11 @@ mod tests {
                 health_check: None,
             }),
         );
-        let tx = table.update(&state, [&key]).unwrap();
+        let txs = table.update(&state, [&key]);
+        // One table: the Service's shard.
+        assert_eq!(txs.len(), 1, "{txs:?}");
+        let tx = &txs[0];
+        assert_eq!(tx.table, shards.of_service("ns", "s42"));
         assert!(
             tx.ops
                 .iter()

@@ -24,6 +24,7 @@
 mod diff;
 pub mod expr;
 pub mod incremental;
+pub mod layout;
 mod lower;
 mod model;
 pub mod op;
@@ -34,6 +35,7 @@ mod tests;
 pub mod wire;
 
 pub use diff::{cleanup, ipvs_support_transaction, transaction};
+pub use layout::{Shards, TableId};
 pub use model::{IpvsSupport, Rule, Ruleset, fragment, ipvs_support, ruleset};
 pub use op::{Op, Transaction};
 

@@ -6,7 +6,10 @@ use std::{fmt, net::IpAddr};
 
 use svcplane_core::{IpFamily, Protocol};
 
-use super::expr::{Expr, Verdict};
+use super::{
+    expr::{Expr, Verdict},
+    layout::TableId,
+};
 
 /// A netfilter hook and priority, for the chains packets enter by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,17 +94,25 @@ pub enum Op {
     },
 }
 
-/// The ops of one family's table, carried out as one kernel transaction.
+/// The ops of one table; the transactions of one sync go to the kernel in one batch, carried
+/// out as one kernel transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transaction {
     pub family: IpFamily,
+    pub table: TableId,
     pub ops: Vec<Op>,
 }
 
 impl Transaction {
+    /// Ops on `svcplane`, the table Services share.
     pub fn new(family: IpFamily) -> Self {
+        Self::on(family, TableId::Main)
+    }
+
+    pub fn on(family: IpFamily, table: TableId) -> Self {
         Self {
             family,
+            table,
             ops: Vec::new(),
         }
     }

@@ -17,36 +17,37 @@ use netlink_packet_netfilter::{
 use svcplane_core::{IpFamily, Protocol};
 
 use super::{
-    TABLE,
     expr::{Base, Expr, MetaKey, Verdict},
+    layout::TableId,
     op::{Hook, HookPoint, Key, SetKind},
     table::{Table, element_target},
     wire::{self, family_of},
 };
 
-/// A dump request for svcplane's table of `family`: its chains, rules or sets.
-pub fn dump(family: IpFamily, what: Dump, seq: u32) -> Vec<u8> {
+/// A dump request for one of svcplane's tables of `family`: its chains, rules or sets.
+pub fn dump(family: IpFamily, table: TableId, what: Dump, seq: u32) -> Vec<u8> {
+    let name = table.to_string();
     let m = match what {
         Dump::Chains => NfTablesMessage::GetChain(ChainMessage {
-            attributes: vec![ChainAttribute::Table(TABLE.into())],
+            attributes: vec![ChainAttribute::Table(name)],
         }),
         Dump::Rules => NfTablesMessage::GetRule(RuleMessage {
-            attributes: vec![RuleAttribute::Table(TABLE.into())],
+            attributes: vec![RuleAttribute::Table(name)],
         }),
         Dump::Sets => NfTablesMessage::GetSet(SetMessage {
-            attributes: vec![SetAttribute::Table(TABLE.into())],
+            attributes: vec![SetAttribute::Table(name)],
         }),
     };
     wire::message_bytes(family_of(family), m, NLM_F_DUMP, seq)
 }
 
-/// The elements of one set of svcplane's table.
-pub fn dump_elements(family: IpFamily, set: &str, seq: u32) -> Vec<u8> {
+/// The elements of one set of one of svcplane's tables.
+pub fn dump_elements(family: IpFamily, table: TableId, set: &str, seq: u32) -> Vec<u8> {
     wire::message_bytes(
         family_of(family),
         NfTablesMessage::GetSetElement(SetElementMessage {
             attributes: vec![
-                SetElementList::Table(TABLE.into()),
+                SetElementList::Table(table.to_string()),
                 SetElementList::Set(set.into()),
             ],
         }),
@@ -62,9 +63,11 @@ pub enum Dump {
     Sets,
 }
 
-/// Fills `table` from one dumped message of svcplane's table of `family`. Dumps are filtered
-/// by table on the kernel's side for rules, sets and elements; chains are filtered here.
-pub fn absorb(table: &mut Table, family: IpFamily, m: NfTablesMessage) {
+/// Fills `table` from one dumped message of svcplane's table `id` of `family`. Dumps are
+/// filtered by table on the kernel's side for rules, sets and elements; chains are filtered
+/// here.
+pub fn absorb(table: &mut Table, family: IpFamily, id: TableId, m: NfTablesMessage) {
+    let table_name = id.to_string();
     match m {
         NfTablesMessage::NewChain(c) => {
             let mut name = None;
@@ -73,7 +76,7 @@ pub fn absorb(table: &mut Table, family: IpFamily, m: NfTablesMessage) {
             let (mut kind, mut number, mut priority) = (None, None, None);
             for a in c.attributes {
                 match a {
-                    ChainAttribute::Table(t) => in_table = t == TABLE,
+                    ChainAttribute::Table(t) => in_table = t == table_name,
                     ChainAttribute::Name(n) => name = Some(n),
                     ChainAttribute::Type(t) => kind = Some(t),
                     ChainAttribute::Hook(h) => {

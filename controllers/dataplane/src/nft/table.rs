@@ -128,7 +128,7 @@ pub fn repair(
         return Some((rebuild.clone(), d));
     }
     let family = rebuild.family;
-    let mut tx = Transaction::new(family);
+    let mut tx = Transaction::on(family, rebuild.table);
 
     // Sets that must go or be made anew (another kind: another timeout, another key type).
     let stale_sets: BTreeSet<&str> = observed
@@ -288,7 +288,11 @@ mod tests {
         rs.affinity_sets.insert("aff-a".into(), 60);
         rs.service_ips
             .insert(("10.96.0.1".parse().unwrap(), Protocol::Tcp, 80), "svc-a".into());
-        let full = transaction(None, &rs, IpFamily::IPv4).unwrap();
+        let full = transaction(None, &rs, IpFamily::IPv4, crate::nft::Shards::new(1).unwrap())
+            .into_iter()
+            // The shard: the Service's chains, sets and elements.
+            .find(|t| t.table == crate::nft::TableId::Shard(0))
+            .unwrap();
         let t = Table::from_ops(&full.ops);
         (rs, full, t)
     }

@@ -43,18 +43,24 @@ fn state(ports: Vec<PortState>) -> DesiredState {
     }
 }
 
-/// The commands that turn `before` into `after` (IPv4; there must be a change).
-fn update(before: &Ruleset, after: &Ruleset) -> Vec<String> {
-    commands(&transaction(Some(before), after, IpFamily::IPv4).unwrap())
+fn one() -> Shards {
+    Shards::new(1).unwrap()
 }
 
-/// Each op as `<verb> <kind> <name>`.
-fn commands(t: &Transaction) -> Vec<String> {
-    t.ops
-        .iter()
-        .map(|op| match op {
-            Op::AddTable => "add table svcplane".to_owned(),
-            Op::DeleteTable => "delete table svcplane".to_owned(),
+/// The commands that turn `before` into `after` (IPv4, one shard; there must be a change).
+fn update(before: &Ruleset, after: &Ruleset) -> Vec<String> {
+    let txs = transaction(Some(before), after, IpFamily::IPv4, one());
+    assert!(!txs.is_empty());
+    commands(&txs)
+}
+
+/// Each op as `<verb> <kind> <name>`, transaction after transaction.
+fn commands(txs: &[Transaction]) -> Vec<String> {
+    txs.iter()
+        .flat_map(|t| t.ops.iter().map(move |op| (t.table, op)))
+        .map(|(table, op)| match op {
+            Op::AddTable => format!("add table {table}"),
+            Op::DeleteTable => format!("delete table {table}"),
             Op::AddChain { name, .. } => format!("add chain {name}"),
             Op::FlushChain(name) => format!("flush chain {name}"),
             Op::DeleteChain(name) => format!("delete chain {name}"),
@@ -166,7 +172,7 @@ fn local_policy_without_local_endpoints_drops_external_traffic() {
 #[test]
 fn a_first_sync_rebuilds_the_table_and_an_unchanged_one_writes_nothing() {
     let rs = ruleset(&state(vec![web(to(&["10.0.2.2:8080"]))]), IpFamily::IPv4);
-    let full = commands(&transaction(None, &rs, IpFamily::IPv4).unwrap());
+    let full = commands(&transaction(None, &rs, IpFamily::IPv4, one()));
     assert_eq!(
         full[..3],
         [
@@ -175,19 +181,33 @@ fn a_first_sync_rebuilds_the_table_and_an_unchanged_one_writes_nothing() {
             "add table svcplane"
         ]
     );
+    let shard = full.iter().position(|c| c == "add table svcplane-00").unwrap();
+    assert_eq!(
+        full[shard..shard + 3],
+        [
+            "add table svcplane-00",
+            "delete table svcplane-00",
+            "add table svcplane-00"
+        ]
+    );
     assert!(full.contains(&"add map service-ips".to_owned()));
     assert!(full.contains(&"add chain nat-prerouting".to_owned()));
     assert!(full.contains(&"add element service-nodeports".to_owned()));
-    assert_eq!(transaction(Some(&rs), &rs, IpFamily::IPv4), None);
+    // Shards of an earlier, larger count go.
+    assert!(full.ends_with(&[
+        "add table svcplane-63".to_owned(),
+        "delete table svcplane-63".to_owned()
+    ]));
+    assert_eq!(transaction(Some(&rs), &rs, IpFamily::IPv4, one()), []);
 }
 
 #[test]
 fn the_skeleton_has_two_verdict_maps_of_addresses_and_two_of_node_ports() {
     let rs = ruleset(&state(vec![]), IpFamily::IPv4);
-    let t = transaction(None, &rs, IpFamily::IPv4).unwrap();
-    let maps: Vec<SetKind> = t
-        .ops
+    let txs = transaction(None, &rs, IpFamily::IPv4, one());
+    let maps: Vec<SetKind> = txs
         .iter()
+        .flat_map(|t| &t.ops)
         .filter_map(|op| match op {
             Op::AddSet { kind, .. } => Some(*kind),
             _ => None,
@@ -196,9 +216,10 @@ fn the_skeleton_has_two_verdict_maps_of_addresses_and_two_of_node_ports() {
     assert_eq!(
         maps,
         [
-            SetKind::ServiceMap,
+            // `svcplane`'s no-endpoint maps, the shard's service maps.
             SetKind::ServiceMap,
             SetKind::PortMap,
+            SetKind::ServiceMap,
             SetKind::PortMap
         ]
     );
@@ -251,8 +272,9 @@ fn losing_every_endpoint_moves_the_address_to_the_reject_map() {
     assert_eq!(
         cmds,
         [
-            "delete element service-ips",
+            // `svcplane`, then the Service's shard: one batch, one kernel transaction.
             "add element no-endpoint-services",
+            "delete element service-ips",
             "delete chain ep-ns/web/tcp/http__10.0.2.2:80",
             "delete chain svc-ns/web/tcp/http",
         ]
@@ -281,7 +303,14 @@ fn ipvs_mode_masquerades_cluster_policy_external_traffic_and_rejects_empty_servi
         sup.reject_ips,
         [("10.96.0.11".parse().unwrap(), Protocol::Tcp, 80)].into()
     );
-    let cmds = commands(&ipvs_support_transaction(&sup, IpFamily::IPv4));
+    let txs = ipvs_support_transaction(&sup, IpFamily::IPv4);
+    // nftables mode's shards go.
+    assert_eq!(txs.len(), 65);
+    assert_eq!(
+        commands(&txs[..1]),
+        ["add table svcplane-00", "delete table svcplane-00"]
+    );
+    let cmds = commands(&txs[64..]);
     assert_eq!(
         cmds[..3],
         [
@@ -294,11 +323,18 @@ fn ipvs_mode_masquerades_cluster_policy_external_traffic_and_rejects_empty_servi
 }
 
 #[test]
-fn cleanup_removes_both_tables() {
+fn cleanup_removes_every_table_of_both_families() {
     let txs = cleanup();
-    let families: Vec<IpFamily> = txs.iter().map(|t| t.family).collect();
-    assert_eq!(families, [IpFamily::IPv4, IpFamily::IPv6]);
-    for t in &txs {
-        assert_eq!(commands(t), ["add table svcplane", "delete table svcplane"]);
+    assert_eq!(txs.len(), 2 * 65);
+    for (family, txs) in [IpFamily::IPv4, IpFamily::IPv6].into_iter().zip(txs.chunks(65)) {
+        assert!(txs.iter().all(|t| t.family == family));
+        assert_eq!(
+            commands(&txs[..1]),
+            ["add table svcplane", "delete table svcplane"]
+        );
+        assert_eq!(
+            commands(&txs[64..]),
+            ["add table svcplane-63", "delete table svcplane-63"]
+        );
     }
 }

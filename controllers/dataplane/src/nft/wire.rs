@@ -25,8 +25,8 @@ use netlink_packet_netfilter::{
 use svcplane_core::IpFamily;
 
 use super::{
-    TABLE,
     expr::{self, Base, Expr, MetaKey, Verdict},
+    layout::TableId,
     op::{HookPoint, Key, Op, SetKind, Transaction},
 };
 
@@ -210,10 +210,10 @@ fn key_type(kind: SetKind, family: IpFamily) -> (u32, u32) {
     }
 }
 
-fn set_attributes(name: &str, kind: SetKind, family: IpFamily, id: u32) -> Vec<SetAttribute> {
+fn set_attributes(table: &str, name: &str, kind: SetKind, family: IpFamily, id: u32) -> Vec<SetAttribute> {
     let (key, key_len) = key_type(kind, family);
     let mut attrs = vec![
-        SetAttribute::Table(TABLE.into()),
+        SetAttribute::Table(table.into()),
         SetAttribute::Name(name.into()),
         // The kernel requires an id unique in the batch (for references by id, unused here).
         SetAttribute::Id(id),
@@ -251,7 +251,7 @@ fn set_attributes(name: &str, kind: SetKind, family: IpFamily, id: u32) -> Vec<S
     attrs
 }
 
-fn element_list(set: &str, key: &Key, goto: Option<&str>) -> SetElementMessage {
+fn element_list(table: &str, set: &str, key: &Key, goto: Option<&str>) -> SetElementMessage {
     let mut element = vec![SetElementAttribute::Key(value(&key_bytes(key)))];
     if let Some(chain) = goto {
         element.push(SetElementAttribute::Data(verdict_data(&Verdict::Goto(
@@ -260,7 +260,7 @@ fn element_list(set: &str, key: &Key, goto: Option<&str>) -> SetElementMessage {
     }
     SetElementMessage {
         attributes: vec![
-            SetElementList::Table(TABLE.into()),
+            SetElementList::Table(table.into()),
             SetElementList::Set(set.into()),
             SetElementList::Elements(vec![ListAttribute::Element(element)]),
         ],
@@ -277,17 +277,19 @@ fn hook_number(p: HookPoint) -> InetHookNumber {
     }
 }
 
-/// One op as a message and the netlink flags it is sent with; `seq` is unique in the batch.
-fn message(op: &Op, family: IpFamily, seq: u32) -> (NfTablesMessage, u16) {
+/// One op on `name`d table as a message and the netlink flags it is sent with; `seq` is
+/// unique in the batch.
+fn message(op: &Op, family: IpFamily, name: &str, seq: u32) -> (NfTablesMessage, u16) {
     let table = || TableMessage {
         attributes: vec![
-            TableAttribute::Name(TABLE.into()),
+            TableAttribute::Name(name.into()),
             TableAttribute::Flags(TableFlags::empty()),
         ],
     };
+    let table_name = name;
     let chain = |name: &str| {
         vec![
-            ChainAttribute::Table(TABLE.into()),
+            ChainAttribute::Table(table_name.into()),
             ChainAttribute::Name(name.into()),
         ]
     };
@@ -295,7 +297,7 @@ fn message(op: &Op, family: IpFamily, seq: u32) -> (NfTablesMessage, u16) {
         Op::AddTable => (NfTablesMessage::NewTable(table()), NLM_F_CREATE),
         Op::DeleteTable => (
             NfTablesMessage::DeleteTable(TableMessage {
-                attributes: vec![TableAttribute::Name(TABLE.into())],
+                attributes: vec![TableAttribute::Name(table_name.into())],
             }),
             0,
         ),
@@ -321,7 +323,7 @@ fn message(op: &Op, family: IpFamily, seq: u32) -> (NfTablesMessage, u16) {
         Op::FlushChain(name) => (
             NfTablesMessage::DeleteRule(RuleMessage {
                 attributes: vec![
-                    RuleAttribute::Table(TABLE.into()),
+                    RuleAttribute::Table(table_name.into()),
                     RuleAttribute::Chain(name.clone()),
                 ],
             }),
@@ -336,7 +338,7 @@ fn message(op: &Op, family: IpFamily, seq: u32) -> (NfTablesMessage, u16) {
         Op::AddRule { chain, exprs } => (
             NfTablesMessage::NewRule(RuleMessage {
                 attributes: vec![
-                    RuleAttribute::Table(TABLE.into()),
+                    RuleAttribute::Table(table_name.into()),
                     RuleAttribute::Chain(chain.clone()),
                     RuleAttribute::Expressions(expressions(exprs)),
                 ],
@@ -345,26 +347,27 @@ fn message(op: &Op, family: IpFamily, seq: u32) -> (NfTablesMessage, u16) {
         ),
         Op::AddSet { name, kind } => (
             NfTablesMessage::NewSet(SetMessage {
-                attributes: set_attributes(name, *kind, family, seq),
+                attributes: set_attributes(table_name, name, *kind, family, seq),
             }),
             NLM_F_CREATE,
         ),
         Op::DeleteSet(name) => (
             NfTablesMessage::DeleteSet(SetMessage {
                 attributes: vec![
-                    SetAttribute::Table(TABLE.into()),
+                    SetAttribute::Table(table_name.into()),
                     SetAttribute::Name(name.clone()),
                 ],
             }),
             0,
         ),
         Op::AddElement { set, key, goto } => (
-            NfTablesMessage::NewSetElement(element_list(set, key, goto.as_deref())),
+            NfTablesMessage::NewSetElement(element_list(table_name, set, key, goto.as_deref())),
             NLM_F_CREATE,
         ),
-        Op::DeleteElement { set, key } => {
-            (NfTablesMessage::DeleteSetElement(element_list(set, key, None)), 0)
-        }
+        Op::DeleteElement { set, key } => (
+            NfTablesMessage::DeleteSetElement(element_list(table_name, set, key, None)),
+            0,
+        ),
     }
 }
 
@@ -438,10 +441,11 @@ pub fn batch(transactions: &[Transaction], first_seq: u32, generation: Option<u3
     let mut seq = first_seq;
     let mut ops = 0;
     for tx in transactions {
+        let table = tx.table.to_string();
         for op in &tx.ops {
             seq = seq.wrapping_add(1);
             ops += 1;
-            let (m, flags) = message(op, tx.family, seq);
+            let (m, flags) = message(op, tx.family, &table, seq);
             serialize(
                 &mut bytes,
                 family_of(tx.family),
@@ -494,15 +498,16 @@ pub fn get_generation(seq: u32) -> Vec<u8> {
     bytes
 }
 
-/// `NFT_MSG_GETTABLE` for svcplane's table of `family`: answered by the table or by ENOENT.
-pub fn get_table(family: IpFamily, seq: u32) -> Vec<u8> {
+/// `NFT_MSG_GETTABLE` for one of svcplane's tables of `family`: answered by the table or by
+/// ENOENT.
+pub fn get_table(family: IpFamily, table: TableId, seq: u32) -> Vec<u8> {
     let mut bytes = Vec::new();
     serialize(
         &mut bytes,
         family_of(family),
         0,
         NetfilterMessageInner::NfTables(NfTablesMessage::GetTable(TableMessage {
-            attributes: vec![TableAttribute::Name(TABLE.into())],
+            attributes: vec![TableAttribute::Name(table.to_string())],
         })),
         NLM_F_ACK,
         seq,
