@@ -16,7 +16,7 @@ use std::{
 
 use svcplane_core::{IpFamily, ObjectKey, Protocol};
 use svcplane_dataplane::{
-    desired::{desired, service_state},
+    desired::{ThisNode, desired, service_state},
     input::{EndpointInfo, Policy, ServiceInfo, ServicePortInfo, SliceInfo, SlicePort},
     nft::{Shards, Transaction, incremental::FamilyTable, transaction},
 };
@@ -52,6 +52,8 @@ fn services(n: usize) -> (Vec<ServiceInfo>, Vec<SliceInfo>) {
                 serving: true,
                 terminating: false,
                 node_name: Some(format!("node-{}", j % 3)),
+                zone_hints: vec![],
+                node_hints: vec![],
             })
             .collect();
         slices.push(SliceInfo {
@@ -124,8 +126,9 @@ fn main() {
 fn run(socket: &mut NftSocket, n: usize, shards: Shards, changes: usize) {
     let count = shards.count();
     let (svcs, mut slices) = services(n);
+    let node = ThisNode::named("node-0");
     let started = Instant::now();
-    let mut state = desired("node-0", &svcs, &slices);
+    let mut state = desired(&node, &svcs, &slices);
     let mut table = FamilyTable::new(&state, IpFamily::IPv4, shards);
     let full = transaction(None, table.ruleset(), IpFamily::IPv4, shards);
     let compute = started.elapsed();
@@ -150,7 +153,7 @@ fn run(socket: &mut NftSocket, n: usize, shards: Shards, changes: usize) {
         let started = Instant::now();
         let key = svcs[i].key.clone();
         let refs: Vec<&SliceInfo> = vec![&slices[i]];
-        state.set_service(&key, Some(service_state("node-0", &svcs[i], &refs)));
+        state.set_service(&key, Some(service_state(&node, &svcs[i], &refs)));
         let delta = table.update(&state, [&key]);
         let compute = started.elapsed();
         commands = delta.iter().map(Transaction::len).sum();

@@ -14,13 +14,19 @@ use std::{
     collections::{BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context, bail};
 use k8s_openapi::{
-    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+    },
     jiff::Timestamp,
 };
 use kube::{Api, runtime::watcher};
@@ -28,7 +34,7 @@ use prometheus::Registry;
 use svcplane_controllers::runtime::{informer::Informer, store::Store};
 use svcplane_core::ObjectKey;
 use svcplane_dataplane::{
-    desired::{DesiredState, desired, service_state},
+    desired::{DesiredState, ThisNode, desired, service_state},
     input::{Problem, ServiceInfo, SliceInfo},
     ipvs::plan::SCHEDULERS,
     nft::{
@@ -41,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::{
-    dataplane::cache::{Cached, cache_service, cache_slice},
+    dataplane::cache::{Cached, cache_node, cache_service, cache_slice},
     health::{Check, Checks},
     http::Server,
     kubeclient,
@@ -264,9 +270,35 @@ async fn serve<B: Backend>(
             c.notify_one();
         }));
     }
-    let mut synced = [svc_informer.synced(), slice_informer.synced()];
+    // This node's zone label (topology hints): another zone changes what every Service with
+    // zone hints sends where, so the next sync recomputes everything.
+    let nodes: Arc<Store<Cached<String>>> = Arc::new(Store::new(None));
+    let mut node_informer = Informer::new(
+        "dataplane-node",
+        Api::<Node>::all(client.clone()),
+        watcher::Config::default().fields(&format!("metadata.name={}", args.node_name)),
+        cache_node,
+        nodes.clone(),
+    );
+    let zone_changed = Arc::new(AtomicBool::new(false));
+    {
+        let (c, z) = (changed.clone(), zone_changed.clone());
+        node_informer.on_change(Box::new(move |old, new| {
+            let zone = |n: Option<&Arc<Cached<String>>>| n.and_then(|n| n.value.clone());
+            if zone(old) != zone(new) {
+                z.store(true, Ordering::Relaxed);
+                c.notify_one();
+            }
+        }));
+    }
+    let mut synced = [
+        svc_informer.synced(),
+        slice_informer.synced(),
+        node_informer.synced(),
+    ];
     tokio::spawn(svc_informer.run(shutdown.clone()));
     tokio::spawn(slice_informer.run(shutdown.clone()));
+    tokio::spawn(node_informer.run(shutdown.clone()));
     if !svcplane_controllers::runtime::informer::wait_for_sync(
         &mut synced,
         &shutdown,
@@ -286,6 +318,15 @@ async fn serve<B: Backend>(
         let mut wait = args.sync_period;
         // Everything once a period (and first, and after a failure); in between, the changes.
         let changes = std::mem::take(&mut *dirty.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        if zone_changed.swap(false, Ordering::Relaxed) {
+            last_full = None;
+        }
+        let node = ThisNode {
+            name: args.node_name.clone(),
+            zone: nodes
+                .get(&ObjectKey::new("", args.node_name.as_str()))
+                .and_then(|n| n.value.clone()),
+        };
         let scope = match last_full {
             Some(at) if at.elapsed() < args.sync_period => Scope::Services(changes),
             _ => {
@@ -295,7 +336,7 @@ async fn serve<B: Backend>(
         };
         let full = matches!(scope, Scope::All);
         let result = sync(
-            &args.node_name,
+            &node,
             &mut backend,
             &services,
             &slices,
@@ -390,7 +431,7 @@ struct SyncState {
 /// the backend write the difference, then the health-check servers and the programming
 /// latency.
 async fn sync<B: Backend>(
-    node_name: &str,
+    node: &ThisNode,
     backend: &mut B,
     services: &Store<Cached<ServiceInfo>>,
     slices: &Store<Cached<SliceInfo>>,
@@ -400,10 +441,8 @@ async fn sync<B: Backend>(
 ) -> anyhow::Result<()> {
     let scope = if st.desired.is_none() { Scope::All } else { scope };
     let result = match scope {
-        Scope::All => sync_all(node_name, backend, services, slices, st, metrics).await,
-        Scope::Services(keys) => {
-            sync_services(node_name, backend, services, slices, st, metrics, &keys).await
-        }
+        Scope::All => sync_all(node, backend, services, slices, st, metrics).await,
+        Scope::Services(keys) => sync_services(node, backend, services, slices, st, metrics, &keys).await,
     };
     if result.is_err() {
         // Recomputed whole next time.
@@ -413,7 +452,7 @@ async fn sync<B: Backend>(
 }
 
 async fn sync_all<B: Backend>(
-    node_name: &str,
+    node: &ThisNode,
     backend: &mut B,
     services: &Store<Cached<ServiceInfo>>,
     slices: &Store<Cached<SliceInfo>>,
@@ -439,7 +478,7 @@ async fn sync_all<B: Backend>(
     }
     let svcs: Vec<ServiceInfo> = svc_cache.iter().filter_map(|c| c.value.clone()).collect();
     let eps: Vec<SliceInfo> = slice_cache.iter().filter_map(|c| c.value.clone()).collect();
-    let state = st.desired.insert(desired(node_name, &svcs, &eps));
+    let state = st.desired.insert(desired(node, &svcs, &eps));
     backend.apply(state, None, metrics).await?;
     st.health_checks.sync(&state.health_checks).await;
     observe_programming_latency(&eps, &mut st.triggers, true, metrics);
@@ -449,7 +488,7 @@ async fn sync_all<B: Backend>(
 /// The changed Services only: their part of the desired state is recomputed from the caches,
 /// and the backend told which they are. Problems in objects are reported by the full syncs.
 async fn sync_services<B: Backend>(
-    node_name: &str,
+    node: &ThisNode,
     backend: &mut B,
     services: &Store<Cached<ServiceInfo>>,
     slices: &Store<Cached<SliceInfo>>,
@@ -469,7 +508,7 @@ async fn sync_services<B: Backend>(
             .collect();
         let svc = services.get(key).and_then(|c| c.value.clone());
         let refs: Vec<&SliceInfo> = eps.iter().collect();
-        state.set_service(key, svc.map(|svc| service_state(node_name, &svc, &refs)));
+        state.set_service(key, svc.map(|svc| service_state(node, &svc, &refs)));
         changed_slices.extend(eps);
     }
     backend.apply(state, Some(keys), metrics).await?;
@@ -490,6 +529,7 @@ async fn run_once<B: Backend>(
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     let services: Store<Cached<ServiceInfo>> = Store::new(None);
     let slices: Store<Cached<SliceInfo>> = Store::new(Some(slice_service));
+    let mut node = ThisNode::named(args.node_name.clone());
     for item in list
         .get("items")
         .and_then(serde_json::Value::as_array)
@@ -515,23 +555,20 @@ async fn run_once<B: Backend>(
                     serde_json::from_value(item.clone()).with_context(|| format!("EndpointSlice {key}"))?;
                 slices.insert(key, Arc::new(cache_slice(s)));
             }
+            Some("Node") => {
+                let n: Node = serde_json::from_value(item.clone()).with_context(|| format!("Node {key}"))?;
+                if key.name == args.node_name {
+                    node.zone = cache_node(n).value;
+                }
+            }
             other => {
-                warn!(kind = ?other, "skipping an object that is neither a Service nor an EndpointSlice")
+                warn!(kind = ?other, "skipping an object that is neither a Service, an EndpointSlice nor a Node")
             }
         }
     }
     let mut st = SyncState::default();
     let started = Instant::now();
-    sync(
-        &args.node_name,
-        backend,
-        &services,
-        &slices,
-        &mut st,
-        metrics,
-        Scope::All,
-    )
-    .await?;
+    sync(&node, backend, &services, &slices, &mut st, metrics, Scope::All).await?;
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
     let mut summary = backend.summary();
     summary["elapsed_ms"] = serde_json::json!(elapsed_ms);
@@ -698,7 +735,7 @@ mod tests {
             &[slice("web", &["10.244.0.1", "10.244.0.2"], None)],
         );
         sync(
-            "node-a",
+            &ThisNode::named("node-a"),
             &mut backend,
             &services,
             &slices,
@@ -741,7 +778,7 @@ mod tests {
         ];
         let (services, slices) = stores(&svcs, &[slice("web", &["10.244.0.1"], None)]);
         sync(
-            "node-a",
+            &ThisNode::named("node-a"),
             &mut backend,
             &services,
             &slices,
@@ -768,7 +805,7 @@ mod tests {
                 .collect()
         };
         sync(
-            "node-a",
+            &ThisNode::named("node-a"),
             &mut backend,
             &services,
             &slices,
@@ -783,7 +820,7 @@ mod tests {
         assert_eq!(endpoints(&last, &api), Vec::<String>::new(), "not recomputed");
         // The next full sync catches up whatever was missed.
         sync(
-            "node-a",
+            &ThisNode::named("node-a"),
             &mut backend,
             &services,
             &slices,
@@ -798,7 +835,7 @@ mod tests {
         // A Service deleted from the caches goes from the state at its change.
         services.remove(&web);
         sync(
-            "node-a",
+            &ThisNode::named("node-a"),
             &mut backend,
             &services,
             &slices,
@@ -826,7 +863,7 @@ mod tests {
             &[slice("web", &["10.244.0.1"], Some("2026-01-01T00:00:00Z"))],
         );
         let err = sync(
-            "node-a",
+            &ThisNode::named("node-a"),
             &mut backend,
             &services,
             &slices,
@@ -840,7 +877,7 @@ mod tests {
         assert!(st.triggers.is_none(), "nothing counted as programmed");
         backend.fail = false;
         sync(
-            "node-a",
+            &ThisNode::named("node-a"),
             &mut backend,
             &services,
             &slices,
@@ -863,22 +900,46 @@ mod tests {
         let at = |t: &str| stores(&svc, &[slice("web", &["10.244.0.1"], Some(t))]);
 
         let (s, e) = at("2026-01-01T00:00:00Z");
-        sync("node-a", &mut backend, &s, &e, &mut st, &m, Scope::All)
-            .await
-            .unwrap();
+        sync(
+            &ThisNode::named("node-a"),
+            &mut backend,
+            &s,
+            &e,
+            &mut st,
+            &m,
+            Scope::All,
+        )
+        .await
+        .unwrap();
         assert_eq!(
             m.programming_latency.get_sample_count(),
             0,
             "start-up is not programming"
         );
         let (s, e) = at("2026-01-01T00:00:05Z");
-        sync("node-a", &mut backend, &s, &e, &mut st, &m, Scope::All)
-            .await
-            .unwrap();
+        sync(
+            &ThisNode::named("node-a"),
+            &mut backend,
+            &s,
+            &e,
+            &mut st,
+            &m,
+            Scope::All,
+        )
+        .await
+        .unwrap();
         assert_eq!(m.programming_latency.get_sample_count(), 1);
-        sync("node-a", &mut backend, &s, &e, &mut st, &m, Scope::All)
-            .await
-            .unwrap();
+        sync(
+            &ThisNode::named("node-a"),
+            &mut backend,
+            &s,
+            &e,
+            &mut st,
+            &m,
+            Scope::All,
+        )
+        .await
+        .unwrap();
         assert_eq!(
             m.programming_latency.get_sample_count(),
             1,

@@ -6,6 +6,13 @@
 //! terminating ones (KEP-1669), per traffic policy: `Cluster` picks among all endpoints, `Local`
 //! among this node's. Traffic with nowhere to go is rejected when the Service has no endpoints at
 //! all, and dropped when only the policy excludes them.
+//!
+//! Topology (`Cluster` policy only, as kube-proxy): the EndpointSlice controller hints each ready
+//! endpoint to nodes (`trafficDistribution: PreferSameNode`) and zones (`PreferSameZone`,
+//! `PreferClose`, topology-mode `Auto`). When every ready endpoint carries a node hint and one
+//! names this node, only those hinted to this node are used; else the same with zone hints and
+//! this node's zone; else every endpoint. One endpoint without a hint, or none for this node or
+//! zone, and the hints are ignored: traffic is never sent nowhere because of them.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -15,6 +22,23 @@ use std::{
 
 use super::input::{EndpointInfo, Policy, ServiceInfo, SliceInfo};
 use svcplane_core::{IpFamily, ObjectKey, Protocol};
+
+/// The node being programmed: its name, and its `topology.kubernetes.io/zone` label.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ThisNode {
+    pub name: String,
+    pub zone: Option<String>,
+}
+
+impl ThisNode {
+    /// A node without a zone label.
+    pub fn named(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            zone: None,
+        }
+    }
+}
 
 /// A Service port, as kube-proxy names it (`namespace/name:port`).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -94,12 +118,62 @@ struct Candidate {
     serving: bool,
     terminating: bool,
     local: bool,
+    /// Whether its node hints name this node (`None`: it has none).
+    for_node: Option<bool>,
+    /// Whether its zone hints name this node's zone (`None`: it has none).
+    for_zone: Option<bool>,
 }
 
-/// kube-proxy's choice: ready ones, else serving terminating ones.
+/// Which hints decide among a port's ready endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology {
+    Everywhere,
+    SameNode,
+    SameZone,
+}
+
+impl Topology {
+    /// kube-proxy's rule: node hints if every ready endpoint has some and one is for this
+    /// node, else zone hints likewise, else none.
+    fn of(candidates: &[Candidate]) -> Self {
+        let ready: Vec<&Candidate> = candidates.iter().filter(|c| c.ready).collect();
+        let decides = |hint: fn(&Candidate) -> Option<bool>| {
+            !ready.is_empty()
+                && ready.iter().all(|c| hint(c).is_some())
+                && ready.iter().any(|c| hint(c) == Some(true))
+        };
+        if decides(|c| c.for_node) {
+            Topology::SameNode
+        } else if decides(|c| c.for_zone) {
+            Topology::SameZone
+        } else {
+            Topology::Everywhere
+        }
+    }
+
+    fn admits(self, c: &Candidate) -> bool {
+        match self {
+            Topology::Everywhere => true,
+            Topology::SameNode => c.for_node == Some(true),
+            Topology::SameZone => c.for_zone == Some(true),
+        }
+    }
+}
+
+/// kube-proxy's choice: ready ones (of the topology's, for `Cluster` traffic), else serving
+/// terminating ones (topology never applies to them: it only chooses among ready endpoints).
 fn usable(candidates: &[Candidate], only_local: bool) -> Vec<SocketAddr> {
     let pool: Vec<_> = candidates.iter().filter(|c| !only_local || c.local).collect();
-    let ready: BTreeSet<SocketAddr> = pool.iter().filter(|c| c.ready).map(|c| c.addr).collect();
+    let topology = if only_local {
+        Topology::Everywhere
+    } else {
+        Topology::of(candidates)
+    };
+    let ready: BTreeSet<SocketAddr> = pool
+        .iter()
+        .filter(|c| c.ready && topology.admits(c))
+        .map(|c| c.addr)
+        .collect();
     if !ready.is_empty() {
         return ready.into_iter().collect();
     }
@@ -130,7 +204,7 @@ fn backends(candidates: &[Candidate], policy: Policy) -> Backends {
 }
 
 /// The desired state of node `node` for `services` and their slices.
-pub fn desired(node: &str, services: &[ServiceInfo], slices: &[SliceInfo]) -> DesiredState {
+pub fn desired(node: &ThisNode, services: &[ServiceInfo], slices: &[SliceInfo]) -> DesiredState {
     let mut by_service: HashMap<&ObjectKey, Vec<&SliceInfo>> = HashMap::new();
     for s in slices {
         by_service.entry(&s.service).or_default().push(s);
@@ -151,7 +225,7 @@ pub struct ServiceState {
 }
 
 /// The state of one Service, from its slices (those whose `service` is it).
-pub fn service_state(node: &str, svc: &ServiceInfo, svc_slices: &[&SliceInfo]) -> ServiceState {
+pub fn service_state(node: &ThisNode, svc: &ServiceInfo, svc_slices: &[&SliceInfo]) -> ServiceState {
     let mut out = ServiceState::default();
     let mut local_for_health = BTreeSet::new();
     for sp in &svc.ports {
@@ -257,7 +331,7 @@ fn candidates(
     port_name: &str,
     protocol: Protocol,
     family: IpFamily,
-    node: &str,
+    node: &ThisNode,
 ) -> Vec<Candidate> {
     let mut out: BTreeMap<SocketAddr, Candidate> = BTreeMap::new();
     for slice in slices {
@@ -285,13 +359,18 @@ fn candidates(
     out.into_values().collect()
 }
 
-fn candidate(ep: &EndpointInfo, port: u16, node: &str) -> Candidate {
+fn candidate(ep: &EndpointInfo, port: u16, node: &ThisNode) -> Candidate {
+    let hinted = |hints: &[String], mine: Option<&str>| {
+        (!hints.is_empty()).then(|| mine.is_some_and(|m| hints.iter().any(|h| h == m)))
+    };
     Candidate {
         addr: SocketAddr::new(ep.ip, port),
         ready: ep.ready,
         serving: ep.serving,
         terminating: ep.terminating,
-        local: ep.node_name.as_deref() == Some(node),
+        local: ep.node_name.as_deref() == Some(node.name.as_str()),
+        for_node: hinted(&ep.node_hints, Some(&node.name)),
+        for_zone: hinted(&ep.zone_hints, node.zone.as_deref()),
     }
 }
 
@@ -340,6 +419,10 @@ mod tests {
     }
 
     fn run(services: &[Service], slices: &[EndpointSlice]) -> DesiredState {
+        run_on(&ThisNode::named(NODE), services, slices)
+    }
+
+    fn run_on(node: &ThisNode, services: &[Service], slices: &[EndpointSlice]) -> DesiredState {
         let mut problems = Vec::new();
         let s: Vec<_> = services
             .iter()
@@ -350,7 +433,7 @@ mod tests {
             .filter_map(|s| slice_info(s, &mut problems))
             .collect();
         assert!(problems.is_empty(), "{problems:?}");
-        desired(NODE, &s, &e)
+        desired(node, &s, &e)
     }
 
     fn only(state: &DesiredState) -> &PortState {
@@ -580,5 +663,113 @@ mod tests {
             .collect();
         let st = run(&[svc(json!({"ports": ports}))], &[]);
         assert_eq!(st.ports.len(), 100);
+    }
+
+    /// A slice of `ns/web` whose endpoints `(ip, ready, zone hints, node hints)` are on other
+    /// nodes.
+    fn hinted(eps: &[(&str, bool, &[&str], &[&str])]) -> EndpointSlice {
+        let endpoints: Vec<Value> = eps
+            .iter()
+            .map(|(ip, ready, zones, nodes)| {
+                let mut hints = json!({});
+                if !zones.is_empty() {
+                    hints["forZones"] = zones.iter().map(|z| json!({"name": z})).collect();
+                }
+                if !nodes.is_empty() {
+                    hints["forNodes"] = nodes.iter().map(|n| json!({"name": n})).collect();
+                }
+                json!({"addresses": [ip], "nodeName": "elsewhere", "hints": hints,
+                       "conditions": {"ready": ready, "serving": true, "terminating": !ready}})
+            })
+            .collect();
+        serde_json::from_value(json!({
+            "metadata": {"namespace": "ns", "name": "web-hinted", "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": endpoints,
+        }))
+        .unwrap()
+    }
+
+    fn in_zone(zone: &str) -> ThisNode {
+        ThisNode {
+            name: NODE.into(),
+            zone: Some(zone.into()),
+        }
+    }
+
+    #[test]
+    fn zone_hints_keep_cluster_traffic_in_the_nodes_zone() {
+        let slice = hinted(&[
+            ("10.244.0.1", true, &["a"], &[]),
+            ("10.244.0.2", true, &["a"], &[]),
+            ("10.244.1.1", true, &["b"], &[]),
+        ]);
+        let st = run_on(&in_zone("a"), &[svc(json!({}))], std::slice::from_ref(&slice));
+        assert_eq!(only(&st).internal, to(&["10.244.0.1:8080", "10.244.0.2:8080"]));
+        let st = run_on(&in_zone("b"), &[svc(json!({}))], std::slice::from_ref(&slice));
+        assert_eq!(only(&st).internal, to(&["10.244.1.1:8080"]));
+        // No endpoint hinted for the node's zone, or the node has no zone: every endpoint.
+        let all = to(&["10.244.0.1:8080", "10.244.0.2:8080", "10.244.1.1:8080"]);
+        let st = run_on(&in_zone("c"), &[svc(json!({}))], std::slice::from_ref(&slice));
+        assert_eq!(only(&st).internal, all);
+        let st = run_on(&ThisNode::named(NODE), &[svc(json!({}))], &[slice]);
+        assert_eq!(only(&st).internal, all);
+    }
+
+    #[test]
+    fn one_ready_endpoint_without_a_hint_and_the_hints_are_ignored() {
+        let slice = hinted(&[
+            ("10.244.0.1", true, &["a"], &[]),
+            ("10.244.1.1", true, &[], &[]),
+            // Not ready: its missing hint does not count, and it is never used.
+            ("10.244.2.1", false, &[], &[]),
+        ]);
+        let st = run_on(&in_zone("a"), &[svc(json!({}))], &[slice]);
+        assert_eq!(only(&st).internal, to(&["10.244.0.1:8080", "10.244.1.1:8080"]));
+        let slice = hinted(&[("10.244.0.1", true, &["a"], &[]), ("10.244.2.1", false, &[], &[])]);
+        let st = run_on(&in_zone("a"), &[svc(json!({}))], &[slice]);
+        assert_eq!(only(&st).internal, to(&["10.244.0.1:8080"]));
+    }
+
+    #[test]
+    fn node_hints_come_before_zone_hints_and_fall_back_to_them() {
+        let slice = hinted(&[
+            ("10.244.0.1", true, &["a"], &[NODE]),
+            ("10.244.0.2", true, &["a"], &["node-x"]),
+            ("10.244.1.1", true, &["b"], &["node-y"]),
+        ]);
+        let st = run_on(&in_zone("a"), &[svc(json!({}))], std::slice::from_ref(&slice));
+        assert_eq!(only(&st).internal, to(&["10.244.0.1:8080"]));
+        // Nothing hinted for this node: the zone's.
+        let other = ThisNode {
+            name: "node-z".into(),
+            zone: Some("a".into()),
+        };
+        let st = run_on(&other, &[svc(json!({}))], &[slice]);
+        assert_eq!(only(&st).internal, to(&["10.244.0.1:8080", "10.244.0.2:8080"]));
+    }
+
+    #[test]
+    fn hints_do_not_apply_to_local_policy_or_to_the_terminating_fallback() {
+        // Local policy: this node's endpoints, whatever the hints.
+        let mut slice = hinted(&[
+            ("10.244.0.1", true, &["b"], &[]),
+            ("10.244.1.1", true, &["a"], &[]),
+        ]);
+        slice.endpoints.as_mut().unwrap()[0].node_name = Some(NODE.into());
+        let st = run_on(
+            &in_zone("a"),
+            &[svc(json!({"internalTrafficPolicy": "Local"}))],
+            &[slice],
+        );
+        assert_eq!(only(&st).internal, to(&["10.244.0.1:8080"]));
+        // No ready endpoint: the serving terminating ones, hints or not.
+        let slice = hinted(&[
+            ("10.244.0.1", false, &["b"], &[]),
+            ("10.244.1.1", false, &["a"], &[]),
+        ]);
+        let st = run_on(&in_zone("a"), &[svc(json!({}))], &[slice]);
+        assert_eq!(only(&st).internal, to(&["10.244.0.1:8080", "10.244.1.1:8080"]));
     }
 }

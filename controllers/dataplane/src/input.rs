@@ -172,6 +172,10 @@ pub struct EndpointInfo {
     pub serving: bool,
     pub terminating: bool,
     pub node_name: Option<String>,
+    /// `hints.forZones[].name`: the zones this endpoint is meant for (topology-aware routing).
+    pub zone_hints: Vec<String>,
+    /// `hints.forNodes[].name`: the nodes it is meant for.
+    pub node_hints: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -240,6 +244,18 @@ pub fn slice_info(slice: &EndpointSlice, problems: &mut Vec<Problem>) -> Option<
             serving: c.and_then(|c| c.serving).unwrap_or(ready),
             terminating: c.and_then(|c| c.terminating).unwrap_or(false),
             node_name: ep.node_name.clone(),
+            zone_hints: ep
+                .hints
+                .iter()
+                .flat_map(|h| h.for_zones.iter().flatten())
+                .map(|z| z.name.clone())
+                .collect(),
+            node_hints: ep
+                .hints
+                .iter()
+                .flat_map(|h| h.for_nodes.iter().flatten())
+                .map(|n| n.name.clone())
+                .collect(),
         });
     }
     let trigger_time = slice

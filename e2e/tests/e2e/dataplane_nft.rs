@@ -4,7 +4,10 @@
 
 use std::{collections::BTreeMap, io::Write, time::Duration};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use kube::{
     Api,
     api::{Patch, PatchParams, PostParams},
@@ -351,4 +354,180 @@ async fn nftables_mode_balances_real_traffic_and_follows_changes() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(topo.nft_list("ip"), None);
     assert_eq!(topo.nft_list("ip6"), None);
+}
+
+/// A slice of `web` whose endpoints carry hints: `(backend, zones, nodes)`.
+fn hinted_slice(ns: &str, node: &str, backends: &[(usize, &[&str], &[&str])]) -> EndpointSlice {
+    let endpoints: Vec<_> = backends
+        .iter()
+        .map(|(i, zones, nodes)| {
+            let mut hints = json!({});
+            if !zones.is_empty() {
+                hints["forZones"] = zones.iter().map(|z| json!({"name": z})).collect();
+            }
+            if !nodes.is_empty() {
+                hints["forNodes"] = nodes.iter().map(|n| json!({"name": n})).collect();
+            }
+            json!({"addresses": [Topology::backend_ip(*i)], "nodeName": node, "hints": hints,
+                   "conditions": {"ready": true, "serving": true, "terminating": false}})
+        })
+        .collect();
+    let mut s = slice(ns, &[]);
+    s.endpoints = serde_json::from_value(json!(endpoints)).unwrap();
+    s
+}
+
+/// Topology-aware routing as kube-proxy does it: the agent follows its Node's zone label and the
+/// hints on the endpoints, and ignores hints that would leave it without a usable endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hints_keep_traffic_in_the_nodes_zone_or_on_the_node_and_fall_back_when_incomplete() {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let ns = test_namespace(&client, "topo").await;
+    let dir = cp.dir.join(&ns);
+    std::fs::create_dir_all(&dir).unwrap();
+    let prefix = format!("sp{:04x}", rand::random::<u16>());
+    let mut topo = Topology::create(&prefix, 3, &dir).await;
+    topo.bridge_apiserver(cp.apiserver_port).await;
+    topo.wait_for_backends().await;
+
+    // The agent's own Node, in zone-a (Nodes are cluster-wide: a name of this test's own).
+    let node_name = format!("{ns}-node");
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node: Node = serde_json::from_value(json!({"metadata": {"name": node_name,
+        "labels": {"topology.kubernetes.io/zone": "zone-a"}}}))
+    .unwrap();
+    nodes.create(&PostParams::default(), &node).await.unwrap();
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let web: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"trafficDistribution": "PreferSameZone",
+                 "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+    }))
+    .unwrap();
+    let vip = format!(
+        "http://{}/",
+        cluster_ip_of(&services.create(&PostParams::default(), &web).await.unwrap())
+    );
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
+    // Backend 1 in zone-a, backends 2 and 3 in zone-b.
+    slices
+        .create(
+            &PostParams::default(),
+            &hinted_slice(
+                &ns,
+                "elsewhere",
+                &[
+                    (1, &["zone-a"], &[]),
+                    (2, &["zone-b"], &[]),
+                    (3, &["zone-b"], &[]),
+                ],
+            ),
+        )
+        .await
+        .unwrap();
+
+    cp.apply_dataplane_rbac(&ns);
+    let kubeconfig = cp
+        .service_account_kubeconfig(
+            &client,
+            &ns,
+            "svcplane-dataplane",
+            None,
+            &dir.join("sa.kubeconfig"),
+        )
+        .await;
+    let kubeconfig = kubeconfig.to_string_lossy().into_owned();
+    let log = dir.join("dataplane.log");
+    let agent = topo.spawn_in(
+        "n",
+        &svcplane_bin(),
+        &[
+            "dataplane",
+            "--kubeconfig",
+            &kubeconfig,
+            "--node-name",
+            &node_name,
+            "--http-bind-address",
+            "127.0.0.1:10256",
+        ],
+        &log,
+        &[("RUST_LOG", "info,svcplane=debug")],
+    );
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let only = |want: &'static [&'static str]| {
+        let topo = &topo;
+        let vip = &vip;
+        move || async move {
+            let seen = spread(topo, vip, 24).await;
+            (names(&seen) == want).then_some(())
+        }
+    };
+
+    // Zone hints for the node's zone: zone-a's endpoint only.
+    eventually(
+        Duration::from_secs(30),
+        "zone-a's endpoint only",
+        only(&["backend-1"]),
+    )
+    .await;
+    // The Node moves to zone-b: the agent follows its label.
+    nodes
+        .patch(
+            &node_name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"topology.kubernetes.io/zone": "zone-b"}}})),
+        )
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(15),
+        "zone-b's endpoints only",
+        only(&["backend-2", "backend-3"]),
+    )
+    .await;
+    // One ready endpoint without a hint: hints ignored, every endpoint.
+    let replace = |s: EndpointSlice| {
+        let slices = slices.clone();
+        async move {
+            slices.replace("web-1", &PostParams::default(), &s).await.unwrap();
+        }
+    };
+    let mut s = slices.get("web-1").await.unwrap();
+    let rv = s.metadata.resource_version.take();
+    let mut next = hinted_slice(
+        &ns,
+        "elsewhere",
+        &[(1, &["zone-a"], &[]), (2, &["zone-b"], &[]), (3, &[], &[])],
+    );
+    next.metadata.resource_version = rv;
+    replace(next).await;
+    eventually(
+        Duration::from_secs(15),
+        "every endpoint (a hint missing)",
+        only(&["backend-1", "backend-2", "backend-3"]),
+    )
+    .await;
+    // Node hints on every endpoint, one for this node: that one (PreferSameNode).
+    let mut next = hinted_slice(
+        &ns,
+        "elsewhere",
+        &[
+            (1, &["zone-a"], &["node-x"]),
+            (2, &["zone-b"], &[node_name.as_str()]),
+            (3, &["zone-b"], &["node-y"]),
+        ],
+    );
+    next.metadata.resource_version = slices.get("web-1").await.unwrap().metadata.resource_version;
+    replace(next).await;
+    eventually(
+        Duration::from_secs(15),
+        "this node's endpoint only",
+        only(&["backend-2"]),
+    )
+    .await;
+    assert!(!read_log().contains("sync failed"), "{}", read_log());
+
+    topo.stop(agent);
+    nodes.delete(&node_name, &Default::default()).await.unwrap();
 }
