@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kube-controller-manager, kube-scheduler, kubelet and kubectl of one pinned
-# Kubernetes release from the Go module
+# Builds kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl and kube-proxy
+# (the dataplane benchmark's yardstick) of one pinned Kubernetes release from the Go module
 # k8s.io/kubernetes, through the Go module proxy, and caches them by version under
 # $SVCPLANE_CACHE (default $HOME/.cache/svcplane). A second run with the same version only prints the path.
 #
@@ -15,7 +15,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 . "$HERE/versions.env"
 CACHE=${SVCPLANE_CACHE:-$HOME/.cache/svcplane}
 OUT="$CACHE/kubernetes-$KUBE_VERSION/bin"
-BINARIES=(kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet)
+BINARIES=(kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet kube-proxy)
 
 have_all() { for b in "${BINARIES[@]}"; do [ -x "$OUT/$b" ] || return 1; done; }
 if have_all; then echo "$OUT"; exit 0; fi
@@ -46,6 +46,7 @@ package tools
 import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 	_ "k8s.io/kubernetes/cmd/kubectl"
 	_ "k8s.io/kubernetes/cmd/kubelet"

@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used)] // Test support: a failed unwrap is a failed test, with its message.
 
+pub mod agentlog;
 pub mod balancer;
 pub mod cluster;
 pub mod etcd;

@@ -44,7 +44,7 @@ use svcplane_dataplane::{
 };
 use tokio::{signal::unix::SignalKind, sync::Notify};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::{
     dataplane::cache::{Cached, cache_node, cache_service, cache_slice},
@@ -346,7 +346,14 @@ async fn serve<B: Backend>(
         )
         .instrument(info_span!("sync", full))
         .await;
-        metrics.sync_duration.observe(started.elapsed().as_secs_f64());
+        let elapsed = started.elapsed();
+        metrics.sync_duration.observe(elapsed.as_secs_f64());
+        debug!(
+            full,
+            elapsed_ms = elapsed.as_secs_f64() * 1000.0,
+            ok = result.is_ok(),
+            "sync complete"
+        );
         match result {
             Ok(()) => {
                 *last_ok.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
@@ -594,6 +601,7 @@ fn observe_programming_latency(
             let secs = now.duration_since(t).as_secs_f64();
             if secs >= 0.0 {
                 metrics.programming_latency.observe(secs);
+                debug!(service = %s.service, slice = %s.name, seconds = secs, "network programming");
             }
         }
         current.insert(s.name.clone(), t);
