@@ -13,8 +13,8 @@
 //!
 //! Every figure is what the agent itself logs per sync and per change (kube-proxy at `-v=4`:
 //! "SyncProxyRules complete" and "Network programming"; svcplane at debug: "sync complete" and
-//! "network programming"), so both are timed by the same rule. Run with
-//! `hack/bench/dataplane.sh`.
+//! "network programming"), so both are timed by the same rule. BENCH_VS_AGENTS
+//! (svcplane,kube-proxy) picks the agents. Run with `hack/bench/dataplane.sh`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -257,6 +257,10 @@ async fn measure(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     topo.stop(pid);
+    // Kept for reading after the run (the control plane's directory goes with it).
+    let kept = std::env::temp_dir().join("svcplane-bench-dataplane-vs");
+    std::fs::create_dir_all(&kept).unwrap();
+    std::fs::copy(&log, kept.join(format!("{}-{n}.log", agent.name()))).unwrap();
     Figures {
         full,
         one,
@@ -281,6 +285,15 @@ async fn run() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(10),
     );
+    let agents: Vec<Agent> = std::env::var("BENCH_VS_AGENTS")
+        .unwrap_or_else(|_| "svcplane,kube-proxy".into())
+        .split(',')
+        .filter_map(|a| match a.trim() {
+            "svcplane" => Some(Agent::Svcplane),
+            "kube-proxy" => Some(Agent::KubeProxy),
+            _ => None,
+        })
+        .collect();
     let owned = OwnedControlPlane::start("bench-dp-vs").unwrap();
     let cp = &owned.cp;
     let kube_proxy: PathBuf = cp.kube_bin.join("kube-proxy");
@@ -314,6 +327,10 @@ async fn run() {
         "{:<9} {:<11} {:>12} {:>13} {:>13} {:>15} {:>15}",
         "services", "agent", "full sync ms", "one p50 ms", "one p99 ms", "program p50 ms", "program p99 ms"
     );
+    println!(
+        "(each agent's log is kept in {})",
+        std::env::temp_dir().join("svcplane-bench-dataplane-vs").display()
+    );
     let mut created = 0;
     let mut counter = 0;
     for n in sizes {
@@ -326,7 +343,7 @@ async fn run() {
             );
             created = n;
         }
-        for agent in [Agent::Svcplane, Agent::KubeProxy] {
+        for agent in agents.iter().copied() {
             let mut f = measure(agent, cp, &client, n, changes, churn, &mut counter).await;
             println!(
                 "{n:<9} {:<11} {:>12} {:>13} {:>13} {:>15} {:>15}{}",

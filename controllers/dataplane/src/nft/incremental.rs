@@ -40,17 +40,23 @@ pub struct FamilyTable {
     whole: Ruleset,
     fragments: HashMap<ObjectKey, Ruleset>,
     claims: AllClaims,
+    /// Rules in the table's chains, kept as fragments come and go (each chain is one
+    /// Service's), so that [`FamilyTable::size`] does not walk the table.
+    chain_rules: usize,
 }
 
 impl FamilyTable {
     /// The table for `state`, computed whole.
     pub fn new(state: &DesiredState, family: IpFamily, shards: Shards) -> Self {
+        let whole = skeleton();
+        let chain_rules = whole.chains.values().map(Vec::len).sum();
         let mut t = FamilyTable {
             family,
             shards,
-            whole: skeleton(),
+            whole,
             fragments: HashMap::new(),
             claims: AllClaims::default(),
+            chain_rules,
         };
         let services: BTreeSet<&ObjectKey> = state.ports.keys().map(|(n, _)| &n.service).collect();
         for s in services {
@@ -74,6 +80,16 @@ impl FamilyTable {
     /// The whole table.
     pub fn ruleset(&self) -> &Ruleset {
         &self.whole
+    }
+
+    /// [`Ruleset::size`] of the whole table, without walking it.
+    pub fn size(&self) -> usize {
+        let w = &self.whole;
+        self.chain_rules
+            + w.service_ips.len()
+            + w.node_ports.len()
+            + w.no_endpoint_ips.len()
+            + w.no_endpoint_node_ports.len()
     }
 
     /// Takes `services` to what `state` says of them and returns the transactions that do the
@@ -119,7 +135,10 @@ impl FamilyTable {
 
     fn insert(&mut self, s: &ObjectKey, f: &Ruleset) {
         for (name, rules) in &f.chains {
-            self.whole.chains.insert(name.clone(), rules.clone());
+            self.chain_rules += rules.len();
+            if let Some(old) = self.whole.chains.insert(name.clone(), rules.clone()) {
+                self.chain_rules -= old.len();
+            }
         }
         for (name, timeout) in &f.affinity_sets {
             self.whole.affinity_sets.insert(name.clone(), *timeout);
@@ -157,7 +176,9 @@ impl FamilyTable {
 
     fn remove(&mut self, s: &ObjectKey, f: &Ruleset) {
         for name in f.chains.keys() {
-            self.whole.chains.remove(name);
+            if let Some(old) = self.whole.chains.remove(name) {
+                self.chain_rules -= old.len();
+            }
         }
         for name in f.affinity_sets.keys() {
             self.whole.affinity_sets.remove(name);
@@ -390,6 +411,7 @@ mod tests {
                         let txs = table.update(&state, &changed);
                         let whole = ruleset(&state, family);
                         assert_eq!(table.ruleset(), &whole, "seed {seed}");
+                        assert_eq!(table.size(), whole.size(), "seed {seed}");
                         // The ops, applied to the tables as they were, give the tables as they
                         // should be.
                         kernel.extend(txs.iter().cloned());
