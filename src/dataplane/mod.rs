@@ -714,6 +714,10 @@ mod tests {
 
     const ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
+    fn node_a() -> ThisNode {
+        ThisNode::named("node-a")
+    }
+
     fn stores(
         services: &[Service],
         slices: &[EndpointSlice],
@@ -743,7 +747,7 @@ mod tests {
             &[slice("web", &["10.244.0.1", "10.244.0.2"], None)],
         );
         sync(
-            &ThisNode::named("node-a"),
+            &node_a(),
             &mut backend,
             &services,
             &slices,
@@ -786,7 +790,7 @@ mod tests {
         ];
         let (services, slices) = stores(&svcs, &[slice("web", &["10.244.0.1"], None)]);
         sync(
-            &ThisNode::named("node-a"),
+            &node_a(),
             &mut backend,
             &services,
             &slices,
@@ -813,7 +817,7 @@ mod tests {
                 .collect()
         };
         sync(
-            &ThisNode::named("node-a"),
+            &node_a(),
             &mut backend,
             &services,
             &slices,
@@ -828,7 +832,7 @@ mod tests {
         assert_eq!(endpoints(&last, &api), Vec::<String>::new(), "not recomputed");
         // The next full sync catches up whatever was missed.
         sync(
-            &ThisNode::named("node-a"),
+            &node_a(),
             &mut backend,
             &services,
             &slices,
@@ -843,7 +847,7 @@ mod tests {
         // A Service deleted from the caches goes from the state at its change.
         services.remove(&web);
         sync(
-            &ThisNode::named("node-a"),
+            &node_a(),
             &mut backend,
             &services,
             &slices,
@@ -871,7 +875,7 @@ mod tests {
             &[slice("web", &["10.244.0.1"], Some("2026-01-01T00:00:00Z"))],
         );
         let err = sync(
-            &ThisNode::named("node-a"),
+            &node_a(),
             &mut backend,
             &services,
             &slices,
@@ -885,7 +889,7 @@ mod tests {
         assert!(st.triggers.is_none(), "nothing counted as programmed");
         backend.fail = false;
         sync(
-            &ThisNode::named("node-a"),
+            &node_a(),
             &mut backend,
             &services,
             &slices,
@@ -908,46 +912,22 @@ mod tests {
         let at = |t: &str| stores(&svc, &[slice("web", &["10.244.0.1"], Some(t))]);
 
         let (s, e) = at("2026-01-01T00:00:00Z");
-        sync(
-            &ThisNode::named("node-a"),
-            &mut backend,
-            &s,
-            &e,
-            &mut st,
-            &m,
-            Scope::All,
-        )
-        .await
-        .unwrap();
+        sync(&node_a(), &mut backend, &s, &e, &mut st, &m, Scope::All)
+            .await
+            .unwrap();
         assert_eq!(
             m.programming_latency.get_sample_count(),
             0,
             "start-up is not programming"
         );
         let (s, e) = at("2026-01-01T00:00:05Z");
-        sync(
-            &ThisNode::named("node-a"),
-            &mut backend,
-            &s,
-            &e,
-            &mut st,
-            &m,
-            Scope::All,
-        )
-        .await
-        .unwrap();
+        sync(&node_a(), &mut backend, &s, &e, &mut st, &m, Scope::All)
+            .await
+            .unwrap();
         assert_eq!(m.programming_latency.get_sample_count(), 1);
-        sync(
-            &ThisNode::named("node-a"),
-            &mut backend,
-            &s,
-            &e,
-            &mut st,
-            &m,
-            Scope::All,
-        )
-        .await
-        .unwrap();
+        sync(&node_a(), &mut backend, &s, &e, &mut st, &m, Scope::All)
+            .await
+            .unwrap();
         assert_eq!(
             m.programming_latency.get_sample_count(),
             1,

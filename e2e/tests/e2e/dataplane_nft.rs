@@ -60,6 +60,41 @@ fn names(seen: &BTreeMap<String, usize>) -> Vec<&str> {
     seen.keys().map(String::as_str).collect()
 }
 
+/// Starts the agent in the node namespace as `node`, with the shipped RBAC's ServiceAccount
+/// (applied by the caller) and `extra` flags; its pid and log.
+async fn start_agent(
+    topo: &mut Topology,
+    client: &kube::Client,
+    ns: &str,
+    dir: &std::path::Path,
+    node: &str,
+    extra: &[&str],
+) -> (u32, std::path::PathBuf) {
+    let kubeconfig = control_plane()
+        .service_account_kubeconfig(client, ns, "svcplane-dataplane", None, &dir.join("sa.kubeconfig"))
+        .await;
+    let kubeconfig = kubeconfig.to_string_lossy().into_owned();
+    let log = dir.join("dataplane.log");
+    let mut args = vec![
+        "dataplane",
+        "--kubeconfig",
+        &kubeconfig,
+        "--node-name",
+        node,
+        "--http-bind-address",
+        "127.0.0.1:10256",
+    ];
+    args.extend_from_slice(extra);
+    let pid = topo.spawn_in(
+        "n",
+        &svcplane_bin(),
+        &args,
+        &log,
+        &[("RUST_LOG", "info,svcplane=debug")],
+    );
+    (pid, log)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nftables_mode_balances_real_traffic_and_follows_changes() {
     let cp = control_plane();
@@ -107,34 +142,7 @@ async fn nftables_mode_balances_real_traffic_and_follows_changes() {
         serde_json::from_value(json!({"metadata": {"name": "many"}, "spec": {"ports": ports}})).unwrap();
     let many_ip = cluster_ip_of(&services.create(&PostParams::default(), &many).await.unwrap());
 
-    let kubeconfig = cp
-        .service_account_kubeconfig(
-            &client,
-            &ns,
-            "svcplane-dataplane",
-            None,
-            &dir.join("sa.kubeconfig"),
-        )
-        .await;
-    let kubeconfig = kubeconfig.to_string_lossy().into_owned();
-    let log = dir.join("dataplane.log");
-    let agent = topo.spawn_in(
-        "n",
-        &svcplane_bin(),
-        &[
-            "dataplane",
-            "--kubeconfig",
-            &kubeconfig,
-            "--node-name",
-            NODE,
-            "--http-bind-address",
-            "127.0.0.1:10256",
-            "--sync-period",
-            "2s",
-        ],
-        &log,
-        &[("RUST_LOG", "info,svcplane=debug")],
-    );
+    let (agent, log) = start_agent(&mut topo, &client, &ns, &dir, NODE, &["--sync-period", "2s"]).await;
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
 
     // ClusterIP: every ready backend answers.
@@ -428,32 +436,8 @@ async fn hints_keep_traffic_in_the_nodes_zone_or_on_the_node_and_fall_back_when_
         .unwrap();
 
     cp.apply_dataplane_rbac(&ns);
-    let kubeconfig = cp
-        .service_account_kubeconfig(
-            &client,
-            &ns,
-            "svcplane-dataplane",
-            None,
-            &dir.join("sa.kubeconfig"),
-        )
-        .await;
-    let kubeconfig = kubeconfig.to_string_lossy().into_owned();
-    let log = dir.join("dataplane.log");
-    let agent = topo.spawn_in(
-        "n",
-        &svcplane_bin(),
-        &[
-            "dataplane",
-            "--kubeconfig",
-            &kubeconfig,
-            "--node-name",
-            &node_name,
-            "--http-bind-address",
-            "127.0.0.1:10256",
-        ],
-        &log,
-        &[("RUST_LOG", "info,svcplane=debug")],
-    );
+    // At the default sync period.
+    let (agent, log) = start_agent(&mut topo, &client, &ns, &dir, &node_name, &[]).await;
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
     let only = |want: &'static [&'static str]| {
         let topo = &topo;
