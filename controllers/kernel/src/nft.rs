@@ -18,6 +18,9 @@ use svcplane_dataplane::nft::{
     wire::{self, Reply},
 };
 
+/// How long a read waits for the kernel's next answer.
+const RECEIVE_TIMEOUT_SECS: i64 = 10;
+
 /// Errors of the batch beyond these are counted, not kept.
 const KEEP_ERRORS: usize = 32;
 
@@ -84,6 +87,11 @@ impl NftSocket {
         // Errors echo only the failing message's header, and carry the kernel's explanation.
         socket.set_cap_ack(true)?;
         socket.set_ext_ack(true)?;
+        // Every answer is queued before `send` returns (the kernel works inside it) or made
+        // inside `recv` (dumps), so waiting longer means a lost answer: an error, not a sync
+        // loop stopped for ever.
+        let limit = nix::sys::time::TimeVal::new(RECEIVE_TIMEOUT_SECS, 0);
+        setsockopt(&socket, sockopt::ReceiveTimeout, &limit).map_err(io::Error::from)?;
         Ok(Self { socket, seq: 0 })
     }
 
@@ -195,7 +203,13 @@ impl NftSocket {
         let mut rx = Vec::with_capacity(1 << 20);
         loop {
             rx.clear();
-            let n = self.socket.recv(&mut rx, 0)?;
+            let n = self.socket.recv(&mut rx, 0).map_err(|e| match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no answer from the kernel within {RECEIVE_TIMEOUT_SECS} s"),
+                ),
+                _ => e,
+            })?;
             for reply in wire::replies(&rx[..n]).map_err(invalid)? {
                 if let Some(outcome) = each(reply) {
                     return outcome;
