@@ -60,6 +60,21 @@ fn names(seen: &BTreeMap<String, usize>) -> Vec<&str> {
     seen.keys().map(String::as_str).collect()
 }
 
+/// A test namespace (named from `prefix`), its directory, and client, node and three backend
+/// network namespaces that reach the shared apiserver.
+async fn node_with_backends(prefix: &str) -> (kube::Client, String, std::path::PathBuf, Topology) {
+    let cp = control_plane();
+    let client = cp.client().await;
+    let ns = test_namespace(&client, prefix).await;
+    let dir = cp.dir.join(&ns);
+    std::fs::create_dir_all(&dir).unwrap();
+    let netns_prefix = format!("sp{:04x}", rand::random::<u16>());
+    let mut topo = Topology::create(&netns_prefix, 3, &dir).await;
+    topo.bridge_apiserver(cp.apiserver_port).await;
+    topo.wait_for_backends().await;
+    (client, ns, dir, topo)
+}
+
 /// Starts the agent in the node namespace as `node`, with the shipped RBAC's ServiceAccount
 /// (applied by the caller) and `extra` flags; its pid and log.
 async fn start_agent(
@@ -98,14 +113,7 @@ async fn start_agent(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nftables_mode_balances_real_traffic_and_follows_changes() {
     let cp = control_plane();
-    let client = cp.client().await;
-    let ns = test_namespace(&client, "dp").await;
-    let dir = cp.dir.join(&ns);
-    std::fs::create_dir_all(&dir).unwrap();
-    let prefix = format!("sp{:04x}", rand::random::<u16>());
-    let mut topo = Topology::create(&prefix, 3, &dir).await;
-    topo.bridge_apiserver(cp.apiserver_port).await;
-    topo.wait_for_backends().await;
+    let (client, ns, dir, mut topo) = node_with_backends("dp").await;
 
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
     let web: Service = serde_json::from_value(json!({
@@ -390,14 +398,7 @@ fn hinted_slice(ns: &str, node: &str, backends: &[(usize, &[&str], &[&str])]) ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hints_keep_traffic_in_the_nodes_zone_or_on_the_node_and_fall_back_when_incomplete() {
     let cp = control_plane();
-    let client = cp.client().await;
-    let ns = test_namespace(&client, "topo").await;
-    let dir = cp.dir.join(&ns);
-    std::fs::create_dir_all(&dir).unwrap();
-    let prefix = format!("sp{:04x}", rand::random::<u16>());
-    let mut topo = Topology::create(&prefix, 3, &dir).await;
-    topo.bridge_apiserver(cp.apiserver_port).await;
-    topo.wait_for_backends().await;
+    let (client, ns, dir, mut topo) = node_with_backends("topo").await;
 
     // The agent's own Node, in zone-a (Nodes are cluster-wide: a name of this test's own).
     let node_name = format!("{ns}-node");
