@@ -8,7 +8,8 @@
 #
 # usage:
 #   hack/topology.sh up   PREFIX DIR NET BACKEND...   BACKEND is IP:PORT:TEXT, a busybox httpd on
-#                                                     PORT answering TEXT; NET e.g. 10.200.1
+#                                                     PORT answering TEXT (and at /cgi-bin/client
+#                                                     the client's address); NET e.g. 10.200.1
 #   hack/topology.sh down PREFIX DIR                  stops the httpds, deletes the namespaces
 # The httpds' pid files and logs are in DIR (backend-<i>.pid, backend-<i>.log).
 set -euo pipefail
@@ -43,7 +44,15 @@ up() {
     ip -n "$b" route add default dev b0
     ip -n "$n" link set "n-b$i" up; ip -n "$n" route add "$ip/32" dev "n-b$i"
     ip netns exec "$n" sysctl -qw "net.ipv4.conf.n-b$i.proxy_arp=1"
-    mkdir -p "$dir/www-$i"; echo "$text" > "$dir/www-$i/index.html"
+    mkdir -p "$dir/www-$i/cgi-bin"; echo "$text" > "$dir/www-$i/index.html"
+    # /cgi-bin/client answers the address the connection came from (is it masqueraded?).
+    cat > "$dir/www-$i/cgi-bin/client" <<'CGI'
+#!/bin/sh
+# httpd listens on IPv6 and sees IPv4 clients as [::ffff:a.b.c.d].
+a=${REMOTE_ADDR#\[::ffff:}
+printf 'Content-Type: text/plain\r\n\r\n%s\n' "${a%]}"
+CGI
+    chmod +x "$dir/www-$i/cgi-bin/client"
     # `ip netns exec` execs httpd: $! is httpd's own pid.
     ip netns exec "$b" busybox httpd -f -p "$port" -h "$dir/www-$i" > "$dir/backend-$i.log" 2>&1 < /dev/null &
     echo $! > "$dir/backend-$i.pid"

@@ -52,7 +52,8 @@ pub struct Topology {
 
 impl Topology {
     /// Namespaces `<prefix>-c`, `<prefix>-n` and `<prefix>-b1..` with a busybox httpd on port 8080
-    /// in each backend answering `backend-<i>`.
+    /// in each backend answering `backend-<i>`, and at `/cgi-bin/client` the address the
+    /// connection came from.
     pub async fn create(prefix: &str, backends: usize, dir: &Path) -> Self {
         let specs: Vec<String> = (1..=backends)
             .map(|i| format!("{}:8080:backend-{i}", Self::backend_ip(i)))
@@ -136,11 +137,16 @@ impl Topology {
 
     /// `curl -s --max-time 2 url` from the client.
     async fn run_curl(&self, url: &str) -> std::process::Output {
+        self.run_curl_in("c", url).await
+    }
+
+    /// `curl -s --max-time 2 url` from namespace `ns` (`c`, `b1`, …).
+    async fn run_curl_in(&self, ns: &str, url: &str) -> std::process::Output {
         tokio::process::Command::new("ip")
             .args([
                 "netns",
                 "exec",
-                &self.ns("c"),
+                &self.ns(ns),
                 "curl",
                 "-s",
                 "--max-time",
@@ -154,7 +160,12 @@ impl Topology {
 
     /// `curl` from the client; the body, or `None` when the request failed.
     pub async fn curl(&self, url: &str) -> Option<String> {
-        let out = self.run_curl(url).await;
+        self.curl_in("c", url).await
+    }
+
+    /// `curl` from namespace `ns` (a backend: `b1`, …); the body, or `None` when it failed.
+    pub async fn curl_in(&self, ns: &str, url: &str) -> Option<String> {
+        let out = self.run_curl_in(ns, url).await;
         out.status
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Benchmark of the node agent's IPVS mode inside the qemu VM (hack/ipvs-vm.sh; TCG emulation, so
-# absolute times are several times a real machine's): a full sync and a one-endpoint update for
-# BENCH_DP_SIZES (1000 10000) Services x 10 endpoints, from fixture files.
+# absolute times are several times a real machine's), for BENCH_DP_SIZES (1000 10000) Services x
+# 10 endpoints from fixture files, one agent process per size (`--objects` replays the files in
+# order): a full sync, then BENCH_DP_CHANGES (20) one-endpoint changes as the running agent
+# makes them (only the changed Service recomputed, read back and planned; p50/p99), then the
+# same change as a fresh agent's first sync makes it (reading the whole table back).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 hack/install-deps.sh
@@ -29,19 +32,43 @@ fixture() {
   }'
 }
 for n in $SIZES; do fixture "$n" 0 > "$W/full-$n.json"; fixture "$n" 1 > "$W/one-$n.json"; done
+CHANGES=${BENCH_DP_CHANGES:-20}
 cat > "$W/scenario.sh" <<SCEN
 for n in $SIZES; do
-  echo "FULL \$n \$(svcplane dataplane --node-name vm --mode ipvs --objects /scenario/full-\$n.json 2>/dev/null)"
-  echo "ONE \$n \$(svcplane dataplane --node-name vm --mode ipvs --objects /scenario/one-\$n.json 2>/dev/null)"
+  files=/scenario/full-\$n.json
+  i=0
+  while [ \$i -lt $CHANGES ]; do
+    if [ \$((i % 2)) = 0 ]; then files=\$files,/scenario/one-\$n.json; else files=\$files,/scenario/full-\$n.json; fi
+    i=\$((i + 1))
+  done
+  svcplane dataplane --node-name vm --mode ipvs --objects "\$files" 2>/dev/null | sed "s/^/SYNC \$n /"
+  echo "FRESH \$n \$(svcplane dataplane --node-name vm --mode ipvs --objects /scenario/one-\$n.json 2>/dev/null)"
   svcplane cleanup >/dev/null 2>&1
 done
 SCEN
 SVCPLANE_BIN=$PWD/target/release/svcplane IPVS_VM_TIMEOUT=1800 hack/ipvs-vm.sh "$W"
 echo
-echo "IPVS mode in the VM (TCG), Services x 10 endpoints"
-printf '%-9s %-13s %10s %11s\n' services sync "sync ms" operations
-tr -d '\r' < "$W/results.txt" | awk '/^(FULL|ONE) / {
-  split($0, a, " "); json = substr($0, index($0, "{"))
-  match(json, /"elapsed_ms":[0-9.]+/); ms = substr(json, RSTART + 13, RLENGTH - 13)
-  match(json, /"operations":[0-9]+/); ops = substr(json, RSTART + 13, RLENGTH - 13)
-  printf "%-9s %-13s %10.1f %11s\n", a[2], (a[1] == "FULL" ? "full" : "one endpoint"), ms, ops }'
+echo "IPVS mode in the VM (TCG), Services x 10 endpoints; $CHANGES one-endpoint changes"
+printf '%-9s %10s %13s %13s %15s %11s\n' services "full ms" "one p50 ms" "one p99 ms" "fresh one ms" operations
+tr -d '\r' < "$W/results.txt" | awk '
+  function field(json, name,   v) {
+    if (!match(json, "\"" name "\":[0-9.a-z]+")) return ""
+    v = substr(json, RSTART, RLENGTH); sub(/^[^:]*:/, "", v); return v
+  }
+  /^SYNC / {
+    n = $2; json = substr($0, index($0, "{"))
+    if (field(json, "full") == "true") full[n] = field(json, "elapsed_ms")
+    else { k = ++count[n]; one[n, k] = field(json, "elapsed_ms"); ops[n] = field(json, "operations") }
+    sizes[n] = 1
+  }
+  /^FRESH / { n = $2; fresh[n] = field(substr($0, index($0, "{")), "elapsed_ms") }
+  END {
+    for (n in sizes) {
+      c = count[n]
+      for (i = 1; i <= c; i++) v[i] = one[n, i]
+      # insertion sort: a handful of values
+      for (i = 2; i <= c; i++) { x = v[i]; j = i - 1; while (j > 0 && v[j] + 0 > x + 0) { v[j + 1] = v[j]; j-- }; v[j + 1] = x }
+      p50 = v[int((c + 1) / 2)]; p99 = v[c - int(c / 100)]
+      printf "%-9s %10.1f %13.1f %13.1f %15.1f %11s\n", n, full[n], p50, p99, fresh[n], ops[n]
+    }
+  }' | sort -n

@@ -12,7 +12,7 @@ use svcplane_dataplane::{
     nft::{
         IpvsSupport, Ruleset, Shards, TableId, Transaction,
         incremental::FamilyTable,
-        ipvs_support, ipvs_support_transaction,
+        ipvs_support, ipvs_support_transaction, ipvs_support_update,
         table::{Differences, Table, repair},
         transaction,
     },
@@ -24,20 +24,20 @@ use super::{ipvs, metrics::DataplaneMetrics};
 
 /// Applies `transactions` as one kernel transaction, off the async runtime (the kernel works
 /// inside the send: seconds for a whole table of 10,000 Services); returns the ruleset's
-/// generation after it. Each apply has a socket of its own. Closing it costs the sync an RCU
-/// grace period (the kernel finishes releasing what the commit removed first: 7-12 ms measured
-/// at 10,000 Services), and keeping one socket from sync to sync removed that in the benchmark,
-/// but a fresh-clone CI run with it saw the sync loop stop after its first sync; until that is
-/// understood, the socket is not kept.
+/// generation after it. Each apply has a socket of its own, closed on a thread of its own:
+/// the close waits out an RCU grace period (the kernel finishes releasing what the commit
+/// removed first: 7-12 ms measured at 10,000 Services) that the sync need not wait for, the
+/// commit being done. (Keeping one socket from sync to sync would save the open as well, but a
+/// fresh-clone CI run with it saw the sync loop stop after its first sync; not understood yet.)
 pub async fn apply_nft(transactions: Vec<Transaction>) -> anyhow::Result<u32> {
     tokio::task::spawn_blocking(move || -> anyhow::Result<u32> {
         let cpu = || nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).ok();
         let (started, before) = (std::time::Instant::now(), cpu());
         let mut socket = NftSocket::open().context("opening a netfilter netlink socket")?;
         let generation = socket.apply(&transactions)?;
-        drop(socket);
-        // The kernel does the work inside the send (and the close), on this thread: CPU time
-        // against wall time tells its work from waiting.
+        close_aside(socket);
+        // The kernel does the work inside the send, on this thread: CPU time against wall time
+        // tells its work from waiting.
         if let (Some(b), Some(a)) = (before, cpu()) {
             let cpu = std::time::Duration::from(a).saturating_sub(std::time::Duration::from(b));
             debug!(
@@ -50,6 +50,14 @@ pub async fn apply_nft(transactions: Vec<Transaction>) -> anyhow::Result<u32> {
     })
     .await
     .context("the nftables apply task failed")?
+}
+
+/// Closes `socket` on a thread of its own (see [`apply_nft`]). When no thread can be started,
+/// the refused closure is dropped here, and the socket closed on this thread.
+fn close_aside(socket: NftSocket) {
+    let _ = std::thread::Builder::new()
+        .name("nft-close".into())
+        .spawn(move || drop(socket));
 }
 
 /// What the read-back of one table found, and the transaction that put it right.
@@ -276,6 +284,8 @@ pub struct Ipvs {
     scheduler: String,
     node_ips: Vec<IpAddr>,
     last: Option<ipvs::Report>,
+    /// What the last sync left in the kernel (`None`: the next sync reads it all).
+    view: Option<ipvs::View>,
     /// The masquerade and reject rules as last applied, per family.
     support: [(IpFamily, Option<IpvsSupport>); 2],
 }
@@ -286,6 +296,7 @@ impl Ipvs {
             scheduler,
             node_ips,
             last: None,
+            view: None,
             support: [(IpFamily::IPv4, None), (IpFamily::IPv6, None)],
         }
     }
@@ -299,10 +310,10 @@ impl Backend for Ipvs {
     async fn apply(
         &mut self,
         state: &DesiredState,
-        _changed: Option<&BTreeSet<ObjectKey>>,
+        changed: Option<&BTreeSet<ObjectKey>>,
         metrics: &DataplaneMetrics,
     ) -> anyhow::Result<()> {
-        let report = ipvs::sync(state, &self.node_ips, &self.scheduler).await?;
+        let report = ipvs::sync(state, &self.node_ips, &self.scheduler, &mut self.view, changed).await?;
         metrics
             .rules
             .with_label_values(&["IPVS"])
@@ -328,8 +339,16 @@ impl Backend for Ipvs {
             if slot.as_ref() == Some(&next) {
                 continue;
             }
+            // Element changes when the rules stay; the whole table when they do not.
+            let txs = match slot
+                .as_ref()
+                .and_then(|prev| ipvs_support_update(prev, &next, family))
+            {
+                Some(tx) => vec![tx],
+                None => ipvs_support_transaction(&next, family),
+            };
             *slot = None;
-            apply_nft(ipvs_support_transaction(&next, family)).await?;
+            apply_nft(txs).await?;
             *slot = Some(next);
         }
         Ok(())

@@ -11,7 +11,7 @@ mod metrics;
 pub mod sysctls;
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{
@@ -98,10 +98,55 @@ pub struct Args {
     #[arg(long, default_value_t = DEFAULT_SHARDS,
           value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_SHARDS)))]
     pub nft_shards: u16,
-    /// Read Services and EndpointSlices from this JSON List instead of the apiserver (offline
-    /// programming and tests); implies one sync and exit.
-    #[arg(long)]
-    pub objects: Option<PathBuf>,
+    /// The cluster's Pod ranges, at most one per family (kube-proxy's `--cluster-cidr`):
+    /// traffic to a cluster IP from outside them is masqueraded, so that its replies come back
+    /// through this node; Pods keep their own address. Unset: only the node's own hairpin and
+    /// `externalTrafficPolicy: Cluster` traffic is masqueraded.
+    #[arg(long, value_delimiter = ',', value_parser = pod_range)]
+    pub cluster_cidr: Vec<ipnet::IpNet>,
+    /// Read Services, EndpointSlices and this node's Node from these JSON Lists instead of the
+    /// apiserver (offline programming, tests and benchmarks), one sync per file in order, then
+    /// exit. The first sync is a full one; each next one recomputes and writes only the
+    /// Services whose objects differ from the file before, as the watch would have reported
+    /// them. Prints one JSON line per sync.
+    #[arg(long, value_delimiter = ',')]
+    pub objects: Vec<PathBuf>,
+}
+
+fn pod_range(s: &str) -> Result<ipnet::IpNet, String> {
+    let net: ipnet::IpNet = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a CIDR (e.g. 10.244.0.0/16): {e}"))?;
+    if net.prefix_len() == 0 {
+        return Err(format!("{s} holds every address: nothing would be outside it"));
+    }
+    Ok(net.trunc())
+}
+
+impl Args {
+    /// This node as the sync sees it, in `zone`.
+    fn this_node(&self, zone: Option<String>) -> ThisNode {
+        ThisNode {
+            zone,
+            cluster_cidrs: self.cluster_cidr.clone(),
+            ..ThisNode::named(self.node_name.clone())
+        }
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        let v4 = self
+            .cluster_cidr
+            .iter()
+            .filter(|c| matches!(c, ipnet::IpNet::V4(_)))
+            .count();
+        if v4 > 1 || self.cluster_cidr.len() - v4 > 1 {
+            bail!(
+                "--cluster-cidr: at most one range per IP family, got {:?}",
+                self.cluster_cidr
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Which backend programs the kernel.
@@ -178,6 +223,7 @@ fn choose(args: &Args, metrics: &DataplaneMetrics) -> anyhow::Result<Choice> {
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let registry = Registry::new();
     let metrics = DataplaneMetrics::register(&registry).context("registering metrics")?;
+    args.check()?;
     match choose(&args, &metrics)? {
         Choice::Nftables => {
             let shards = Shards::new(args.nft_shards).context("--nft-shards")?;
@@ -196,8 +242,8 @@ async fn serve<B: Backend>(
     registry: Registry,
     metrics: DataplaneMetrics,
 ) -> anyhow::Result<()> {
-    if let Some(path) = &args.objects {
-        return run_once(args, &mut backend, path, &metrics).await;
+    if !args.objects.is_empty() {
+        return replay(args, &mut backend, &args.objects, &metrics).await;
     }
     let shutdown = CancellationToken::new();
     {
@@ -321,12 +367,11 @@ async fn serve<B: Backend>(
         if zone_changed.swap(false, Ordering::Relaxed) {
             last_full = None;
         }
-        let node = ThisNode {
-            name: args.node_name.clone(),
-            zone: nodes
+        let node = args.this_node(
+            nodes
                 .get(&ObjectKey::new("", args.node_name.as_str()))
                 .and_then(|n| n.value.clone()),
-        };
+        );
         let scope = match last_full {
             Some(at) if at.elapsed() < args.sync_period => Scope::Services(changes),
             _ => {
@@ -524,62 +569,141 @@ async fn sync_services<B: Backend>(
     Ok(())
 }
 
-/// `--objects`: one sync from a file, then exit; prints what it did as one JSON line.
-async fn run_once<B: Backend>(
-    args: &Args,
-    backend: &mut B,
-    path: &Path,
-    metrics: &DataplaneMetrics,
-) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let list: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    let services: Store<Cached<ServiceInfo>> = Store::new(None);
-    let slices: Store<Cached<SliceInfo>> = Store::new(Some(slice_service));
-    let mut node = ThisNode::named(args.node_name.clone());
-    for item in list
-        .get("items")
-        .and_then(serde_json::Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let key = ObjectKey::new(
-            item.pointer("/metadata/namespace")
-                .and_then(|v| v.as_str())
-                .unwrap_or_default(),
-            item.pointer("/metadata/name")
-                .and_then(|v| v.as_str())
-                .unwrap_or_default(),
-        );
-        match item.get("kind").and_then(|k| k.as_str()) {
-            Some("Service") => {
-                let svc: Service =
-                    serde_json::from_value(item.clone()).with_context(|| format!("Service {key}"))?;
-                services.insert(key, Arc::new(cache_service(svc)));
-            }
-            Some("EndpointSlice") => {
-                let s: EndpointSlice =
-                    serde_json::from_value(item.clone()).with_context(|| format!("EndpointSlice {key}"))?;
-                slices.insert(key, Arc::new(cache_slice(s)));
-            }
-            Some("Node") => {
-                let n: Node = serde_json::from_value(item.clone()).with_context(|| format!("Node {key}"))?;
-                if key.name == args.node_name {
-                    node.zone = cache_node(n).value;
+/// The objects of one `--objects` file, as the watches would have cached them.
+struct Objects {
+    services: Store<Cached<ServiceInfo>>,
+    slices: Store<Cached<SliceInfo>>,
+    node: ThisNode,
+}
+
+impl Objects {
+    fn read(args: &Args, path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let list: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let services: Store<Cached<ServiceInfo>> = Store::new(None);
+        let slices: Store<Cached<SliceInfo>> = Store::new(Some(slice_service));
+        let mut node = args.this_node(None);
+        for item in list
+            .get("items")
+            .and_then(serde_json::Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let key = ObjectKey::new(
+                item.pointer("/metadata/namespace")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default(),
+                item.pointer("/metadata/name")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default(),
+            );
+            match item.get("kind").and_then(|k| k.as_str()) {
+                Some("Service") => {
+                    let svc: Service =
+                        serde_json::from_value(item.clone()).with_context(|| format!("Service {key}"))?;
+                    services.insert(key, Arc::new(cache_service(svc)));
+                }
+                Some("EndpointSlice") => {
+                    let s: EndpointSlice = serde_json::from_value(item.clone())
+                        .with_context(|| format!("EndpointSlice {key}"))?;
+                    slices.insert(key, Arc::new(cache_slice(s)));
+                }
+                Some("Node") => {
+                    let n: Node =
+                        serde_json::from_value(item.clone()).with_context(|| format!("Node {key}"))?;
+                    if key.name == args.node_name {
+                        node.zone = cache_node(n).value;
+                    }
+                }
+                other => {
+                    warn!(kind = ?other, "skipping an object that is neither a Service, an EndpointSlice nor a Node")
                 }
             }
-            other => {
-                warn!(kind = ?other, "skipping an object that is neither a Service, an EndpointSlice nor a Node")
+        }
+        Ok(Self {
+            services,
+            slices,
+            node,
+        })
+    }
+
+    /// Each Service's object and its slices, by Service.
+    fn by_service(&self) -> BTreeMap<ObjectKey, (Option<ServiceInfo>, Vec<SliceInfo>)> {
+        let mut out: BTreeMap<ObjectKey, (Option<ServiceInfo>, Vec<SliceInfo>)> = BTreeMap::new();
+        for c in self.services.list_all(|_| true) {
+            if let Some(svc) = &c.value {
+                out.entry(svc.key.clone()).or_default().0 = Some(svc.clone());
             }
         }
+        for c in self.slices.list_all(|_| true) {
+            if let Some(slice) = &c.value {
+                out.entry(slice.service.clone())
+                    .or_default()
+                    .1
+                    .push(slice.clone());
+            }
+        }
+        for (_, slices) in out.values_mut() {
+            slices.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        out
     }
+}
+
+/// The Services whose objects differ between two files.
+fn changed_services(before: &Objects, after: &Objects) -> BTreeSet<ObjectKey> {
+    let (before, after) = (before.by_service(), after.by_service());
+    before
+        .keys()
+        .chain(after.keys())
+        .filter(|k| before.get(*k) != after.get(*k))
+        .cloned()
+        .collect()
+}
+
+/// `--objects`: one sync per file, then exit; prints what each did as one JSON line.
+async fn replay<B: Backend>(
+    args: &Args,
+    backend: &mut B,
+    paths: &[PathBuf],
+    metrics: &DataplaneMetrics,
+) -> anyhow::Result<()> {
     let mut st = SyncState::default();
-    let started = Instant::now();
-    sync(&node, backend, &services, &slices, &mut st, metrics, Scope::All).await?;
-    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let mut summary = backend.summary();
-    summary["elapsed_ms"] = serde_json::json!(elapsed_ms);
-    println!("{summary}");
+    let mut last: Option<Objects> = None;
+    for path in paths {
+        let objects = Objects::read(args, path)?;
+        let scope = match &last {
+            Some(before) if before.node == objects.node => {
+                Scope::Services(changed_services(before, &objects))
+            }
+            _ => Scope::All,
+        };
+        let services = match &scope {
+            Scope::All => None,
+            Scope::Services(keys) => Some(keys.len()),
+        };
+        let started = Instant::now();
+        sync(
+            &objects.node,
+            backend,
+            &objects.services,
+            &objects.slices,
+            &mut st,
+            metrics,
+            scope,
+        )
+        .await?;
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let mut summary = backend.summary();
+        summary["elapsed_ms"] = serde_json::json!(elapsed_ms);
+        summary["full"] = serde_json::json!(services.is_none());
+        if let Some(n) = services {
+            summary["services_changed"] = serde_json::json!(n);
+        }
+        println!("{summary}");
+        last = Some(objects);
+    }
     Ok(())
 }
 
@@ -654,6 +778,8 @@ mod tests {
     #[derive(Default)]
     struct Recording {
         applied: Arc<StdMutex<Vec<DesiredState>>>,
+        /// The Services each apply was told changed (`None`: a full sync).
+        changed: Arc<StdMutex<Vec<Option<BTreeSet<ObjectKey>>>>>,
         fail: bool,
     }
 
@@ -665,13 +791,14 @@ mod tests {
         async fn apply(
             &mut self,
             state: &DesiredState,
-            _changed: Option<&BTreeSet<ObjectKey>>,
+            changed: Option<&BTreeSet<ObjectKey>>,
             _metrics: &DataplaneMetrics,
         ) -> anyhow::Result<()> {
             if self.fail {
                 bail!("the kernel said no");
             }
             self.applied.lock().unwrap().push(state.clone());
+            self.changed.lock().unwrap().push(changed.cloned());
             Ok(())
         }
 
@@ -936,19 +1063,43 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn objects_mode_runs_one_sync_and_summarizes_it() {
+    async fn objects_mode_syncs_each_file_the_first_whole_the_next_by_changed_service() {
         let (_registry, m) = metrics();
         let dir = std::env::temp_dir().join(format!("svcplane-objects-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("objects.json");
-        let items = json!({"items": [
-            serde_json::to_value(service("web", "10.96.0.10", "TCP")).unwrap(),
-            serde_json::to_value(slice("web", &["10.244.0.1"], None)).unwrap(),
-        ]});
-        let mut items = items;
-        items["items"][0]["kind"] = json!("Service");
-        items["items"][1]["kind"] = json!("EndpointSlice");
-        std::fs::write(&path, items.to_string()).unwrap();
+        let file = |name: &str, web_ips: &[&str]| {
+            let mut items = vec![];
+            for (kind, v) in [
+                (
+                    "Service",
+                    serde_json::to_value(service("web", "10.96.0.10", "TCP")).unwrap(),
+                ),
+                (
+                    "EndpointSlice",
+                    serde_json::to_value(slice("web", web_ips, None)).unwrap(),
+                ),
+                (
+                    "Service",
+                    serde_json::to_value(service("db", "10.96.0.11", "TCP")).unwrap(),
+                ),
+                (
+                    "EndpointSlice",
+                    serde_json::to_value(slice("db", &["10.244.9.9"], None)).unwrap(),
+                ),
+            ] {
+                let mut v = v;
+                v["kind"] = json!(kind);
+                items.push(v);
+            }
+            let path = dir.join(name);
+            std::fs::write(&path, json!({ "items": items }).to_string()).unwrap();
+            path
+        };
+        let paths = [
+            file("a.json", &["10.244.0.1"]),
+            file("b.json", &["10.244.0.1", "10.244.0.2"]),
+            file("c.json", &["10.244.0.1", "10.244.0.2"]),
+        ];
         #[derive(clap::Parser)]
         struct Cli {
             #[command(flatten)]
@@ -958,10 +1109,30 @@ mod tests {
             .unwrap()
             .args;
         let mut backend = Recording::default();
-        run_once(&args, &mut backend, &path, &m).await.unwrap();
+        replay(&args, &mut backend, &paths, &m).await.unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(backend.applied.lock().unwrap().len(), 1);
-        assert_eq!(backend.applied.lock().unwrap()[0].ports.len(), 1);
+        let applied = backend.applied.lock().unwrap();
+        assert_eq!(applied.len(), 3);
+        assert_eq!(applied[0].ports.len(), 2);
+        let web = |st: &DesiredState| {
+            st.ports
+                .values()
+                .find(|p| p.name.service.name == "web")
+                .unwrap()
+                .internal
+                .endpoints()
+                .len()
+        };
+        assert_eq!((web(&applied[0]), web(&applied[1])), (1, 2));
+        assert_eq!(
+            *backend.changed.lock().unwrap(),
+            [
+                None,
+                Some([ObjectKey::new("ns", "web")].into()),
+                Some(BTreeSet::new())
+            ],
+            "whole, then web alone, then nothing"
+        );
     }
 
     #[test]

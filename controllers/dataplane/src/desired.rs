@@ -23,11 +23,13 @@ use std::{
 use super::input::{EndpointInfo, Policy, ServiceInfo, SliceInfo};
 use svcplane_core::{IpFamily, ObjectKey, Protocol};
 
-/// The node being programmed: its name, and its `topology.kubernetes.io/zone` label.
+/// The node being programmed: its name, its `topology.kubernetes.io/zone` label, and the
+/// cluster's Pod ranges as its agent was told them (`--cluster-cidr`, at most one per family).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ThisNode {
     pub name: String,
     pub zone: Option<String>,
+    pub cluster_cidrs: Vec<ipnet::IpNet>,
 }
 
 impl ThisNode {
@@ -36,6 +38,7 @@ impl ThisNode {
         Self {
             name: name.into(),
             zone: None,
+            cluster_cidrs: Vec::new(),
         }
     }
 }
@@ -94,6 +97,10 @@ pub struct PortState {
     /// node to a remote endpoint whose reply must come back through here. `Local` keeps the
     /// client's address.
     pub masquerade_external: bool,
+    /// The cluster's Pod range of this family, when known: traffic to the cluster IP from
+    /// outside it (the node itself, clients off the cluster) is masqueraded, as kube-proxy does
+    /// with `--cluster-cidr`; from inside it keeps the client's address.
+    pub cluster_cidr: Option<ipnet::IpNet>,
     /// Endpoints that are terminating (for graceful termination in IPVS mode).
     pub terminating: Vec<SocketAddr>,
 }
@@ -264,6 +271,11 @@ pub fn service_state(node: &ThisNode, svc: &ServiceInfo, svc_slices: &[&SliceInf
                 internal: backends(&candidates, svc.internal_policy),
                 external: backends(&candidates, svc.external_policy),
                 masquerade_external: svc.external_policy == Policy::Cluster,
+                cluster_cidr: node
+                    .cluster_cidrs
+                    .iter()
+                    .find(|c| IpFamily::of(&c.addr()) == family)
+                    .copied(),
                 terminating: terminating.into_iter().collect(),
             });
         }
@@ -693,8 +705,8 @@ mod tests {
 
     fn in_zone(zone: &str) -> ThisNode {
         ThisNode {
-            name: NODE.into(),
             zone: Some(zone.into()),
+            ..ThisNode::named(NODE)
         }
     }
 
@@ -743,8 +755,8 @@ mod tests {
         assert_eq!(only(&st).internal, to(&["10.244.0.1:8080"]));
         // Nothing hinted for this node: the zone's.
         let other = ThisNode {
-            name: "node-z".into(),
             zone: Some("a".into()),
+            ..ThisNode::named("node-z")
         };
         let st = run_on(&other, &[svc(json!({}))], &[slice]);
         assert_eq!(only(&st).internal, to(&["10.244.0.1:8080", "10.244.0.2:8080"]));
@@ -771,5 +783,36 @@ mod tests {
         ]);
         let st = run_on(&in_zone("a"), &[svc(json!({}))], &[slice]);
         assert_eq!(only(&st).internal, to(&["10.244.0.1:8080", "10.244.1.1:8080"]));
+    }
+
+    #[test]
+    fn each_family_takes_its_own_pod_range() {
+        let node = ThisNode {
+            cluster_cidrs: vec![
+                "fd00:10:244::/56".parse().unwrap(),
+                "10.244.0.0/16".parse().unwrap(),
+            ],
+            ..ThisNode::named(NODE)
+        };
+        let dual = svc(json!({"clusterIPs": ["10.96.0.10", "fd00::10"]}));
+        let st = run_on(&node, &[dual], &[]);
+        let cidr = |family| {
+            st.ports
+                .values()
+                .find(|p| p.family == family)
+                .and_then(|p| p.cluster_cidr)
+        };
+        assert_eq!(cidr(IpFamily::IPv4), Some("10.244.0.0/16".parse().unwrap()));
+        assert_eq!(cidr(IpFamily::IPv6), Some("fd00:10:244::/56".parse().unwrap()));
+        let v4_only = ThisNode {
+            cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+            ..ThisNode::named(NODE)
+        };
+        let st = run_on(&v4_only, &[svc(json!({"clusterIPs": ["fd00::10"]}))], &[]);
+        assert_eq!(
+            only(&st).cluster_cidr,
+            None,
+            "no range of the family: nothing masqueraded"
+        );
     }
 }

@@ -154,6 +154,7 @@ fn v4() -> Ruleset {
             (
                 "svc-web",
                 vec![
+                    Rule::MasqueradeFromOutside("10.244.0.0/16".parse().unwrap()),
                     Rule::Affinity {
                         set: "aff-web-1".into(),
                         chain: "ep-web-1".into(),
@@ -167,6 +168,13 @@ fn v4() -> Ruleset {
                 vec![Rule::MarkMasquerade, pick("ep-web-1", 2), pick("ep-web-2", 1)],
             ),
             ("ext-dns", vec![Rule::Drop]),
+            (
+                "svc-odd",
+                vec![
+                    Rule::MasqueradeFromOutside("10.96.0.0/12".parse().unwrap()),
+                    Rule::Drop,
+                ],
+            ),
         ],
     );
     rs.affinity_sets.insert("aff-web-1".into(), 10800);
@@ -195,10 +203,13 @@ fn v6() -> Ruleset {
             ),
             (
                 "svc-v6",
-                vec![Rule::Pick {
-                    chain: "ep-v6".into(),
-                    one_in: 1,
-                }],
+                vec![
+                    Rule::MasqueradeFromOutside("fd00:10:244::/60".parse().unwrap()),
+                    Rule::Pick {
+                        chain: "ep-v6".into(),
+                        one_in: 1,
+                    },
+                ],
             ),
         ],
     );
@@ -250,6 +261,7 @@ const V4_BODY: &str = r"
     meta l4proto tcp dnat to 10.0.3.2:8080
   }
   chain svc-web {
+    ip saddr != 10.244.0.0/16 meta mark set meta mark | 0x4000
     ip saddr @aff-web-1 goto ep-web-1
     numgen random mod 2 == 0 goto ep-web-1
     goto ep-web-2
@@ -259,7 +271,11 @@ const V4_BODY: &str = r"
     numgen random mod 2 == 0 goto ep-web-1
     goto ep-web-2
   }
-  chain ext-dns { drop; }";
+  chain ext-dns { drop; }
+  chain svc-odd {
+    ip saddr != 10.96.0.0/12 meta mark set meta mark | 0x4000
+    drop
+  }";
 
 const V4_ELEMENTS: &str = r"
 add element ip svcplane-00 service-ips { 10.96.0.10 . tcp . 80 : goto svc-web, 192.0.2.1 . tcp . 80 : goto ext-web }
@@ -273,7 +289,10 @@ const V6_BODY: &str = r"
     ip6 saddr fd00::5 meta mark set meta mark | 0x4000
     meta l4proto sctp dnat to [fd00::5]:9000
   }
-  chain svc-v6 { goto ep-v6; }";
+  chain svc-v6 {
+    ip6 saddr != fd00:10:244::/60 meta mark set meta mark | 0x4000
+    goto ep-v6
+  }";
 
 const V6_ELEMENTS: &str = r"
 add element ip6 svcplane-00 service-ips { fd00::10 . sctp . 9 : goto svc-v6 }
@@ -318,6 +337,7 @@ fn a_sync_changes_only_what_changed_and_the_result_lists_as_nft_writes_it() {
     after.chains.insert(
         "svc-web".into(),
         vec![
+            Rule::MasqueradeFromOutside("10.244.0.0/16".parse().unwrap()),
             Rule::Affinity {
                 set: "aff-web-1".into(),
                 chain: "ep-web-1".into(),

@@ -73,6 +73,12 @@ echo "== ipvsadm f2"; ipvsadm -Ln
 echo "== end"
 run f2.json
 echo "LINK $($IP -o addr show dev svcplane-ipvs0 | awk '{print $4}' | sort | tr '\n' ' ')"
+# One process, two files: back to f1 in a full sync, then to f2 again in an incremental one
+# (only the Services that differ are recomputed, read back and planned).
+svcplane dataplane --node-name vm --mode auto --node-ip 10.2.0.1 --objects /scenario/f1.json,/scenario/f2.json \
+  2>/tmp/log.txt | sed 's/^/INCR /'
+echo "== ipvsadm incremental"; ipvsadm -Ln; echo "== end"
+echo "LINK2 $($IP -o addr show dev svcplane-ipvs0 | awk '{print $4}' | sort | tr '\n' ' ')"
 # Bad input: an unknown scheduler, and a real server the kernel refuses (not unicast).
 svcplane dataplane --node-name vm --mode auto --node-ip 10.2.0.1 --scheduler bogus --objects /scenario/f3.json \
   2>/tmp/log3.txt | sed 's/^/BAD /'; echo "BADEXIT $?"; sed 's/^/LOG3 /' /tmp/log3.txt
@@ -312,6 +318,46 @@ fn ipvs_mode_programs_a_real_kernel_and_balances_tcp() {
     );
     // The same fixture again: nothing to do (the drained backend still has connections).
     assert_eq!(s[2]["operations"], 0, "{}", s[2]);
+    // The incremental sync from f1 to f2 does what the full one did, and leaves the same.
+    let incr: Vec<Value> = results
+        .lines()
+        .filter_map(|l| l.strip_prefix("INCR "))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(incr.len(), 2, "{results}");
+    assert_eq!(
+        (&incr[0]["full"], &incr[1]["full"]),
+        (&json!(true), &json!(false))
+    );
+    // web (its endpoint left), gone and new.
+    assert_eq!(incr[1]["services_changed"], 3, "{}", incr[1]);
+    for k in [
+        "add_service",
+        "add_dest",
+        "del_service",
+        "update_dest",
+        "del_dest",
+        "failed",
+        "addresses_added",
+        "addresses_removed",
+    ] {
+        assert_eq!(incr[1][k], second[k], "{k}: {} against {second}", incr[1]);
+    }
+    assert_eq!(
+        ipvsadm(&results, "incremental"),
+        ipvsadm(&results, "f2"),
+        "{results}"
+    );
+    let link_of = |prefix: &str| -> BTreeSet<String> {
+        results
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(link_of("LINK2 "), link_of("LINK "), "{results}");
     let link: BTreeSet<&str> = results
         .lines()
         .find_map(|l| l.strip_prefix("LINK "))

@@ -16,7 +16,7 @@ use serde_json::json;
 use svcplane_dataplane::nft::Shards;
 use svcplane_e2e::{
     control_plane, eventually,
-    netns::{NODE_IP, Topology},
+    netns::{CLIENT_IP, NODE_IP, Topology},
     svcplane_bin, test_namespace,
 };
 
@@ -515,4 +515,58 @@ async fn hints_keep_traffic_in_the_nodes_zone_or_on_the_node_and_fall_back_when_
 
     topo.stop(agent);
     nodes.delete(&node_name, &Default::default()).await.unwrap();
+}
+
+/// kube-proxy's `--cluster-cidr`: a client outside the cluster's Pod range reaches a cluster IP
+/// masqueraded (the endpoint sees the node, so its reply comes back through the node to be
+/// un-DNATed), while a Pod inside the range keeps its own address. Without the flag nobody is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_from_outside_the_pod_range_is_masqueraded_and_pods_keep_their_address() {
+    let cp = control_plane();
+    let (client, ns, dir, mut topo) = node_with_backends("podrange").await;
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let web: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+    }))
+    .unwrap();
+    let vip = cluster_ip_of(&services.create(&PostParams::default(), &web).await.unwrap());
+    // Backend 2 serves; backend 1 is a Pod calling the Service.
+    Api::<EndpointSlice>::namespaced(client.clone(), &ns)
+        .create(&PostParams::default(), &slice(&ns, &[(2, "elsewhere")]))
+        .await
+        .unwrap();
+    cp.apply_dataplane_rbac(&ns);
+    let url = format!("http://{vip}/cgi-bin/client");
+    // No range given: the client's own address reaches the endpoint.
+    let (agent, _) = start_agent(&mut topo, &client, &ns, &dir, NODE, &[]).await;
+    seen(&topo, "c", &url, CLIENT_IP).await;
+    topo.stop(agent);
+
+    // Backends 1 and 2 are inside the range, the client is not.
+    let range = ["--cluster-cidr=10.200.2.0/23"];
+    let (agent, log) = start_agent(&mut topo, &client, &ns, &dir, NODE, &range).await;
+    seen(&topo, "c", &url, NODE_IP).await;
+    seen(&topo, "b1", &url, &Topology::backend_ip(1)).await;
+    let listed = topo.nft_list("ip").unwrap();
+    assert!(
+        listed.contains("ip saddr != 10.200.2.0/23 meta mark set meta mark | 0x00004000"),
+        "{listed}"
+    );
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!log.contains("sync failed"), "{log}");
+    topo.stop(agent);
+}
+
+/// Waits until a request from namespace `from` to `url` reports `want` as its source address.
+async fn seen(topo: &Topology, from: &str, url: &str, want: &str) {
+    let mut last = None;
+    for _ in 0..60 {
+        last = topo.curl_in(from, url).await;
+        if last.as_deref() == Some(want) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("{from}'s requests to {url} should be seen from {want}; the last answer: {last:?}");
 }

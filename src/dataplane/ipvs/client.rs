@@ -17,6 +17,9 @@ use svcplane_dataplane::ipvs::{
 
 use super::probe;
 
+/// What IPVS answers for a virtual server it does not have.
+const ESRCH: i32 = 3;
+
 pub struct IpvsClient {
     socket: Socket,
     family: u16,
@@ -173,24 +176,61 @@ impl IpvsClient {
             }
         }
         for (key, vs) in &mut out {
-            let dests = self.exchange(
+            self.read_dests(key, vs)?;
+        }
+        Ok(out)
+    }
+
+    /// The virtual servers `keys` and their real servers, those that exist.
+    pub fn observe_keys<'a>(
+        &mut self,
+        keys: impl IntoIterator<Item = &'a VsKey>,
+    ) -> io::Result<BTreeMap<VsKey, ObservedVs>> {
+        let mut out = BTreeMap::new();
+        for key in keys {
+            let reply = match self.exchange(
                 IpvsMessage {
-                    cmd: Command::GetDest,
+                    cmd: Command::GetService,
                     attrs: vec![CmdAttr::Service(service_id(key))],
                 },
-                true,
-            )?;
-            for msg in dests {
-                for attr in msg.attrs {
-                    if let CmdAttr::Dest(d) = attr
-                        && let Some((addr, od)) = parse_dest(&d, family_of(key))
-                    {
-                        vs.dests.insert(addr, od);
-                    }
-                }
+                false,
+            ) {
+                Ok(reply) => reply,
+                // No such virtual server.
+                Err(e) if e.raw_os_error() == Some(ESRCH) => continue,
+                Err(e) => return Err(e),
+            };
+            let found = reply.into_iter().flat_map(|m| m.attrs).find_map(|a| match a {
+                CmdAttr::Service(attrs) => parse_service(&attrs),
+                _ => None,
+            });
+            if let Some((k, mut vs)) = found.filter(|(k, _)| k == key) {
+                self.read_dests(&k, &mut vs)?;
+                out.insert(k, vs);
             }
         }
         Ok(out)
+    }
+
+    /// Fills `vs` with the real servers of virtual server `key`.
+    fn read_dests(&mut self, key: &VsKey, vs: &mut ObservedVs) -> io::Result<()> {
+        let dests = self.exchange(
+            IpvsMessage {
+                cmd: Command::GetDest,
+                attrs: vec![CmdAttr::Service(service_id(key))],
+            },
+            true,
+        )?;
+        for msg in dests {
+            for attr in msg.attrs {
+                if let CmdAttr::Dest(d) = attr
+                    && let Some((addr, od)) = parse_dest(&d, family_of(key))
+                {
+                    vs.dests.insert(addr, od);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Removes every virtual server.

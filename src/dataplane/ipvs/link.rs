@@ -5,7 +5,10 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 use anyhow::{Context, anyhow};
 use futures::TryStreamExt;
-use rtnetlink::{Handle, LinkDummy, packet_route::address::AddressAttribute};
+use rtnetlink::{
+    AddressMessageBuilder, Handle, LinkDummy,
+    packet_route::address::{AddressAttribute, AddressMessage},
+};
 use tracing::info;
 
 pub const LINK: &str = "svcplane-ipvs0";
@@ -66,10 +69,9 @@ pub async fn sync_addresses(wanted: &BTreeSet<IpAddr>) -> anyhow::Result<(usize,
         let have: BTreeSet<IpAddr> = current.iter().map(|(ip, _)| *ip).collect();
         let mut added = 0;
         for ip in wanted.difference(&have) {
-            let prefix = if ip.is_ipv6() { 128 } else { 32 };
             handle
                 .address()
-                .add(index, *ip, prefix)
+                .add(index, *ip, host_prefix(ip))
                 .execute()
                 .await
                 .map_err(|e| anyhow!("adding {ip} to {LINK}: {e}"))?;
@@ -92,6 +94,57 @@ pub async fn sync_addresses(wanted: &BTreeSet<IpAddr>) -> anyhow::Result<(usize,
     .await;
     task.abort();
     result
+}
+
+/// Adds `add` to the dummy interface and removes `remove` from it, without listing what it
+/// carries (the caller knows: at 10,000 Services the listing costs more than the change).
+pub async fn change_addresses(add: &BTreeSet<IpAddr>, remove: &BTreeSet<IpAddr>) -> anyhow::Result<()> {
+    if add.is_empty() && remove.is_empty() {
+        return Ok(());
+    }
+    let (conn, handle, _) = rtnetlink::new_connection().context("rtnetlink socket")?;
+    let task = tokio::spawn(conn);
+    let result = async {
+        let index = ensure_link(&handle).await?;
+        for ip in add {
+            handle
+                .address()
+                .add(index, *ip, host_prefix(ip))
+                .execute()
+                .await
+                .map_err(|e| anyhow!("adding {ip} to {LINK}: {e}"))?;
+        }
+        for ip in remove {
+            handle
+                .address()
+                .del(address_message(index, *ip))
+                .execute()
+                .await
+                .map_err(|e| anyhow!("removing {ip} from {LINK}: {e}"))?;
+        }
+        Ok(())
+    }
+    .await;
+    task.abort();
+    result
+}
+
+fn host_prefix(ip: &IpAddr) -> u8 {
+    if ip.is_ipv6() { 128 } else { 32 }
+}
+
+/// The message naming host address `ip` on link `index`, as an add would carry it.
+fn address_message(index: u32, ip: IpAddr) -> AddressMessage {
+    match ip {
+        IpAddr::V4(v4) => AddressMessageBuilder::<std::net::Ipv4Addr>::new()
+            .index(index)
+            .address(v4, 32)
+            .build(),
+        IpAddr::V6(v6) => AddressMessageBuilder::<std::net::Ipv6Addr>::new()
+            .index(index)
+            .address(v6, 128)
+            .build(),
+    }
 }
 
 /// Removes the dummy interface (cleanup).

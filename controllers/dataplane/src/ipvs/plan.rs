@@ -12,7 +12,7 @@ use std::{
 
 use svcplane_core::{IpFamily, Protocol};
 
-use crate::desired::{Backends, DesiredState};
+use crate::desired::{Backends, DesiredState, PortState};
 
 /// Schedulers Linux has (`ip_vs_<name>` modules); others are refused before reaching the kernel.
 pub const SCHEDULERS: &[&str] = &[
@@ -82,27 +82,40 @@ pub fn virtual_servers(
 ) -> BTreeMap<VsKey, VirtualServer> {
     let mut out = BTreeMap::new();
     for p in state.ports.values() {
-        let vs = |backends: &Backends| VirtualServer {
-            scheduler: scheduler.to_owned(),
-            persistence: p.affinity.map(|t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX)),
-            dests: backends.endpoints().iter().map(|a| (*a, 1)).collect(),
-        };
-        let key = |addr: IpAddr, port: u16| VsKey {
-            addr,
-            protocol: p.name.protocol,
-            port,
-        };
-        out.insert(key(p.cluster_ip, p.port), vs(&p.internal));
-        for ip in &p.external_ips {
-            out.insert(key(*ip, p.port), vs(&p.external));
-        }
-        if let Some(np) = p.node_port {
-            for ip in node_ips.iter().filter(|ip| IpFamily::of(ip) == p.family) {
-                out.insert(key(*ip, np), vs(&p.external));
-            }
-        }
+        out.extend(port_servers(p, node_ips, scheduler));
     }
     out
+}
+
+/// The virtual servers of one Service port, in the order a later one replaces an earlier one
+/// of the same key.
+pub fn port_servers<'a>(
+    p: &'a PortState,
+    node_ips: &'a [IpAddr],
+    scheduler: &'a str,
+) -> impl Iterator<Item = (VsKey, VirtualServer)> + 'a {
+    let vs = move |backends: &Backends| VirtualServer {
+        scheduler: scheduler.to_owned(),
+        persistence: p.affinity.map(|t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX)),
+        dests: backends.endpoints().iter().map(|a| (*a, 1)).collect(),
+    };
+    let key = move |addr: IpAddr, port: u16| VsKey {
+        addr,
+        protocol: p.name.protocol,
+        port,
+    };
+    std::iter::once((key(p.cluster_ip, p.port), vs(&p.internal)))
+        .chain(
+            p.external_ips
+                .iter()
+                .map(move |ip| (key(*ip, p.port), vs(&p.external))),
+        )
+        .chain(p.node_port.into_iter().flat_map(move |np| {
+            node_ips
+                .iter()
+                .filter(move |ip| IpFamily::of(ip) == p.family)
+                .map(move |ip| (key(*ip, np), vs(&p.external)))
+        }))
 }
 
 /// The addresses the dummy interface must carry (everything but node addresses).
@@ -186,6 +199,7 @@ mod tests {
             internal,
             external,
             masquerade_external: true,
+            cluster_cidr: None,
             terminating: vec![],
         };
         DesiredState {

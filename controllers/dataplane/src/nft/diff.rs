@@ -283,15 +283,60 @@ pub fn ipvs_support_transaction(support: &IpvsSupport, family: IpFamily) -> Vec<
     out
 }
 
+const MASQUERADE_NODE_PORTS: &str = "masquerade-node-ports";
+const MASQUERADE_IPS: &str = "masquerade-ips";
+const CLUSTER_IPS: &str = "cluster-ips";
+const REJECT_IPS: &str = "reject-ips";
+
+/// The element changes that take IPVS mode's table from `prev` to `next`, when its rules are
+/// the same (the Pod range is); `None` when they are not, and the table must be rebuilt.
+pub fn ipvs_support_update(prev: &IpvsSupport, next: &IpvsSupport, family: IpFamily) -> Option<Transaction> {
+    if prev.cluster_cidr != next.cluster_cidr {
+        return None;
+    }
+    let mut tx = Transaction::on(family, TableId::Main);
+    let mut sets =
+        |set: &str, before: &BTreeSet<(IpAddr, Protocol, u16)>, after: &BTreeSet<(IpAddr, Protocol, u16)>| {
+            for (ip, p, port) in before.difference(after) {
+                tx.push(Op::DeleteElement {
+                    set: set.into(),
+                    key: Key::Service(*ip, *p, *port),
+                });
+            }
+            for (ip, p, port) in after.difference(before) {
+                tx.push(Op::AddElement {
+                    set: set.into(),
+                    key: Key::Service(*ip, *p, *port),
+                    goto: None,
+                });
+            }
+        };
+    sets(MASQUERADE_IPS, &prev.masquerade_ips, &next.masquerade_ips);
+    sets(CLUSTER_IPS, &prev.cluster_ips, &next.cluster_ips);
+    sets(REJECT_IPS, &prev.reject_ips, &next.reject_ips);
+    for (p, port) in prev.masquerade_node_ports.difference(&next.masquerade_node_ports) {
+        tx.push(Op::DeleteElement {
+            set: MASQUERADE_NODE_PORTS.into(),
+            key: Key::Port(*p, *port),
+        });
+    }
+    for (p, port) in next.masquerade_node_ports.difference(&prev.masquerade_node_ports) {
+        tx.push(Op::AddElement {
+            set: MASQUERADE_NODE_PORTS.into(),
+            key: Key::Port(*p, *port),
+            goto: None,
+        });
+    }
+    Some(tx)
+}
+
 fn ipvs_support_table(support: &IpvsSupport, family: IpFamily) -> Transaction {
-    const MASQUERADE_NODE_PORTS: &str = "masquerade-node-ports";
-    const MASQUERADE_IPS: &str = "masquerade-ips";
-    const REJECT_IPS: &str = "reject-ips";
     let mut tx = remove_table(family, TableId::Main);
     tx.push(Op::AddTable);
     for (name, kind) in [
         (MASQUERADE_NODE_PORTS, SetKind::PortSet),
         (MASQUERADE_IPS, SetKind::ServiceSet),
+        (CLUSTER_IPS, SetKind::ServiceSet),
         (REJECT_IPS, SetKind::ServiceSet),
     ] {
         tx.push(Op::AddSet {
@@ -310,6 +355,9 @@ fn ipvs_support_table(support: &IpvsSupport, family: IpFamily) -> Transaction {
     for (ip, p, port) in &support.masquerade_ips {
         tx.push(element(MASQUERADE_IPS, Key::Service(*ip, *p, *port)));
     }
+    for (ip, p, port) in &support.cluster_ips {
+        tx.push(element(CLUSTER_IPS, Key::Service(*ip, *p, *port)));
+    }
     for (ip, p, port) in &support.reject_ips {
         tx.push(element(REJECT_IPS, Key::Service(*ip, *p, *port)));
     }
@@ -321,6 +369,12 @@ fn ipvs_support_table(support: &IpvsSupport, family: IpFamily) -> Transaction {
     let mut ips = service_lookup(family, MASQUERADE_IPS, false);
     ips.extend(mark_for_masquerade());
     rule(&mut tx, "mark-for-masquerade", ips);
+    if let Some(cidr) = support.cluster_cidr {
+        let mut from_outside = service_lookup(family, CLUSTER_IPS, false);
+        from_outside.extend(crate::nft::expr::saddr_outside(cidr));
+        from_outside.extend(mark_for_masquerade());
+        rule(&mut tx, "mark-for-masquerade", from_outside);
+    }
     masquerade_chain(&mut tx);
     for (name, point) in [
         ("filter-input", HookPoint::Input),

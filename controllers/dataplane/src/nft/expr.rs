@@ -180,20 +180,63 @@ fn addr_len(v6: bool) -> u32 {
     if v6 { 16 } else { 4 }
 }
 
-/// Loads the source (or destination) address into `dreg`.
-pub fn load_addr(v6: bool, source: bool, dreg: u32) -> Expr {
-    let offset = match (v6, source) {
+fn addr_offset(v6: bool, source: bool) -> u32 {
+    match (v6, source) {
         (false, true) => IPV4_SADDR,
         (false, false) => IPV4_DADDR,
         (true, true) => IPV6_SADDR,
         (true, false) => IPV6_DADDR,
-    };
+    }
+}
+
+/// Loads the source (or destination) address into `dreg`.
+pub fn load_addr(v6: bool, source: bool, dreg: u32) -> Expr {
     Expr::Payload {
         dreg,
         base: Base::Network,
-        offset,
+        offset: addr_offset(v6, source),
         len: addr_len(v6),
     }
+}
+
+/// `<saddr> != cidr`: the source address is outside `cidr`. Encoded as nft encodes it, so the
+/// table lists as nft would have written it: a byte-aligned prefix is a shorter load and a
+/// compare, any other a whole-address load, a mask and a compare.
+pub fn saddr_outside(cidr: ipnet::IpNet) -> Vec<Expr> {
+    let v6 = matches!(cidr, ipnet::IpNet::V6(_));
+    let network = ip_bytes(cidr.network());
+    let offset = addr_offset(v6, true);
+    let prefix = u32::from(cidr.prefix_len());
+    if prefix % 8 == 0 && prefix > 0 {
+        let len = prefix / 8;
+        return vec![
+            Expr::Payload {
+                dreg: REG1,
+                base: Base::Network,
+                offset,
+                len,
+            },
+            Expr::Cmp {
+                sreg: REG1,
+                eq: false,
+                data: network[..len as usize].to_vec(),
+            },
+        ];
+    }
+    vec![
+        load_addr(v6, true, REG1),
+        Expr::Bitwise {
+            sreg: REG1,
+            dreg: REG1,
+            mask: ip_bytes(cidr.netmask()),
+            xor: vec![0; network.len()],
+        },
+        Expr::Cmp {
+            sreg: REG1,
+            eq: false,
+            data: network,
+        },
+    ]
 }
 
 fn load_dport(dreg: u32) -> Expr {
@@ -340,6 +383,63 @@ mod tests {
         assert_eq!(
             service_key("fd00::1".parse().unwrap(), Protocol::Sctp, 80).len(),
             24
+        );
+    }
+
+    #[test]
+    fn a_source_range_is_encoded_as_nft_encodes_it() {
+        // `nft --debug=netlink` 1.0.6 for `ip saddr != 10.244.0.0/16`, `!= 10.96.0.0/12` and
+        // `ip6 saddr != fd00:10:244::/56`.
+        assert_eq!(
+            saddr_outside("10.244.0.0/16".parse().unwrap()),
+            [
+                Expr::Payload {
+                    dreg: REG1,
+                    base: Base::Network,
+                    offset: 12,
+                    len: 2
+                },
+                Expr::Cmp {
+                    sreg: REG1,
+                    eq: false,
+                    data: vec![10, 244]
+                }
+            ]
+        );
+        assert_eq!(
+            saddr_outside("10.96.0.0/12".parse().unwrap()),
+            [
+                load_addr(false, true, REG1),
+                Expr::Bitwise {
+                    sreg: REG1,
+                    dreg: REG1,
+                    mask: vec![255, 240, 0, 0],
+                    xor: vec![0; 4]
+                },
+                Expr::Cmp {
+                    sreg: REG1,
+                    eq: false,
+                    data: vec![10, 96, 0, 0]
+                }
+            ]
+        );
+        let v6 = saddr_outside("fd00:10:244::/56".parse().unwrap());
+        assert_eq!(
+            v6[0],
+            Expr::Payload {
+                dreg: REG1,
+                base: Base::Network,
+                offset: 8,
+                len: 7
+            }
+        );
+        assert_eq!(
+            v6[1],
+            Expr::Cmp {
+                sreg: REG1,
+                eq: false,
+                data: vec![0xfd, 0, 0, 0x10, 0x02, 0x44, 0]
+            }
         );
     }
 }

@@ -359,6 +359,15 @@ mod tests {
                 },
                 internal: backends,
                 masquerade_external: rng.below(2) == 0,
+                cluster_cidr: (rng.below(2) == 0).then(|| {
+                    if family == IpFamily::IPv4 {
+                        "10.244.0.0/16"
+                    } else {
+                        "fd00:10:244::/56"
+                    }
+                    .parse()
+                    .unwrap()
+                }),
                 terminating: vec![],
             });
         }
@@ -455,6 +464,7 @@ mod tests {
             internal: Backends::To(vec!["10.1.2.3:80".parse().unwrap()]),
             external: Backends::Reject,
             masquerade_external: true,
+            cluster_cidr: None,
             terminating: vec![],
         };
         state.set_service(

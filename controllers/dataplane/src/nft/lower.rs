@@ -71,6 +71,11 @@ pub fn rules(rule: &Rule, family: IpFamily) -> Vec<Vec<Expr>> {
         Rule::Reject => one(vec![expr::reject(v6)]),
         Rule::Drop => one(vec![Expr::Verdict(Verdict::Drop)]),
         Rule::MarkMasquerade => one(mark_for_masquerade()),
+        Rule::MasqueradeFromOutside(cidr) => {
+            let mut e = expr::saddr_outside(*cidr);
+            e.extend(mark_for_masquerade());
+            one(e)
+        }
         Rule::Affinity { set, chain } => one(vec![
             load_addr(v6, true, REG1),
             Expr::Lookup {

@@ -34,7 +34,7 @@ pub mod table;
 mod tests;
 pub mod wire;
 
-pub use diff::{cleanup, ipvs_support_transaction, transaction};
+pub use diff::{cleanup, ipvs_support_transaction, ipvs_support_update, transaction};
 pub use layout::{Shards, TableId};
 pub use model::{IpvsSupport, Rule, Ruleset, fragment, ipvs_support, ruleset};
 pub use op::{Op, Transaction};

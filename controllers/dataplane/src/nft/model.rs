@@ -22,6 +22,10 @@ pub enum Rule {
     Drop,
     /// Mark the packet for masquerading.
     MarkMasquerade,
+    /// Mark it for masquerading when its source is outside the cluster's Pod range
+    /// (`--cluster-cidr`): a client off the cluster, or the node itself, whose replies must come
+    /// back through this node to be un-DNATed.
+    MasqueradeFromOutside(ipnet::IpNet),
     /// `<saddr> @set goto chain`: the client has a live affinity entry for this endpoint.
     Affinity {
         set: String,
@@ -121,10 +125,10 @@ fn add_ports<'a>(rs: &mut Ruleset, ports: impl IntoIterator<Item = &'a PortState
             }
             (chain, set)
         };
-        let spread = |rs: &mut Ruleset, backends: &Backends, masquerade: bool| -> Vec<Rule> {
+        let spread = |rs: &mut Ruleset, backends: &Backends, masquerade: Option<Rule>| -> Vec<Rule> {
             let mut rules = Vec::new();
-            if masquerade {
-                rules.push(Rule::MarkMasquerade);
+            if let (Some(rule), Backends::To(_)) = (masquerade, backends) {
+                rules.push(rule);
             }
             match backends {
                 Backends::To(eps) => {
@@ -152,7 +156,8 @@ fn add_ports<'a>(rs: &mut Ruleset, ports: impl IntoIterator<Item = &'a PortState
         if p.internal == Backends::Reject {
             rs.no_endpoint_ips.insert((p.cluster_ip, proto, p.port));
         } else {
-            let rules = spread(rs, &p.internal, false);
+            let from_outside = p.cluster_cidr.map(Rule::MasqueradeFromOutside);
+            let rules = spread(rs, &p.internal, from_outside);
             rs.chains.insert(svc_chain.clone(), rules);
             rs.service_ips.insert((p.cluster_ip, proto, p.port), svc_chain);
         }
@@ -168,7 +173,11 @@ fn add_ports<'a>(rs: &mut Ruleset, ports: impl IntoIterator<Item = &'a PortState
                 rs.no_endpoint_node_ports.insert((proto, np));
             }
         } else {
-            let rules = spread(rs, &p.external, p.masquerade_external);
+            let rules = spread(
+                rs,
+                &p.external,
+                p.masquerade_external.then_some(Rule::MarkMasquerade),
+            );
             rs.chains.insert(ext_chain.clone(), rules);
             for ip in &p.external_ips {
                 rs.service_ips.insert((*ip, proto, p.port), ext_chain.clone());
@@ -183,11 +192,15 @@ fn add_ports<'a>(rs: &mut Ruleset, ports: impl IntoIterator<Item = &'a PortState
 /// What IPVS mode still needs from nftables (IPVS itself neither masquerades nor rejects):
 /// addresses and ports whose traffic is masqueraded (node ports and external IPs of
 /// `externalTrafficPolicy: Cluster` Services, which may be answered by an endpoint on another
-/// node), and Service addresses without endpoints, which are rejected.
+/// node), cluster IPs reached from outside the cluster's Pod range, and Service addresses
+/// without endpoints, which are rejected.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct IpvsSupport {
     pub masquerade_node_ports: BTreeSet<(Protocol, u16)>,
     pub masquerade_ips: BTreeSet<(IpAddr, Protocol, u16)>,
+    /// Cluster IPs whose traffic from outside `cluster_cidr` is masqueraded.
+    pub cluster_ips: BTreeSet<(IpAddr, Protocol, u16)>,
+    pub cluster_cidr: Option<ipnet::IpNet>,
     pub reject_ips: BTreeSet<(IpAddr, Protocol, u16)>,
 }
 
@@ -204,6 +217,9 @@ pub fn ipvs_support(state: &DesiredState, family: IpFamily) -> IpvsSupport {
         }
         if p.internal == Backends::Reject {
             out.reject_ips.insert((p.cluster_ip, proto, p.port));
+        } else if let Some(cidr) = p.cluster_cidr {
+            out.cluster_ips.insert((p.cluster_ip, proto, p.port));
+            out.cluster_cidr = Some(cidr);
         }
         if p.external == Backends::Reject {
             out.reject_ips

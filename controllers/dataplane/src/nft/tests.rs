@@ -25,6 +25,7 @@ fn port(name: &str, cluster_ip: &str, internal: Backends) -> PortState {
         external: internal.clone(),
         internal,
         masquerade_external: true,
+        cluster_cidr: None,
         terminating: vec![],
     }
 }
@@ -320,6 +321,105 @@ fn ipvs_mode_masquerades_cluster_policy_external_traffic_and_rejects_empty_servi
         ]
     );
     assert!(cmds.contains(&"add chain nat-postrouting".to_owned()));
+}
+
+#[test]
+fn with_the_pod_range_known_cluster_ip_traffic_from_outside_it_is_masqueraded() {
+    let cidr: ipnet::IpNet = "10.244.0.0/16".parse().unwrap();
+    let mut web = web(to(&["10.0.2.2:8080"]));
+    web.cluster_cidr = Some(cidr);
+    let mut empty = port("empty", "10.96.0.11", Backends::Reject);
+    empty.cluster_cidr = Some(cidr);
+    let rs = ruleset(&state(vec![web.clone(), empty.clone()]), IpFamily::IPv4);
+    // First in the cluster IP's chain, before the affinity checks that may leave it.
+    assert_eq!(
+        rs.chains["svc-ns/web/tcp/http"][0],
+        Rule::MasqueradeFromOutside(cidr)
+    );
+    // External traffic is masqueraded by its policy alone.
+    assert!(!rs.chains["ext-ns/web/tcp/http"].contains(&Rule::MasqueradeFromOutside(cidr)));
+    assert!(!rs.chains.contains_key("svc-ns/empty/tcp/http"));
+    // The flag's change rewrites the chains it touches (masquerade, affinity, pick), and
+    // nothing else.
+    web.cluster_cidr = None;
+    let before = ruleset(&state(vec![web, empty]), IpFamily::IPv4);
+    assert_eq!(
+        update(&before, &rs),
+        ["flush chain svc-ns/web/tcp/http"]
+            .into_iter()
+            .chain(std::iter::repeat_n("add rule svc-ns/web/tcp/http", 3))
+            .collect::<Vec<_>>()
+    );
+
+    // IPVS mode: a set of the cluster IPs with endpoints, and one rule for them.
+    let mut web = web_with_cidr(cidr);
+    web.masquerade_external = false;
+    let sup = ipvs_support(
+        &state(vec![web, port("empty", "10.96.0.11", Backends::Reject)]),
+        IpFamily::IPv4,
+    );
+    assert_eq!(
+        sup.cluster_ips,
+        [("10.96.0.10".parse().unwrap(), Protocol::Tcp, 80)].into()
+    );
+    assert_eq!(sup.cluster_cidr, Some(cidr));
+    let cmds = commands(&ipvs_support_transaction(&sup, IpFamily::IPv4)[64..]);
+    assert_eq!(cmds.iter().filter(|c| *c == "add element cluster-ips").count(), 1);
+    assert_eq!(
+        cmds.iter()
+            .filter(|c| *c == "add rule mark-for-masquerade")
+            .count(),
+        3
+    );
+    let sup = ipvs_support(
+        &state(vec![port("a", "10.96.0.12", to(&["10.0.2.2:8080"]))]),
+        IpFamily::IPv4,
+    );
+    let cmds = commands(&ipvs_support_transaction(&sup, IpFamily::IPv4)[64..]);
+    assert_eq!(
+        cmds.iter()
+            .filter(|c| *c == "add rule mark-for-masquerade")
+            .count(),
+        2,
+        "no range, no rule"
+    );
+}
+
+#[test]
+fn ipvs_mode_changes_its_table_element_by_element_while_its_rules_stay() {
+    let st = state(vec![
+        web(to(&["10.0.2.2:8080"])),
+        port("empty", "10.96.0.11", Backends::Reject),
+    ]);
+    let before = ipvs_support(&st, IpFamily::IPv4);
+    // The empty Service gets an endpoint; web loses its node port.
+    let mut web2 = web(to(&["10.0.2.2:8080"]));
+    web2.node_port = None;
+    let st = state(vec![web2, port("empty", "10.96.0.11", to(&["10.0.3.2:8080"]))]);
+    let after = ipvs_support(&st, IpFamily::IPv4);
+    let tx = ipvs_support_update(&before, &after, IpFamily::IPv4).unwrap();
+    assert_eq!(
+        commands(&[tx]),
+        [
+            "delete element reject-ips",
+            "delete element masquerade-node-ports"
+        ]
+    );
+    assert!(
+        ipvs_support_update(&after, &after, IpFamily::IPv4)
+            .unwrap()
+            .is_empty()
+    );
+    // A new Pod range changes a rule: no update, a rebuild.
+    let mut ranged = after.clone();
+    ranged.cluster_cidr = Some("10.244.0.0/16".parse().unwrap());
+    assert!(ipvs_support_update(&after, &ranged, IpFamily::IPv4).is_none());
+}
+
+fn web_with_cidr(cidr: ipnet::IpNet) -> PortState {
+    let mut w = web(to(&["10.0.2.2:8080"]));
+    w.cluster_cidr = Some(cidr);
+    w
 }
 
 #[test]
