@@ -5,6 +5,10 @@
 //! for a change, the changed Service's only, as the agent does between full syncs) and applying
 //! (one netlink batch, one kernel transaction).
 //!
+//! After each full sync it prints the ruleset's shape as the kernel holds it (per table: chains,
+//! rules, sets, map elements) and reads every table back over netlink to
+//! check it is exactly what was written (exiting non-zero if not).
+//!
 //! Run with `hack/bench/dataplane.sh`.
 
 #![allow(clippy::unwrap_used)]
@@ -18,7 +22,7 @@ use svcplane_core::{IpFamily, ObjectKey, Protocol};
 use svcplane_dataplane::{
     desired::{ThisNode, desired, service_state},
     input::{EndpointInfo, Policy, ServiceInfo, ServicePortInfo, SliceInfo, SlicePort},
-    nft::{Shards, Transaction, incremental::FamilyTable, transaction},
+    nft::{Op, Shards, TableId, Transaction, incremental::FamilyTable, table::Table, transaction},
 };
 use svcplane_kernel::nft::NftSocket;
 
@@ -83,6 +87,55 @@ fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1000.0)
 }
 
+/// What the full sync's tables hold in the kernel, and whether each reads back as written.
+fn shape(socket: &mut NftSocket, full: &[Transaction], n: usize, shards: Shards) {
+    // The last transaction of each table in use is its rebuild (the others remove tables).
+    let mut rebuilds: std::collections::BTreeMap<TableId, &Transaction> = Default::default();
+    for tx in full.iter().filter(|t| shards.tables().any(|id| id == t.table)) {
+        rebuilds.insert(tx.table, tx);
+    }
+    let count = |tx: &Transaction, f: fn(&Op) -> bool| tx.ops.iter().filter(|o| f(o)).count();
+    let mut rows = Vec::new();
+    for (id, tx) in &rebuilds {
+        let expected = Table::from_ops(&tx.ops);
+        let read = socket
+            .read_table(IpFamily::IPv4, *id)
+            .expect("reading a table back");
+        let equal = read.as_ref().is_some_and(|(t, _)| *t == expected);
+        if !equal {
+            eprintln!("table {id} does not read back as written");
+            std::process::exit(1);
+        }
+        rows.push((
+            *id,
+            count(tx, |o| matches!(o, Op::AddChain { .. })),
+            count(tx, |o| matches!(o, Op::AddRule { .. })),
+            count(tx, |o| matches!(o, Op::AddSet { .. })),
+            count(tx, |o| matches!(o, Op::AddElement { .. })),
+        ));
+    }
+    let main = rows.iter().find(|r| r.0 == TableId::Main);
+    let shard_rows: Vec<_> = rows.iter().filter(|r| r.0 != TableId::Main).collect();
+    let max =
+        |f: fn(&&(TableId, usize, usize, usize, usize)) -> usize| shard_rows.iter().map(f).max().unwrap_or(0);
+    let sum =
+        |f: fn(&&(TableId, usize, usize, usize, usize)) -> usize| shard_rows.iter().map(f).sum::<usize>();
+    println!(
+        "{n:<9} {:>6} shape: main table {} chains {} rules {} elements; shards: {} chains ({} max), {} rules ({} max), {} sets, {} map elements ({} max); every table reads back as written",
+        shards.count(),
+        main.map_or(0, |r| r.1),
+        main.map_or(0, |r| r.2),
+        main.map_or(0, |r| r.4),
+        sum(|r| r.1),
+        max(|r| r.1),
+        sum(|r| r.2),
+        max(|r| r.2),
+        sum(|r| r.3),
+        sum(|r| r.4),
+        max(|r| r.4),
+    );
+}
+
 /// The `p`th percentile of `xs` (sorted in place).
 fn percentile(xs: &mut [Duration], p: f64) -> Duration {
     xs.sort();
@@ -142,6 +195,7 @@ fn run(socket: &mut NftSocket, n: usize, shards: Shards, changes: usize) {
         commands,
         table.ruleset().size()
     );
+    shape(socket, &full, n, shards);
 
     // One endpoint of one Service moves to another address, `changes` times (a different
     // Service each time), as the agent does it: that Service's state and fragment only.

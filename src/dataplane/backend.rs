@@ -64,6 +64,8 @@ fn close_aside(socket: NftSocket) {
 struct Repaired {
     family: IpFamily,
     table: TableId,
+    /// The table was gone.
+    missing: bool,
     differences: Differences,
     ops: usize,
 }
@@ -89,6 +91,7 @@ fn repair_tables(
                 continue;
             }
             let expected = Table::from_ops(&rebuild.ops);
+            let mut missing = false;
             let (fix, read_at) = match socket
                 .read_table(*family, rebuild.table)
                 .with_context(|| format!("reading table {} back", rebuild.table))?
@@ -98,6 +101,7 @@ fn repair_tables(
                         rebuild: true,
                         ..Differences::default()
                     };
+                    missing = true;
                     (Some((rebuild.clone(), differences)), None)
                 }
                 Some((observed, at)) => (repair(&observed, &expected, &rebuild), Some(at)),
@@ -110,6 +114,7 @@ fn repair_tables(
             repaired.push(Repaired {
                 family: *family,
                 table: rebuild.table,
+                missing,
                 differences,
                 ops,
             });
@@ -250,6 +255,7 @@ impl Backend for Nftables {
                     warn!(
                         family = r.family.as_str(),
                         table = %r.table,
+                        missing = r.missing,
                         chains = ?r.differences.chains,
                         sets = ?r.differences.sets,
                         elements = r.differences.elements,

@@ -33,6 +33,8 @@ use svcplane_e2e::soak::{PORTS, V4, V6, held, stores};
 const SERVICES: usize = 500;
 /// The leader is killed once this many creates have succeeded.
 const KILL_AFTER: usize = 200;
+/// The controller-manager's default `--allocation-reservation-ttl`.
+const RESERVATION_TTL: Duration = Duration::from_secs(60);
 
 fn service(i: usize) -> Service {
     numbered_service(i, i.is_multiple_of(5), i.is_multiple_of(7))
@@ -215,9 +217,9 @@ async fn two_replicas_behind_one_address_never_duplicate_even_when_the_leader_di
             webhook_requests(&replicas[1].metrics().await.unwrap_or_default()),
         ];
         replicas[leader].kill_hard();
-        served
+        (served, std::time::Instant::now())
     };
-    let (created, served) = tokio::join!(creates, kill);
+    let (created, (served, killed_at)) = tokio::join!(creates, kill);
     assert_eq!(created.len(), SERVICES);
     assert!(
         served.iter().all(|n| *n > 0.0),
@@ -234,8 +236,12 @@ async fn two_replicas_behind_one_address_never_duplicate_even_when_the_leader_di
     assert_eq!(h.v6.len(), SERVICES.div_ceil(7));
     assert_eq!(h.ports.len(), SERVICES.div_ceil(5));
 
-    // Nothing is lost: once the new leader's repair has reclaimed what killed requests left
-    // behind, each bitmap in etcd holds exactly what the Services hold.
+    // Nothing is lost: once the new leader has reclaimed what killed requests left behind,
+    // each bitmap in etcd holds exactly what the Services hold. A request the dead leader had
+    // allocated for when it died left its values reserved; they are freed when the reservation
+    // expires (the default TTL, 60 s after the kill) and the sweeper (every 2 s) next runs, so
+    // the wait is counted from the kill, with that much and a margin; the creates after the
+    // kill may take only a few seconds.
     let etcd = etcd_client::Client::connect([format!("http://127.0.0.1:{}", cp.etcd_port)], None)
         .await
         .unwrap();
@@ -243,8 +249,9 @@ async fn two_replicas_behind_one_address_never_duplicate_even_when_the_leader_di
     let want_v4: HashSet<IpAddr> = h.v4.keys().copied().collect();
     let want_v6: HashSet<IpAddr> = h.v6.keys().copied().collect();
     let want_ports: HashSet<u16> = h.ports.keys().copied().collect();
+    let since_kill = killed_at.elapsed();
     eventually(
-        Duration::from_secs(60),
+        (RESERVATION_TTL + Duration::from_secs(30)).saturating_sub(since_kill),
         "the bitmaps to equal what Services hold",
         || async {
             let got_v4: HashSet<IpAddr> = v4.read().await.ok()??.0.values().collect();

@@ -191,12 +191,9 @@ async fn nftables_mode_balances_real_traffic_and_follows_changes() {
     })
     .await;
     // Either the periodic check found the table gone, or (in this busy shared cluster) a change
-    // came first, its batch failed on the missing table, and the retry rebuilt it.
-    let log = read_log();
-    assert!(
-        log.contains("changed by someone else") || log.contains("sync failed"),
-        "{log}"
-    );
+    // came first, its batch failed on the missing table, and the retry rebuilt it. The check
+    // logs once it has read every table, which may be after the rebuilt one carries traffic.
+    logged(&log, &[&["changed by someone else"], &["sync failed"]]).await;
 
     // Someone puts a rule of their own at the top of the Service's chain (nft's JSON: its
     // syntax cannot name svcplane's chains): the agent puts the chain back.
@@ -234,12 +231,7 @@ async fn nftables_mode_balances_real_traffic_and_follows_changes() {
         topo.curl(&vip).await
     })
     .await;
-    let log = read_log();
-    assert!(
-        log.lines()
-            .any(|l| l.contains("changed by someone else") && l.contains(&chain)),
-        "{log}"
-    );
+    logged(&log, &[&["changed by someone else", &chain]]).await;
 
     // NodePort on the node's address, from the client: every backend (policy Cluster).
     let np = format!("http://{NODE_IP}:{node_port}/");
@@ -297,7 +289,12 @@ async fn nftables_mode_balances_real_traffic_and_follows_changes() {
     })
     .await;
     let seen = spread(&topo, &vip, 20).await;
-    assert_eq!(seen.len(), 1, "affinity did not pin the client: {seen:?}");
+    assert_eq!(
+        seen.len(),
+        1,
+        "affinity did not pin the client: {seen:?}\n{}",
+        read_log()
+    );
 
     // externalTrafficPolicy: Local: node-port traffic reaches only this node's endpoints, while
     // the cluster IP still reaches every one.
@@ -569,4 +566,25 @@ async fn seen(topo: &Topology, from: &str, url: &str, want: &str) {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     panic!("{from}'s requests to {url} should be seen from {want}; the last answer: {last:?}");
+}
+
+/// Waits until one line of the agent's `log` holds every part of one of `lines` (the agent
+/// logs a repair once its whole check is done, which may be after traffic flows again);
+/// panics with the log after 10 s.
+async fn logged(log: &std::path::Path, lines: &[&[&str]]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text
+            .lines()
+            .any(|l| lines.iter().any(|parts| parts.iter().all(|p| l.contains(p))))
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing like {lines:?} logged within 10 s:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -115,16 +115,19 @@ pub fn repair(
         return None;
     }
     let mut d = Differences::default();
-    let hooks_differ = expected
+    // Base chains whose hook is not the one expected (or that should not be base chains).
+    let hooks_differ: BTreeSet<&String> = expected
         .chains
         .iter()
-        .any(|(name, c)| c.hook.is_some() && observed.chains.get(name).map(|o| o.hook) != Some(c.hook))
-        || observed
-            .chains
-            .iter()
-            .any(|(name, c)| c.hook.is_some() && expected.chains.get(name).map(|e| e.hook) != Some(c.hook));
-    if hooks_differ {
+        .filter(|(name, c)| c.hook.is_some() && observed.chains.get(*name).map(|o| o.hook) != Some(c.hook))
+        .chain(observed.chains.iter().filter(|(name, c)| {
+            c.hook.is_some() && expected.chains.get(*name).map(|e| e.hook) != Some(c.hook)
+        }))
+        .map(|(name, _)| name)
+        .collect();
+    if !hooks_differ.is_empty() {
         d.rebuild = true;
+        d.chains = hooks_differ.into_iter().cloned().collect();
         return Some((rebuild.clone(), d));
     }
     let family = rebuild.family;
