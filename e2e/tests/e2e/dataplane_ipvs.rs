@@ -86,6 +86,13 @@ echo "== ipvsadm f3"; ipvsadm -Ln; echo "== end"
 # IPv6: a v6-only Service, balanced over the backends' IPv6 addresses.
 run f6.json
 for k in 1 2 3 4; do echo "V6 $(get fd00:96::10 80)"; done
+# Topology: the node is in zone-a; hints keep traffic on zone-a's endpoint, and an endpoint
+# without a hint makes them all count (one process, the second sync incremental).
+svcplane dataplane --node-name vm --mode auto --node-ip 10.2.0.1 --objects /scenario/f7.json 2>/dev/null >/dev/null
+echo "== ipvsadm f7"; ipvsadm -Ln; echo "== end"
+for k in 1 2 3 4 5 6; do echo "ZONED $(get 10.96.0.17 80)"; done
+svcplane dataplane --node-name vm --mode auto --node-ip 10.2.0.1 --objects /scenario/f7.json,/scenario/f8.json 2>/dev/null >/dev/null
+echo "== ipvsadm f8"; ipvsadm -Ln; echo "== end"
 "#;
 
 /// `ipvsadm -Ln` between `== ipvsadm NAME` and `== end`: virtual server line → real servers
@@ -201,6 +208,45 @@ fn ipvs_mode_programs_a_real_kernel_and_balances_tcp() {
         );
     }
     std::fs::write(dir.join("f6.json"), f6.to_string()).unwrap();
+    // The node in zone-a; Service zoned prefers its zone: backend 1 in zone-a, 2 and 3 in zone-b.
+    let zoned = |hints: [&[&str]; 3]| {
+        let mut f = f2.clone();
+        let endpoints: Vec<Value> = (1..=3)
+            .zip(hints)
+            .map(|(i, zones)| {
+                let mut e = json!({"addresses": [format!("10.1.{i}.2")], "conditions": {"ready": true}});
+                if !zones.is_empty() {
+                    e["hints"] =
+                        json!({"forZones": zones.iter().map(|z| json!({"name": z})).collect::<Vec<_>>()});
+                }
+                e
+            })
+            .collect();
+        let mut slice = slice("zoned", &[]);
+        slice["endpoints"] = json!(endpoints);
+        if let Some(items) = f["items"].as_array_mut() {
+            items.push(json!({"kind": "Node", "metadata": {"name": "vm",
+                "labels": {"topology.kubernetes.io/zone": "zone-a"}}}));
+            items.push(service(
+                "zoned",
+                "10.96.0.17",
+                80,
+                json!({"trafficDistribution": "PreferSameZone"}),
+            ));
+            items.push(slice);
+        }
+        f
+    };
+    std::fs::write(
+        dir.join("f7.json"),
+        zoned([&["zone-a"], &["zone-b"], &["zone-b"]]).to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("f8.json"),
+        zoned([&["zone-a"], &["zone-b"], &[]]).to_string(),
+    )
+    .unwrap();
     std::fs::write(dir.join("scenario.sh"), SCENARIO).unwrap();
     let out = Command::new("bash")
         .arg(repo_root().join("hack/ipvs-vm.sh"))
@@ -401,6 +447,27 @@ fn ipvs_mode_programs_a_real_kernel_and_balances_tcp() {
     assert_eq!(
         v6,
         [("backend-1".to_owned(), 2), ("backend-2".to_owned(), 2)].into(),
+        "{results}"
+    );
+    // Zone hints in IPVS mode: zone-a's endpoint only, then every endpoint once one lacks a hint.
+    let zoned = |name: &str| ipvsadm(&results, name).get("TCP 10.96.0.17:80 rr").cloned();
+    assert_eq!(
+        zoned("f7"),
+        Some([("10.1.1.2:8080".to_owned(), 1)].into()),
+        "{results}"
+    );
+    assert_eq!(
+        answers(&results, "ZONED"),
+        [("backend-1".to_owned(), 6)].into(),
+        "{results}"
+    );
+    assert_eq!(
+        zoned("f8"),
+        Some(
+            [("10.1.1.2:8080", 1), ("10.1.2.2:8080", 1), ("10.1.3.2:8080", 1)]
+                .map(|(a, w)| (a.to_owned(), w))
+                .into()
+        ),
         "{results}"
     );
 }
