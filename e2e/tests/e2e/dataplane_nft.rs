@@ -390,20 +390,35 @@ fn hinted_slice(ns: &str, node: &str, backends: &[(usize, &[&str], &[&str])]) ->
     s
 }
 
-/// Topology-aware routing as kube-proxy does it: the agent follows its Node's zone label and the
-/// hints on the endpoints, and ignores hints that would leave it without a usable endpoint.
+/// Which backends answer when node `topo`'s client asks `vip`, when it is exactly `want`.
+async fn only(topo: &Topology, vip: &str, want: &[&str]) -> Option<()> {
+    let seen = spread(topo, vip, 24).await;
+    (names(&seen) == want).then_some(())
+}
+
+/// Topology-aware routing as kube-proxy does it, on two nodes in two zones (a node namespace
+/// each, with its own client and copies of the backends, and an agent at the default sync
+/// period): each agent follows its Node's zone label and the hints on the endpoints, and
+/// ignores hints that would leave it without a usable endpoint.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hints_keep_traffic_in_the_nodes_zone_or_on_the_node_and_fall_back_when_incomplete() {
     let cp = control_plane();
-    let (client, ns, dir, mut topo) = node_with_backends("topo").await;
+    let (client, ns, dir, mut topo_a) = node_with_backends("topo").await;
+    let dir_b = dir.join("node-b");
+    std::fs::create_dir_all(&dir_b).unwrap();
+    let mut topo_b = Topology::create(&format!("sp{:04x}", rand::random::<u16>()), 3, &dir_b).await;
+    topo_b.bridge_apiserver(cp.apiserver_port).await;
+    topo_b.wait_for_backends().await;
 
-    // The agent's own Node, in zone-a (Nodes are cluster-wide: a name of this test's own).
-    let node_name = format!("{ns}-node");
+    // The agents' Nodes, in zone-a and zone-b (Nodes are cluster-wide: names of this test's own).
+    let (node_a, node_b) = (format!("{ns}-node-a"), format!("{ns}-node-b"));
     let nodes: Api<Node> = Api::all(client.clone());
-    let node: Node = serde_json::from_value(json!({"metadata": {"name": node_name,
-        "labels": {"topology.kubernetes.io/zone": "zone-a"}}}))
-    .unwrap();
-    nodes.create(&PostParams::default(), &node).await.unwrap();
+    for (name, zone) in [(&node_a, "zone-a"), (&node_b, "zone-b")] {
+        let node: Node = serde_json::from_value(json!({"metadata": {"name": name,
+            "labels": {"topology.kubernetes.io/zone": zone}}}))
+        .unwrap();
+        nodes.create(&PostParams::default(), &node).await.unwrap();
+    }
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
     let web: Service = serde_json::from_value(json!({
         "metadata": {"name": "web"},
@@ -435,28 +450,27 @@ async fn hints_keep_traffic_in_the_nodes_zone_or_on_the_node_and_fall_back_when_
 
     cp.apply_dataplane_rbac(&ns);
     // At the default sync period.
-    let (agent, log) = start_agent(&mut topo, &client, &ns, &dir, &node_name, &[]).await;
-    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
-    let only = |want: &'static [&'static str]| {
-        let topo = &topo;
-        let vip = &vip;
-        move || async move {
-            let seen = spread(topo, vip, 24).await;
-            (names(&seen) == want).then_some(())
-        }
-    };
+    let (agent_a, log_a) = start_agent(&mut topo_a, &client, &ns, &dir, &node_a, &[]).await;
+    let (agent_b, log_b) = start_agent(&mut topo_b, &client, &ns, &dir_b, &node_b, &[]).await;
+    let (a, b) = (&topo_a, &topo_b);
 
-    // Zone hints for the node's zone: zone-a's endpoint only.
+    // Zone hints: each node its zone's endpoints.
     eventually(
         Duration::from_secs(30),
-        "zone-a's endpoint only",
-        only(&["backend-1"]),
+        "zone-a's endpoint only on node a",
+        || only(a, &vip, &["backend-1"]),
     )
     .await;
-    // The Node moves to zone-b: the agent follows its label.
+    eventually(
+        Duration::from_secs(30),
+        "zone-b's endpoints only on node b",
+        || only(b, &vip, &["backend-2", "backend-3"]),
+    )
+    .await;
+    // Node a moves to zone-b: its agent follows the label.
     nodes
         .patch(
-            &node_name,
+            &node_a,
             &PatchParams::default(),
             &Patch::Merge(json!({"metadata": {"labels": {"topology.kubernetes.io/zone": "zone-b"}}})),
         )
@@ -464,11 +478,11 @@ async fn hints_keep_traffic_in_the_nodes_zone_or_on_the_node_and_fall_back_when_
         .unwrap();
     eventually(
         Duration::from_secs(15),
-        "zone-b's endpoints only",
-        only(&["backend-2", "backend-3"]),
+        "zone-b's endpoints only on node a",
+        || only(a, &vip, &["backend-2", "backend-3"]),
     )
     .await;
-    // One ready endpoint without a hint: hints ignored, every endpoint.
+    // One ready endpoint without a hint: hints ignored, every endpoint, on both nodes.
     let replace = |s: EndpointSlice| {
         let slices = slices.clone();
         async move {
@@ -484,34 +498,40 @@ async fn hints_keep_traffic_in_the_nodes_zone_or_on_the_node_and_fall_back_when_
     );
     next.metadata.resource_version = rv;
     replace(next).await;
-    eventually(
-        Duration::from_secs(15),
-        "every endpoint (a hint missing)",
-        only(&["backend-1", "backend-2", "backend-3"]),
-    )
-    .await;
-    // Node hints on every endpoint, one for this node: that one (PreferSameNode).
+    let all = ["backend-1", "backend-2", "backend-3"];
+    for (topo, what) in [(a, "every endpoint on node a"), (b, "every endpoint on node b")] {
+        eventually(Duration::from_secs(15), what, || only(topo, &vip, &all)).await;
+    }
+    // Node hints on every endpoint (PreferSameNode): each node the endpoint hinted for it.
     let mut next = hinted_slice(
         &ns,
         "elsewhere",
         &[
-            (1, &["zone-a"], &["node-x"]),
-            (2, &["zone-b"], &[node_name.as_str()]),
+            (1, &["zone-a"], &[node_b.as_str()]),
+            (2, &["zone-b"], &[node_a.as_str()]),
             (3, &["zone-b"], &["node-y"]),
         ],
     );
     next.metadata.resource_version = slices.get("web-1").await.unwrap().metadata.resource_version;
     replace(next).await;
-    eventually(
-        Duration::from_secs(15),
-        "this node's endpoint only",
-        only(&["backend-2"]),
-    )
+    eventually(Duration::from_secs(15), "node a's endpoint only", || {
+        only(a, &vip, &["backend-2"])
+    })
     .await;
-    assert!(!read_log().contains("sync failed"), "{}", read_log());
+    eventually(Duration::from_secs(15), "node b's endpoint only", || {
+        only(b, &vip, &["backend-1"])
+    })
+    .await;
+    for log in [&log_a, &log_b] {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        assert!(!text.contains("sync failed"), "{text}");
+    }
 
-    topo.stop(agent);
-    nodes.delete(&node_name, &Default::default()).await.unwrap();
+    topo_a.stop(agent_a);
+    topo_b.stop(agent_b);
+    for name in [&node_a, &node_b] {
+        nodes.delete(name, &Default::default()).await.unwrap();
+    }
 }
 
 /// kube-proxy's `--cluster-cidr`: a client outside the cluster's Pod range reaches a cluster IP
