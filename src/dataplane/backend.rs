@@ -2,7 +2,11 @@
 //! implementation, each owning what it last applied (its view of the kernel), so the sync loop
 //! neither knows nor keeps either mode's state.
 
-use std::{collections::BTreeSet, net::IpAddr};
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    sync::{Arc, Mutex, PoisonError},
+};
 
 use anyhow::Context;
 use svcplane_core::{IpFamily, ObjectKey};
@@ -22,37 +26,72 @@ use tracing::{debug, info, warn};
 
 use super::{ipvs, metrics::DataplaneMetrics};
 
-/// Applies `transactions` as one kernel transaction, off the async runtime (the kernel works
-/// inside the send: seconds for a whole table of 10,000 Services); returns the ruleset's
-/// generation after it. Each apply has a socket of its own, closed on a thread of its own:
-/// the close waits out an RCU grace period (the kernel finishes releasing what the commit
-/// removed first: 7-12 ms measured at 10,000 Services) that the sync need not wait for, the
-/// commit being done. (Keeping one socket from sync to sync would save the open as well, but a
-/// fresh-clone CI run with it saw the sync loop stop after its first sync; not understood yet.)
+/// Applies `transactions` as one kernel transaction on a socket of its own, off the async
+/// runtime; returns the ruleset's generation after it. For one-off writes (`cleanup`, IPVS
+/// mode's small table); the nftables backend keeps an [`NftConn`].
 pub async fn apply_nft(transactions: Vec<Transaction>) -> anyhow::Result<u32> {
-    tokio::task::spawn_blocking(move || -> anyhow::Result<u32> {
-        let cpu = || nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).ok();
-        let (started, before) = (std::time::Instant::now(), cpu());
-        let mut socket = NftSocket::open().context("opening a netfilter netlink socket")?;
-        let generation = socket.apply(&transactions)?;
-        close_aside(socket);
-        // The kernel does the work inside the send, on this thread: CPU time against wall time
-        // tells its work from waiting.
-        if let (Some(b), Some(a)) = (before, cpu()) {
-            let cpu = std::time::Duration::from(a).saturating_sub(std::time::Duration::from(b));
-            debug!(
-                elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
-                cpu_ms = cpu.as_secs_f64() * 1000.0,
-                "nftables transaction committed"
-            );
-        }
-        Ok(generation)
-    })
-    .await
-    .context("the nftables apply task failed")?
+    let conn = NftConn::default();
+    let generation = conn.apply(transactions).await;
+    conn.close_aside();
+    generation
 }
 
-/// Closes `socket` on a thread of its own (see [`apply_nft`]). When no thread can be started,
+/// A netfilter socket kept open from one sync to the next. Closing one is not free: the
+/// kernel first finishes releasing what the last commit removed, an RCU grace period (7-12 ms
+/// measured at 10,000 Services, as much as the commit itself), and the sync would wait for it.
+/// A socket that saw any error is closed (off the sync's path) and the next apply opens
+/// another, so no reply left over from a failed exchange can be read as the next batch's.
+#[derive(Clone, Default)]
+pub struct NftConn(Arc<Mutex<Option<NftSocket>>>);
+
+impl NftConn {
+    /// Applies `transactions` as one kernel transaction, off the async runtime (the kernel
+    /// works inside the send: seconds for a whole table of 10,000 Services); returns the
+    /// ruleset's generation after it.
+    pub async fn apply(&self, transactions: Vec<Transaction>) -> anyhow::Result<u32> {
+        let conn = self.0.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<u32> {
+            let mut slot = conn.lock().unwrap_or_else(PoisonError::into_inner);
+            let cpu = || nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).ok();
+            let (started, before) = (std::time::Instant::now(), cpu());
+            let socket = match slot.as_mut() {
+                Some(s) => s,
+                None => slot.insert(NftSocket::open().context("opening a netfilter netlink socket")?),
+            };
+            let generation = match socket.apply(&transactions) {
+                Ok(g) => g,
+                Err(e) => {
+                    if let Some(s) = slot.take() {
+                        close_aside(s);
+                    }
+                    return Err(e.into());
+                }
+            };
+            // The kernel does the work inside the send, on this thread: CPU time against wall
+            // time tells its work from waiting for a CPU.
+            if let (Some(b), Some(a)) = (before, cpu()) {
+                let cpu = std::time::Duration::from(a).saturating_sub(std::time::Duration::from(b));
+                debug!(
+                    elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+                    cpu_ms = cpu.as_secs_f64() * 1000.0,
+                    "nftables transaction committed"
+                );
+            }
+            Ok(generation)
+        })
+        .await
+        .context("the nftables apply task failed")?
+    }
+
+    /// Closes the socket, if open, off the caller's path.
+    fn close_aside(&self) {
+        if let Some(s) = self.0.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            close_aside(s);
+        }
+    }
+}
+
+/// Closes `socket` on a thread of its own (see [`NftConn`]). When no thread can be started,
 /// the refused closure is dropped here, and the socket closed on this thread.
 fn close_aside(socket: NftSocket) {
     let _ = std::thread::Builder::new()
@@ -82,6 +121,7 @@ fn repair_tables(
     let mut now = socket.generation().context("reading the ruleset's generation")?;
     let mut repaired = Vec::new();
     if Some(now) == generation {
+        close_aside(socket);
         return Ok((now, repaired));
     }
     for (family, rs) in applied {
@@ -120,6 +160,7 @@ fn repair_tables(
             });
         }
     }
+    close_aside(socket);
     Ok((now, repaired))
 }
 
@@ -148,6 +189,8 @@ pub trait Backend: Send {
 /// sync.
 pub struct Nftables {
     shards: Shards,
+    /// The socket the syncs write through.
+    conn: NftConn,
     /// The last applied table per family, kept Service by Service; `None` when unknown (start,
     /// or after a failed apply), which makes the next apply rebuild the table.
     applied: [(IpFamily, Option<FamilyTable>); 2],
@@ -160,6 +203,7 @@ impl Nftables {
     pub fn new(shards: Shards) -> Self {
         Self {
             shards,
+            conn: NftConn::default(),
             applied: [(IpFamily::IPv4, None), (IpFamily::IPv6, None)],
             generation: None,
         }
@@ -221,7 +265,7 @@ impl Backend for Nftables {
         if transactions.is_empty() {
             return Ok(());
         }
-        let after = apply_nft(transactions).await?;
+        let after = self.conn.apply(transactions).await?;
         // A commit moves the generation by one. More means someone else committed since the
         // generation svcplane knows (perhaps an edit of its tables), which only a read-back can
         // rule out: the next check must read, not take `after` as "nothing happened".
