@@ -404,7 +404,9 @@ impl Backend for Ipvs {
         Ok(())
     }
 
-    /// Every sync reads the kernel's IPVS table before planning, so there is nothing to do here.
+    /// The full sync once a period reads the whole IPVS table back and plans against it (the
+    /// syncs between read back only the virtual servers they change), so there is nothing to do
+    /// here.
     async fn check_drift(&mut self, _metrics: &DataplaneMetrics) {}
 
     fn summary(&self) -> serde_json::Value {

@@ -421,7 +421,15 @@ async fn serve<B: Backend>(
                 error!(error = format!("{e:#}"), retry_in = ?wait, "sync failed");
             }
         }
-        // Wait for a change (or the period), then at least the minimum interval between syncs.
+        // Wait for a change, or until the next full sync or check is due (they are due a period
+        // after the last ones, not a period after the last sync: a burst of changes that ends
+        // just before one is due must not put it off by most of another period), then at least
+        // the minimum interval between syncs.
+        let until = |at: Instant| args.sync_period.saturating_sub(at.elapsed());
+        let mut wait = wait.min(until(last_check));
+        if let Some(at) = last_full {
+            wait = wait.min(until(at));
+        }
         tokio::select! {
             () = shutdown.cancelled() => break,
             () = changed.notified() => {}

@@ -609,7 +609,7 @@ async fn traffic_from_outside_the_pod_range_is_masqueraded_and_pods_keep_their_a
         Some(CLIENT_IP),
         "the rule was not deleted"
     );
-    seen_within(&topo, "c", &url, NODE_IP, Duration::from_secs(45)).await;
+    seen_within(&topo, "c", &url, NODE_IP, Duration::from_secs(45), Some(&log)).await;
     eprintln!(
         "the deleted rule was put back {:?} after the edit",
         deleted.elapsed()
@@ -622,10 +622,18 @@ async fn traffic_from_outside_the_pod_range_is_masqueraded_and_pods_keep_their_a
 
 /// Waits until a request from namespace `from` to `url` reports `want` as its source address.
 async fn seen(topo: &Topology, from: &str, url: &str, want: &str) {
-    seen_within(topo, from, url, want, Duration::from_secs(30)).await;
+    seen_within(topo, from, url, want, Duration::from_secs(30), None).await;
 }
 
-async fn seen_within(topo: &Topology, from: &str, url: &str, want: &str, limit: Duration) {
+/// As [`seen`], within `limit`; on failure the agent's `log` and the node's ruleset are shown.
+async fn seen_within(
+    topo: &Topology,
+    from: &str,
+    url: &str,
+    want: &str,
+    limit: Duration,
+    log: Option<&std::path::Path>,
+) {
     let deadline = std::time::Instant::now() + limit;
     let mut last = None;
     while std::time::Instant::now() < deadline {
@@ -635,8 +643,12 @@ async fn seen_within(topo: &Topology, from: &str, url: &str, want: &str, limit: 
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    let log = log
+        .map(|l| std::fs::read_to_string(l).unwrap_or_default())
+        .unwrap_or_default();
+    let rules = topo.nft_list("ip").unwrap_or_default();
     panic!(
-        "{from}'s requests to {url} should be seen from {want} within {limit:?}; the last answer: {last:?}"
+        "{from}'s requests to {url} should be seen from {want} within {limit:?}; the last answer: {last:?}\n{log}\n{rules}"
     );
 }
 
