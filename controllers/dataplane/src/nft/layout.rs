@@ -19,9 +19,12 @@ use super::{NO_ENDPOINTS, REJECT, SERVICES, model::Ruleset, op::port_of};
 
 /// The most shards a node may have: what start-up and `cleanup` remove whatever the count was.
 pub const MAX_SHARDS: u16 = 64;
-/// 10,000 Services make shards of about 600: a one-endpoint change then costs a few
-/// milliseconds in the kernel (see the README's figures).
-pub const DEFAULT_SHARDS: u16 = 16;
+/// 10,000 Services make shards of about 300: a one-endpoint change then costs the kernel's
+/// fixed commit cost plus a walk of 300 Services' chains (see the README's figures; 16 shards
+/// cost 27 ms on the 2-core benchmark machine, 32 cost 16 ms, 64 no less). The price, one map
+/// lookup per shard for the first packet of a connection to an address that is no Service's,
+/// is a few microseconds.
+pub const DEFAULT_SHARDS: u16 = 32;
 
 /// One of svcplane's tables (in each family).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
