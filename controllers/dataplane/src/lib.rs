@@ -10,3 +10,5 @@ pub mod desired;
 pub mod input;
 pub mod ipvs;
 pub mod nft;
+#[cfg(test)]
+mod testing;

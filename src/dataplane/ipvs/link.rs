@@ -67,16 +67,7 @@ pub async fn sync_addresses(wanted: &BTreeSet<IpAddr>) -> anyhow::Result<(usize,
             }
         }
         let have: BTreeSet<IpAddr> = current.iter().map(|(ip, _)| *ip).collect();
-        let mut added = 0;
-        for ip in wanted.difference(&have) {
-            handle
-                .address()
-                .add(index, *ip, host_prefix(ip))
-                .execute()
-                .await
-                .map_err(|e| anyhow!("adding {ip} to {LINK}: {e}"))?;
-            added += 1;
-        }
+        let added = add_addresses(&handle, index, wanted.difference(&have)).await?;
         let mut removed = 0;
         for (ip, msg) in current {
             if !wanted.contains(&ip) {
@@ -106,14 +97,7 @@ pub async fn change_addresses(add: &BTreeSet<IpAddr>, remove: &BTreeSet<IpAddr>)
     let task = tokio::spawn(conn);
     let result = async {
         let index = ensure_link(&handle).await?;
-        for ip in add {
-            handle
-                .address()
-                .add(index, *ip, host_prefix(ip))
-                .execute()
-                .await
-                .map_err(|e| anyhow!("adding {ip} to {LINK}: {e}"))?;
-        }
+        add_addresses(&handle, index, add).await?;
         for ip in remove {
             handle
                 .address()
@@ -127,6 +111,25 @@ pub async fn change_addresses(add: &BTreeSet<IpAddr>, remove: &BTreeSet<IpAddr>)
     .await;
     task.abort();
     result
+}
+
+/// Adds host addresses `ips` to link `index`; returns how many.
+async fn add_addresses(
+    handle: &Handle,
+    index: u32,
+    ips: impl IntoIterator<Item = &IpAddr>,
+) -> anyhow::Result<usize> {
+    let mut added = 0;
+    for ip in ips {
+        handle
+            .address()
+            .add(index, *ip, host_prefix(ip))
+            .execute()
+            .await
+            .map_err(|e| anyhow!("adding {ip} to {LINK}: {e}"))?;
+        added += 1;
+    }
+    Ok(added)
 }
 
 fn host_prefix(ip: &IpAddr) -> u8 {

@@ -124,17 +124,7 @@ mod tests {
         ipvs::plan::virtual_servers,
     };
 
-    /// A tiny deterministic generator (xorshift): the same cases on every run.
-    struct Rng(u64);
-
-    impl Rng {
-        fn below(&mut self, n: u64) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0 % n
-        }
-    }
+    use crate::testing::Rng;
 
     /// Service `i` as a random draw: one or two ports, some endpoints, sometimes an external IP
     /// from a small pool (so Services collide on keys) and a node port.

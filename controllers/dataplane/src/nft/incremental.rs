@@ -300,17 +300,7 @@ mod tests {
     };
     use svcplane_core::Protocol;
 
-    /// A small xorshift: reproducible "random" changes without a dependency.
-    struct Rng(u64);
-
-    impl Rng {
-        fn below(&mut self, n: u64) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0 % n
-        }
-    }
+    use crate::testing::Rng;
 
     /// One Service as a random draw makes it: from a small pool of addresses and ports, so
     /// that Services collide on external IPs and node ports.
