@@ -119,18 +119,18 @@ pub async fn sync(
         _ => {
             let (addresses_added, addresses_removed, before) = link::sync_addresses(&vips).await?;
             let index = Index::build(state, node_ips, scheduler);
-            let desired = index.servers().clone();
-            let entries = entries(&desired);
+            let entries = entries(index.servers());
             let mut owned: BTreeSet<IpAddr> = before;
             owned.extend(vips.iter().copied());
             owned.extend(node_ips.iter().copied());
-            let (ops, failed, kernel) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            // The index travels to the blocking task and back: planning reads it, nothing copies it.
+            let (ops, failed, kernel, index) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 let mut client = connect()?;
                 let observed = client.observe().context("reading the IPVS table")?;
-                let ops = plan(&observed, &desired, |k| owned.contains(&k.addr));
+                let ops = plan(&observed, index.servers(), |k| owned.contains(&k.addr));
                 let mut kernel = observed.into_keys().collect();
                 let failed = apply(&mut client, &ops, &mut kernel);
-                Ok((ops, failed, kernel))
+                Ok((ops, failed, kernel, index))
             })
             .await
             .context("the IPVS task")??;
