@@ -4,26 +4,34 @@
 //! Stopping the leader's work when the lease cannot be renewed is not enough on its own: a
 //! replica that was paused (SIGSTOP, a VM migration, a stalled node) wakes up with tasks in the
 //! middle of a reconcile, and with requests already built but not yet written to the socket, and
-//! would send them before anything noticed that another replica has taken over. Two checks, both
-//! in the leader's client so that no writer has to remember them:
+//! would send them before anything noticed that another replica has taken over. Three checks,
+//! all in the leader's client so that no writer has to remember them:
 //!
 //! - [`FenceLayer`], in the client's middleware: a write (anything but GET/HEAD/OPTIONS) is
 //!   refused with [`NotLeading`] before it is even queued; reads and watches pass.
 //! - [`FencedExecutor`], which runs the client's connection tasks: a connection is polled only
 //!   while the claim holds, and dropped (its socket closed, its unsent frames discarded) at the
-//!   first poll after the claim lapsed. A request that passed the first check just before a
-//!   pause therefore still never reaches the apiserver after it.
+//!   first poll after the claim lapsed.
+//! - [`FencedConnector`], under TLS: every write to a connection's socket checks the claim, and
+//!   fails the connection once it has lapsed. The first two leave a gap that CI found: a pause
+//!   that lands *inside* a connection task's poll resumes that poll, and one poll of an HTTP/1
+//!   connection reads a response, takes the next queued request and writes it, with no check in
+//!   between. The socket check closes that down to the one write system call that the pause
+//!   itself interrupts.
 //!
-//! What is left is a write syscall interrupted by the pause itself, within one poll. Leader-only
-//! etcd transactions close even that with a leader-epoch compare (`svcplane_allocators::etcd`).
+//! Leader-only etcd transactions close even that with a leader-epoch compare
+//! (`svcplane_allocators::etcd`).
 
 use std::{
     future::Future,
+    io,
     pin::Pin,
     task::{Context, Poll},
 };
 
-use http::{Method, Request};
+use http::{Method, Request, Uri};
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_util::client::legacy::connect::{Connected, Connection};
 use tokio::{sync::watch, time::Instant};
 use tower::{BoxError, Layer, Service};
 
@@ -126,6 +134,101 @@ impl Future for FencedTask {
             return Poll::Ready(());
         }
         self.task.as_mut().poll(cx)
+    }
+}
+
+/// Wraps a connector (the TCP one, under TLS) so that each connection it makes writes to its
+/// socket only while the claim holds.
+#[derive(Clone, Debug)]
+pub struct FencedConnector<C> {
+    inner: C,
+    claim: Claim,
+}
+
+impl<C> FencedConnector<C> {
+    pub fn new(inner: C, claim: Claim) -> Self {
+        Self { inner, claim }
+    }
+}
+
+impl<C> Service<Uri> for FencedConnector<C>
+where
+    C: Service<Uri>,
+    C::Future: Send + 'static,
+{
+    type Response = FencedIo<C::Response>;
+    type Error = C::Error;
+    type Future = BoxFuture<Result<FencedIo<C::Response>, C::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), C::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let claim = self.claim.clone();
+        let connecting = self.inner.call(uri);
+        Box::pin(async move {
+            let io = connecting.await?;
+            Ok(FencedIo { io, claim })
+        })
+    }
+}
+
+/// A connection's socket whose writes fail once the claim has lapsed (reads pass: what the
+/// apiserver already sent changes nothing).
+#[derive(Debug)]
+pub struct FencedIo<T> {
+    io: T,
+    claim: Claim,
+}
+
+impl<T> FencedIo<T> {
+    fn check(&self) -> io::Result<()> {
+        self.claim.check().map_err(io::Error::other)
+    }
+}
+
+impl<T: Read + Unpin> Read for FencedIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: Write + Unpin> Write for FencedIo<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.check()?;
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.check()?;
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl<T: Connection> Connection for FencedIo<T> {
+    fn connected(&self) -> Connected {
+        self.io.connected()
     }
 }
 
@@ -257,6 +360,45 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(*polls.lock().unwrap(), 1);
         assert!(wake.is_closed(), "the task (and its receiver) was dropped");
+        drop(tx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_writes_to_its_socket_only_while_the_claim_holds() {
+        use hyper_util::rt::TokioIo;
+        use tokio::io::AsyncReadExt;
+
+        async fn write(io: &mut FencedIo<TokioIo<tokio::io::DuplexStream>>, buf: &[u8]) -> io::Result<usize> {
+            std::future::poll_fn(|cx| Pin::new(&mut *io).poll_write(cx, buf)).await
+        }
+
+        let (tx, rx) = watch::channel(Leadership {
+            holder: Some("me".into()),
+            leading_until: Some(Instant::now() + Duration::from_secs(10)),
+        });
+        let (near, mut far) = tokio::io::duplex(1024);
+        let near = Arc::new(Mutex::new(Some(near)));
+        let tcp = service_fn(move |_: Uri| {
+            let io = near.lock().unwrap().take().map(TokioIo::new);
+            std::future::ready(io.ok_or_else(|| io::Error::other("one connection only")))
+        });
+        let mut io = FencedConnector::new(tcp, Claim::new(rx))
+            .oneshot(Uri::from_static("https://127.0.0.1:6443"))
+            .await
+            .unwrap();
+
+        assert_eq!(write(&mut io, b"PUT /a").await.unwrap(), 6);
+        // Paused past the fence in the middle of a poll: the next write fails, with the reason.
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        let err = write(&mut io, b"PUT /b").await.unwrap_err();
+        assert_eq!(
+            err.get_ref().and_then(|e| e.downcast_ref::<NotLeading>()),
+            Some(&NotLeading)
+        );
+        drop(io);
+        let mut reached = Vec::new();
+        far.read_to_end(&mut reached).await.unwrap();
+        assert_eq!(reached, b"PUT /a");
         drop(tx);
     }
 }

@@ -16,7 +16,8 @@
 //! - a clean shutdown stops the work first and then releases the lease, so a successor takes over
 //!   at its next retry instead of waiting out the lease;
 //! - every write of the leader's work re-checks the claim right before it is sent ([`Claim`],
-//!   [`FenceLayer`]), so a replica that wakes from a pause past its fence sends nothing.
+//!   [`FenceLayer`]), and every write to one of its sockets does too ([`FencedConnector`]), so a
+//!   replica that wakes from a pause past its fence sends nothing.
 //!
 //! [`decision`] is the pure part (what to write, when a lease is expired); [`elector`] does the I/O.
 
@@ -30,6 +31,6 @@ mod record;
 pub use config::{ConfigError, ElectionConfig};
 pub use decision::{Decision, Observation, Observer, claim, decide, released};
 pub use elector::{Elector, Error, Leadership};
-pub use fence::{Claim, FenceLayer, Fenced, FencedExecutor, NotLeading};
+pub use fence::{Claim, FenceLayer, Fenced, FencedConnector, FencedExecutor, FencedIo, NotLeading};
 pub use metrics::LeaderMetrics;
 pub use record::LeaseRecord;

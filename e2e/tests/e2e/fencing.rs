@@ -6,7 +6,7 @@
 //! test's controllers write the same objects.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     net::IpAddr,
     time::Duration,
 };
@@ -82,6 +82,19 @@ async fn slices(client: &Client, ns: &str) -> BTreeMap<String, (String, String)>
                 (service, s.metadata.resource_version.unwrap_or_default()),
             )
         })
+        .collect()
+}
+
+/// What differs between two listings, one slice a line.
+fn changes(
+    before: &BTreeMap<String, (String, String)>,
+    after: &BTreeMap<String, (String, String)>,
+) -> String {
+    let names: BTreeSet<&String> = before.keys().chain(after.keys()).collect();
+    names
+        .into_iter()
+        .filter(|name| before.get(*name) != after.get(*name))
+        .map(|name| format!("\n  {name}: {:?} -> {:?}", before.get(name), after.get(name)))
         .collect()
 }
 
@@ -260,11 +273,14 @@ async fn a_leader_paused_past_its_lease_writes_nothing_after_it_resumes() {
         "{ip}, held by Service `second`, was freed in etcd"
     );
     let after = slices(&client, &ns).await;
-    assert_eq!(
-        after, before,
-        "EndpointSlices changed after the old leader resumed"
-    );
     let log = std::fs::read_to_string(cp.dir.join("cm-old.log")).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    assert!(
+        after == before,
+        "EndpointSlices changed after the old leader resumed: {}\ncm-old's last lines:\n{}",
+        changes(&before, &after),
+        lines[lines.len().saturating_sub(40)..].join("\n"),
+    );
     let refused = log.matches("no longer").count();
     eprintln!("fencing: cm-old resumed and stepped down; {refused} log lines name a refused write");
 }
