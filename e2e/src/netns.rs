@@ -163,6 +163,20 @@ impl Topology {
         self.curl_in("c", url).await
     }
 
+    /// `curl` from the client: the body, or how it failed (curl's exit code, e.g. 7 refused, 28
+    /// timed out, 56 reset) and when, for tests that must say why traffic failed.
+    pub async fn curl_outcome(&self, url: &str) -> Result<String, String> {
+        let out = self.run_curl(url).await;
+        match out.status.code() {
+            Some(0) => Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned()),
+            code => Err(format!(
+                "FAILED (curl exit {}, at {})",
+                code.map_or_else(|| "by signal".to_owned(), |c| c.to_string()),
+                humantime::format_rfc3339_millis(std::time::SystemTime::now())
+            )),
+        }
+    }
+
     /// `curl` from namespace `ns` (a backend: `b1`, …); the body, or `None` when it failed.
     pub async fn curl_in(&self, ns: &str, url: &str) -> Option<String> {
         let out = self.run_curl_in(ns, url).await;

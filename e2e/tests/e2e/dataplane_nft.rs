@@ -50,7 +50,7 @@ fn cluster_ip_of(svc: &Service) -> String {
 async fn spread(topo: &Topology, url: &str, n: usize) -> BTreeMap<String, usize> {
     let mut seen = BTreeMap::new();
     for _ in 0..n {
-        let who = topo.curl(url).await.unwrap_or_else(|| "FAILED".into());
+        let who = topo.curl_outcome(url).await.unwrap_or_else(|failed| failed);
         *seen.entry(who).or_default() += 1;
     }
     seen
