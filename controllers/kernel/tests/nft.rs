@@ -226,12 +226,12 @@ fn table(family: &str, l3: &str, addr: &str, body: &str) -> String {
   map no-endpoint-nodeports {{ type inet_proto . inet_service : verdict; }}
   chain no-endpoints {{
     {l3} daddr . meta l4proto . th dport vmap @no-endpoint-services
-    fib daddr type local meta l4proto . th dport vmap @no-endpoint-nodeports
+    meta l4proto . th dport @no-endpoint-nodeports fib daddr type local meta l4proto . th dport vmap @no-endpoint-nodeports
   }}
   chain reject-chain {{ reject; }}
-  chain filter-input {{ type filter hook input priority -1; policy accept; jump no-endpoints; }}
-  chain filter-forward {{ type filter hook forward priority -1; policy accept; jump no-endpoints; }}
-  chain filter-output {{ type filter hook output priority -1; policy accept; jump no-endpoints; }}
+  chain filter-input {{ type filter hook input priority -1; policy accept; ct state new jump no-endpoints; }}
+  chain filter-forward {{ type filter hook forward priority -1; policy accept; ct state new jump no-endpoints; }}
+  chain filter-output {{ type filter hook output priority -1; policy accept; ct state new jump no-endpoints; }}
   chain nat-postrouting {{ type nat hook postrouting priority 100; policy accept; meta mark & 0x4000 != 0 masquerade; }}
 }}
 table {family} svcplane-00 {{
@@ -239,7 +239,7 @@ table {family} svcplane-00 {{
   map service-nodeports {{ type inet_proto . inet_service : verdict; }}
   chain services {{
     {l3} daddr . meta l4proto . th dport vmap @service-ips
-    fib daddr type local meta l4proto . th dport vmap @service-nodeports
+    meta l4proto . th dport @service-nodeports fib daddr type local meta l4proto . th dport vmap @service-nodeports
   }}
 {body}
   chain nat-prerouting {{ type nat hook prerouting priority -100; policy accept; jump services; }}

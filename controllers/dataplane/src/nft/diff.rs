@@ -233,9 +233,12 @@ fn main_skeleton(tx: &mut Transaction) {
         ("filter-forward", HookPoint::Forward),
         ("filter-output", HookPoint::Output),
     ] {
-        // Rejects just before filter rules.
+        // Rejects just before filter rules, of new connections only (as kube-proxy): an
+        // established one needs no lookup, and these chains see every packet of the node.
         base_chain(tx, name, point, -1, false);
-        rule(tx, name, jump(NO_ENDPOINTS));
+        let mut new_connection = crate::nft::expr::ct_state_new();
+        new_connection.extend(jump(NO_ENDPOINTS));
+        rule(tx, name, new_connection);
     }
     masquerade_chain(tx);
 }

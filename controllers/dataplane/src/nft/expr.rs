@@ -111,6 +111,10 @@ pub enum Expr {
     FibDaddrType {
         dreg: u32,
     },
+    /// `ct state` (the conntrack state bits) into `dreg`.
+    CtState {
+        dreg: u32,
+    },
     /// ICMP port unreachable.
     Reject {
         icmp_code: u8,
@@ -122,6 +126,8 @@ pub const NFPROTO_IPV4: u32 = 2;
 pub const NFPROTO_IPV6: u32 = 10;
 /// `RTN_LOCAL`: a `fib … type` result.
 pub const RTN_LOCAL: u32 = 2;
+/// `NF_CT_STATE_BIT(IP_CT_NEW)`: the `new` bit of `ct state`.
+pub const CT_STATE_NEW: u32 = 8;
 
 /// A host-order 32-bit value as a register holds it (marks, fib types, numgen results).
 pub fn host_u32(v: u32) -> Vec<u8> {
@@ -269,6 +275,24 @@ pub fn load_proto_port() -> Vec<Expr> {
             key: MetaKey::L4Proto,
         },
         load_dport(reg(1)),
+    ]
+}
+
+/// `ct state new`: the first packet of a connection (or one conntrack has not confirmed yet).
+pub fn ct_state_new() -> Vec<Expr> {
+    vec![
+        Expr::CtState { dreg: REG1 },
+        Expr::Bitwise {
+            sreg: REG1,
+            dreg: REG1,
+            mask: host_u32(CT_STATE_NEW),
+            xor: host_u32(0),
+        },
+        Expr::Cmp {
+            sreg: REG1,
+            eq: false,
+            data: host_u32(0),
+        },
     ]
 }
 

@@ -27,15 +27,24 @@ pub fn service_lookup(family: IpFamily, set: &str, verdict_map: bool) -> Vec<Exp
     e
 }
 
-/// `fib daddr type local l4proto . th dport vmap @map` (or `… @set`).
+/// `l4proto . th dport @map fib daddr type local l4proto . th dport vmap @map` (or, for a set,
+/// `l4proto . th dport @set fib daddr type local`). The port is looked up first because the
+/// route lookup of `fib` is the expensive part, and most packets are for no node port: each
+/// shard's `services` chain does this for every new connection, the main table's filter chains
+/// for every new one through the node.
 pub fn node_port_lookup(set: &str, verdict_map: bool) -> Vec<Expr> {
-    let mut e = daddr_is_local();
-    e.extend(load_proto_port());
-    e.push(Expr::Lookup {
+    let lookup = |verdict_map| Expr::Lookup {
         set: set.into(),
         sreg: REG1,
         verdict_map,
-    });
+    };
+    let mut e = load_proto_port();
+    e.push(lookup(false));
+    e.extend(daddr_is_local());
+    if verdict_map {
+        e.extend(load_proto_port());
+        e.push(lookup(true));
+    }
     e
 }
 

@@ -210,6 +210,7 @@ pub fn expr_name(e: &Expr) -> &'static str {
         Expr::Masquerade => "masq",
         Expr::DynsetUpdate { .. } => "dynset",
         Expr::FibDaddrType { .. } => "fib",
+        Expr::CtState { .. } => "ct",
         Expr::Reject { .. } => "reject",
     }
 }

@@ -482,6 +482,8 @@ fn other(name: &str, a: &Raw) -> Option<Expr> {
             })
         }
         "fib" => (a.be32(2)? == 3 && a.be32(3)? == 2).then_some(Expr::FibDaddrType { dreg: a.be32(1)? }),
+        // A direction (NFTA_CT_DIRECTION) would make it another expression.
+        "ct" => (a.be32(2)? == 0 && a.get(3).is_none()).then_some(Expr::CtState { dreg: a.be32(1)? }),
         "reject" => {
             let code = a.get(2)?;
             (a.be32(1)? == 0 && code.len() == 1).then_some(Expr::Reject { icmp_code: code[0] })

@@ -178,6 +178,8 @@ fn expression(e: &Expr) -> Expressions {
         Expr::DynsetUpdate { set, sreg } => other("dynset", vec![strz(1, set), be32(3, 1), be32(4, *sreg)]),
         // NFTA_FIB_DREG, _RESULT (NFT_FIB_RESULT_ADDRTYPE), _FLAGS (NFTA_FIB_F_DADDR).
         Expr::FibDaddrType { dreg } => other("fib", vec![be32(1, *dreg), be32(2, 3), be32(3, 2)]),
+        // NFTA_CT_DREG, _KEY (NFT_CT_STATE).
+        Expr::CtState { dreg } => other("ct", vec![be32(1, *dreg), be32(2, 0)]),
         // NFTA_REJECT_TYPE (NFT_REJECT_ICMP_UNREACH), _ICMP_CODE (u8).
         Expr::Reject { icmp_code } => other("reject", vec![be32(1, 0), DefaultNla::new(2, vec![*icmp_code])]),
     }
