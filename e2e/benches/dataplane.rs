@@ -9,12 +9,19 @@
 //! rules, sets, map elements) and reads every table back over netlink to
 //! check it is exactly what was written (exiting non-zero if not).
 //!
+//! Then what the ruleset costs a connection: the time of a TCP connect over loopback (SYN,
+//! SYN-ACK, ACK; reset at once) to an address that is no Service's, which passes every shard's
+//! nat chain and misses in each one's map, and to a Service's cluster IP, which is translated in
+//! its shard; beside the same connect before any table exists. Only a connection's first packet
+//! passes nat chains, so this is the whole of what shards cost traffic.
+//!
 //! Run with `hack/bench/dataplane.sh`.
 
 #![allow(clippy::unwrap_used)]
 
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -161,6 +168,9 @@ fn main() {
     // A network namespace of the benchmark's own, gone when it exits.
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET) (needs root)");
     let mut socket = NftSocket::open().unwrap();
+    let probe = Probe::start();
+    let bare = probe.connect_us(SocketAddr::from((Ipv4Addr::LOCALHOST, Probe::PORT)));
+    println!("\nconnect over loopback with no table: {bare:.1} us (the baseline of the connect rows below)");
     println!(
         "\nnftables mode, Services x 10 endpoints (one ClusterIP port each, NodePorts on the first 2000)"
     );
@@ -171,12 +181,12 @@ fn main() {
     for n in sizes {
         for &count in &shard_counts {
             let shards = Shards::new(count).expect("BENCH_DP_SHARDS: 1 to 64");
-            run(&mut socket, n, shards, changes);
+            run(&mut socket, &probe, n, shards, changes);
         }
     }
 }
 
-fn run(socket: &mut NftSocket, n: usize, shards: Shards, changes: usize) {
+fn run(socket: &mut NftSocket, probe: &Probe, n: usize, shards: Shards, changes: usize) {
     let count = shards.count();
     let (svcs, mut slices) = services(n);
     let node = ThisNode::named("node-0");
@@ -230,5 +240,87 @@ fn run(socket: &mut NftSocket, n: usize, shards: Shards, changes: usize) {
         "{n:<9} {count:>6} {:<22} {:>11}",
         "one endpoint total p50",
         ms(percentile(&mut totals, 0.5))
+    );
+
+    // One Service's endpoints become this namespace's own addresses.
+    let i = n / 3;
+    for e in &slices[i].endpoints {
+        probe.own(e.ip);
+    }
+    let IpAddr::V4(vip) = svcs[i].cluster_ips[0] else {
+        unreachable!("IPv4 Services")
+    };
+    let IpAddr::V4(endpoint) = slices[i].endpoints[0].ip else {
+        unreachable!("IPv4 endpoints")
+    };
+    println!(
+        "{n:<9} {count:>6} {:<22} {:>11.1} us",
+        "connect, no Service",
+        probe.connect_us(SocketAddr::from((endpoint, Probe::PORT)))
+    );
+    println!(
+        "{n:<9} {count:>6} {:<22} {:>11.1} us",
+        "connect, cluster IP",
+        probe.connect_us(SocketAddr::from((vip, 80)))
+    );
+}
+
+/// A listener on every address of the namespace, and a client that times connects to it.
+struct Probe;
+
+impl Probe {
+    const PORT: u16 = 8080;
+    /// Connects per round; the best of the rounds counts (the least disturbed by the machine).
+    const CONNECTS: u32 = 2000;
+    const ROUNDS: u32 = 3;
+
+    fn start() -> Self {
+        ip(&["link", "set", "lo", "up"]);
+        // Cluster IPs are routed to loopback (from an address that is no endpoint's), for the
+        // nat output chains to translate.
+        ip(&["addr", "add", "10.0.0.1/32", "dev", "lo"]);
+        ip(&["route", "add", "10.96.0.0/12", "dev", "lo", "src", "10.0.0.1"]);
+        let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, Self::PORT)).unwrap();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                drop(conn);
+            }
+        });
+        Probe
+    }
+
+    /// Makes `addr` one of the namespace's own (an endpoint the listener answers for).
+    fn own(&self, addr: IpAddr) {
+        ip(&["addr", "replace", &format!("{addr}/32"), "dev", "lo"]);
+    }
+
+    /// Microseconds per connect to `to`: best round's mean.
+    fn connect_us(&self, to: SocketAddr) -> f64 {
+        (0..Self::ROUNDS)
+            .map(|_| {
+                let started = Instant::now();
+                for _ in 0..Self::CONNECTS {
+                    let stream = TcpStream::connect_timeout(&to, Duration::from_secs(2))
+                        .unwrap_or_else(|e| panic!("connecting to {to}: {e}"));
+                    // Reset, not closed: no TIME_WAIT to run out of ports on.
+                    let linger = nix::libc::linger {
+                        l_onoff: 1,
+                        l_linger: 0,
+                    };
+                    nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::Linger, &linger)
+                        .unwrap();
+                }
+                started.elapsed().as_secs_f64() * 1e6 / f64::from(Self::CONNECTS)
+            })
+            .fold(f64::INFINITY, f64::min)
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("running ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
