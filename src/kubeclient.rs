@@ -78,3 +78,28 @@ pub async fn config(kubeconfig: Option<&Path>) -> anyhow::Result<Config> {
         None => Config::incluster().context("no --kubeconfig given and not running in a cluster")?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::new("https://127.0.0.1:6443".parse().expect("a URL"))
+    }
+
+    #[tokio::test]
+    async fn the_leader_client_builds_from_a_configuration_without_a_proxy() {
+        assert!(fenced(config(), Claim::unconditional()).is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_leader_client_refuses_a_proxy_with_a_clear_error() {
+        let mut config = config();
+        config.proxy_url = Some("http://proxy.example:3128".parse().expect("a URL"));
+        let err = fenced(config, Claim::unconditional()).err().expect("refused");
+        assert!(
+            format!("{err:#}").contains("cannot go through a proxy"),
+            "{err:#}"
+        );
+    }
+}
