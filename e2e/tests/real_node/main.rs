@@ -40,6 +40,7 @@ use svcplane_e2e::{
 };
 
 const CM_SELECTOR: &str = "app.kubernetes.io/name=svcplane,app.kubernetes.io/component=controller-manager";
+const DP_SELECTOR: &str = "app.kubernetes.io/name=svcplane,app.kubernetes.io/component=dataplane";
 const LEASE: &str = "svcplane-controller-manager";
 /// The test node is slow (TCG emulation): waits are generous, and each step prints its time.
 const SLOW: Duration = Duration::from_secs(300);
@@ -681,6 +682,49 @@ async fn rolling_update_under_load(cluster: &Cluster, client: &Client, version: 
             .rev()
         {
             eprintln!("real-node: [{name}] {line}");
+        }
+    }
+    if !errors.is_empty() {
+        // The replicas that took over, and the node's dataplane (which routes the apiserver's
+        // webhook calls to a replica): what they did around each failure's time.
+        let mut names: Vec<String> = pods(client, "kube-system", CM_SELECTOR)
+            .await
+            .into_iter()
+            .filter_map(|p| p.metadata.name)
+            .collect();
+        names.extend(
+            pods(client, "kube-system", DP_SELECTOR)
+                .await
+                .into_iter()
+                .filter_map(|p| p.metadata.name),
+        );
+        for name in names {
+            let out = cluster
+                .kubectl()
+                .args([
+                    "-n",
+                    "kube-system",
+                    "logs",
+                    "--all-containers",
+                    "--tail",
+                    "200",
+                    &name,
+                ])
+                .output();
+            let text = out
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            for line in text
+                .lines()
+                .filter(|l| !l.contains("allocated for Service"))
+                .rev()
+                .take(60)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+            {
+                eprintln!("real-node: [{name}, now] {line}");
+            }
         }
     }
     assert!(
