@@ -31,7 +31,9 @@ pub fn plain(config: Config) -> anyhow::Result<Client> {
 /// retried after a pause is checked again.
 pub fn fenced(config: Config, claim: Claim) -> anyhow::Result<Client> {
     if let Some(proxy) = &config.proxy_url {
-        bail!("the leader's client cannot go through a proxy (kubeconfig proxy-url {proxy})");
+        bail!(
+            "the leader's client cannot go through a proxy ({proxy}, from the kubeconfig's proxy-url or HTTPS_PROXY)"
+        );
     }
     let mut tcp = HttpConnector::new();
     tcp.enforce_http(false);

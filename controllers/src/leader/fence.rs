@@ -8,7 +8,9 @@
 //! all in the leader's client so that no writer has to remember them:
 //!
 //! - [`FenceLayer`], in the client's middleware: a write (anything but GET/HEAD/OPTIONS) is
-//!   refused with [`NotLeading`] before it is even queued; reads and watches pass.
+//!   refused with [`NotLeading`] before it is even queued; reads and watches pass this check
+//!   (but once the claim has lapsed the two checks below stop them too: the client carries
+//!   nothing at all until this replica leads again).
 //! - [`FencedExecutor`], which runs the client's connection tasks: a connection is polled only
 //!   while the claim holds, and dropped (its socket closed, its unsent frames discarded) at the
 //!   first poll after the claim lapsed.
