@@ -581,6 +581,15 @@ async fn create_services(
     (created, errors)
 }
 
+/// The last `n` lines of a replica's log, without the one-per-Service allocation lines.
+fn last_lines(text: &str, n: usize) -> Vec<&str> {
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.contains("allocated for Service"))
+        .collect();
+    lines[lines.len().saturating_sub(n)..].to_vec()
+}
+
 async fn rolling_update_under_load(cluster: &Cluster, client: &Client, version: &str) {
     // A new tag of the same image: the Pods are replaced as for any upgrade.
     let next = format!("{version}-rollout");
@@ -672,15 +681,7 @@ async fn rolling_update_under_load(cluster: &Cluster, client: &Client, version: 
         }
         // What the old replica did from SIGTERM on, beside each failure's time above.
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        for line in text
-            .lines()
-            .filter(|l| !l.contains("allocated for Service"))
-            .rev()
-            .take(40)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-        {
+        for line in last_lines(&text, 40) {
             eprintln!("real-node: [{name}] {line}");
         }
     }
@@ -714,15 +715,7 @@ async fn rolling_update_under_load(cluster: &Cluster, client: &Client, version: 
             let text = out
                 .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                 .unwrap_or_default();
-            for line in text
-                .lines()
-                .filter(|l| !l.contains("allocated for Service"))
-                .rev()
-                .take(60)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-            {
+            for line in last_lines(&text, 60) {
                 eprintln!("real-node: [{name}, now] {line}");
             }
         }
