@@ -166,23 +166,12 @@ impl Topology {
     /// `curl` from the client: the body, or how it failed (curl's exit code, e.g. 7 refused, 28
     /// timed out, 56 reset) and when, for tests that must say why traffic failed.
     pub async fn curl_outcome(&self, url: &str) -> Result<String, String> {
-        let out = self.run_curl(url).await;
-        match out.status.code() {
-            Some(0) => Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned()),
-            code => Err(format!(
-                "FAILED (curl exit {}, at {})",
-                code.map_or_else(|| "by signal".to_owned(), |c| c.to_string()),
-                humantime::format_rfc3339_millis(std::time::SystemTime::now())
-            )),
-        }
+        outcome(&self.run_curl(url).await)
     }
 
     /// `curl` from namespace `ns` (a backend: `b1`, …); the body, or `None` when it failed.
     pub async fn curl_in(&self, ns: &str, url: &str) -> Option<String> {
-        let out = self.run_curl_in(ns, url).await;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        outcome(&self.run_curl_in(ns, url).await).ok()
     }
 
     /// Whether `url` is refused at once (a reject, not a timeout).
@@ -237,5 +226,17 @@ impl Drop for Topology {
             .args(["down", &self.prefix])
             .arg(&topology_dir)
             .status();
+    }
+}
+
+/// A curl run's body, or how it failed and when.
+fn outcome(out: &std::process::Output) -> Result<String, String> {
+    match out.status.code() {
+        Some(0) => Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned()),
+        code => Err(format!(
+            "FAILED (curl exit {}, at {})",
+            code.map_or_else(|| "by signal".to_owned(), |c| c.to_string()),
+            humantime::format_rfc3339_millis(std::time::SystemTime::now())
+        )),
     }
 }
